@@ -1,0 +1,37 @@
+"""ForwardContext: the per-step state every attention layer reads (built once per step by the
+model runner; the model passes it down; no globals)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    # The step's tokens are a flat, varlen batch of B requests, request b owning tokens
+    # query_start_loc[b]:query_start_loc[b+1] of every [num_tokens, ...] tensor.
+    query_start_loc: torch.Tensor  # [B + 1] int32, on device
+    # Context length of each request after this step (cached prefix + this step's tokens).
+    seq_lens: torch.Tensor  # [B] int32, on device
+    # Physical KV block ids of each request, padded with 0 past its last block.
+    block_tables: torch.Tensor  # [B, max_blocks_per_seq] int32, on device
+    # Where token t's K/V go: block_id * block_size + offset; -1 = do not write (padding).
+    slot_mapping: torch.Tensor  # [num_tokens] int64, on device
+    # Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    max_query_len: int  # host ints: grid sizes and fast paths, no device sync
+    max_seq_len: int
+    # True when every request has exactly one query token (a pure decode step).
+    is_decode_only: bool = False
+    # Host copies for the torch reference path (CPU): avoid .tolist() syncs.
+    query_start_loc_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_caches[0][0].shape[1]
