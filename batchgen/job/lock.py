@@ -1,0 +1,304 @@
+"""ShardLock: one live run per shard of an output folder, safe from cron and Slurm requeues.
+
+The lock is a small JSON file `_lock-<i>-of-<n>.json` in the output folder (a leading `_` so
+readers of the folder skip it). It names its holder (host, pid, Slurm ids) and carries a
+heartbeat that a daemon thread refreshes. Only plain file operations are used (exclusive
+create, rename, unlink), so it works on the shared filesystems of a cluster where `flock`
+is often missing or local to one node.
+
+A lock is stale when its holder is on this host and its pid is dead (or reused by another
+process), or when its heartbeat is older than `stale_after` seconds (the holder's node died).
+Taking a stale lock over is a compare-and-swap: the taker first creates, exclusively, a
+claim file named after the exact stale content it saw (holder token + heartbeat), checks
+that the lock still holds that content, and only then removes it and creates its own. Two
+takers of the same stale lock race for the one claim name, so exactly one of them wins.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+try:
+    import psutil
+except ImportError:  # psutil is a dependency; fall back to kill(0) without it
+    psutil = None
+
+_SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+# A claim file older than this is left over from a taker that died mid-takeover.
+_CLAIM_STALE_AFTER = 60.0
+
+
+class LockHeldError(RuntimeError):
+    """Raised by `with ShardLock(...)` when another live run holds the shard."""
+
+
+class ShardLock:
+    """Exclusive, heartbeated lock on shard `shard_index` of `num_shards` in `out_dir`.
+
+    `acquire()` returns False when a live run holds it (see `holder_description()`);
+    `release()` removes it if it is still ours. `with lock:` acquires (raising LockHeldError
+    when held elsewhere) unless already acquired, and always releases.
+    """
+
+    def __init__(self, out_dir: Path, shard_index: int, num_shards: int, *,
+                 stale_after: float = 180.0, heartbeat_every: float = 15.0,
+                 env: Mapping[str, str] | None = None) -> None:
+        if num_shards < 1 or not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard must be I/N with 0 <= I < N, got {shard_index}/{num_shards}")
+        if heartbeat_every <= 0 or stale_after <= heartbeat_every:
+            raise ValueError(f"need 0 < heartbeat_every ({heartbeat_every}) "
+                             f"< stale_after ({stale_after})")
+        self.out_dir = Path(out_dir)
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self.stale_after = stale_after
+        self.heartbeat_every = heartbeat_every
+        self.path = self.out_dir / f"_lock-{shard_index}-of-{num_shards}.json"
+        self._env = os.environ if env is None else env
+        self._token = uuid.uuid4().hex
+        self._start_time = time.time()
+        self._is_held = False
+        self.is_lost = False  # set by the heartbeat when someone else took the lock from us
+        self._holder: dict[str, Any] | None = None  # the other holder seen by the last acquire
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()  # heartbeat vs release
+
+    # ---- public API -------------------------------------------------------------------
+
+    @property
+    def is_held(self) -> bool:
+        return self._is_held and not self.is_lost
+
+    def acquire(self) -> bool:
+        if self._is_held:
+            return not self.is_lost
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._start_time = time.time()
+        for _ in range(8):  # each turn either decides or saw the lock change under it
+            if _create_exclusive(self.path, self._content(time.time()), self._tmp_path()):
+                self._start_heartbeat()
+                return True
+            seen = self._read()
+            if seen is None:  # vanished between our create and our read: try again
+                continue
+            self._holder = seen
+            if not self._is_stale(seen):
+                return False
+            if self._take_over(seen):
+                self._start_heartbeat()
+                return True
+        return False
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._mutex:
+            if self._is_held and not self.is_lost and self._is_ours(self._read()):
+                _unlink_quietly(self.path)
+            self._is_held = False
+
+    def holder_description(self) -> str:
+        info = self._content_dict(time.time()) if self.is_held else self._holder
+        if info is None:
+            return f"nobody holds {self.path.name}"
+        if "unreadable" in info:
+            return f"{self.path.name} (unreadable, written {_age(info['heartbeat'])} ago)"
+        parts = [f"host {info.get('host')} pid {info.get('pid')}"]
+        job = info.get("slurm_array_job_id") or info.get("slurm_job_id")
+        if job:
+            task = info.get("slurm_array_task_id")
+            parts.append(f"Slurm job {job}" + (f"_{task}" if task else ""))
+        if info.get("start_time"):
+            parts.append(f"started {_iso(info['start_time'])}")
+        if info.get("heartbeat"):
+            parts.append(f"last heartbeat {_age(info['heartbeat'])} ago")
+        return ", ".join(parts)
+
+    def __enter__(self) -> "ShardLock":
+        if not self.is_held and not self.acquire():
+            raise LockHeldError(f"shard {self.shard_index}/{self.num_shards} of {self.out_dir} "
+                                f"is held by {self.holder_description()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # ---- content ----------------------------------------------------------------------
+
+    def _content_dict(self, heartbeat: float) -> dict[str, Any]:
+        pid = os.getpid()
+        info: dict[str, Any] = {
+            "host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
+            "token": self._token, "shard": f"{self.shard_index}/{self.num_shards}",
+            "start_time": self._start_time, "heartbeat": heartbeat,
+        }
+        for key in _SLURM_KEYS:
+            info[key.lower()] = self._env.get(key)
+        return info
+
+    def _content(self, heartbeat: float) -> bytes:
+        return json.dumps(self._content_dict(heartbeat), indent=1).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        """The lock's content; None when there is no lock; a stub when it is unreadable
+        (a holder that died between create and write), dated by the file's mtime."""
+        try:
+            data = self.path.read_bytes()
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            info = json.loads(data)
+            if isinstance(info, dict) and "token" in info:
+                return info
+        except ValueError:
+            pass
+        return {"unreadable": True, "heartbeat": mtime,
+                "token": "raw-" + hashlib.sha256(data).hexdigest()[:16]}
+
+    def _is_ours(self, info: dict[str, Any] | None) -> bool:
+        return info is not None and info.get("token") == self._token
+
+    def _is_stale(self, info: dict[str, Any]) -> bool:
+        heartbeat = info.get("heartbeat")
+        if not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > self.stale_after:
+            return True
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            return not _is_process_alive(info["pid"], info.get("pid_start"))
+        return False
+
+    def _tmp_path(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}.tmp-{self._token}")
+
+    # ---- takeover ---------------------------------------------------------------------
+
+    def _take_over(self, stale: dict[str, Any]) -> bool:
+        generation = f"{stale.get('token')}@{stale.get('heartbeat')}"
+        digest = hashlib.sha256(generation.encode()).hexdigest()[:16]
+        claim = self.path.with_name(f"{self.path.stem}.claim-{digest}")
+        _remove_old_claim(claim)
+        if not _create_exclusive(claim, self._token.encode(), self._tmp_path()):
+            return False  # another taker claimed this same stale generation first
+        try:
+            now = self._read()
+            if now is None or now.get("token") != stale.get("token") \
+                    or now.get("heartbeat") != stale.get("heartbeat"):
+                return False  # the lock changed since we judged it stale
+            _unlink_quietly(self.path)
+            return _create_exclusive(self.path, self._content(time.time()), self._tmp_path())
+        finally:
+            _unlink_quietly(claim)
+
+    # ---- heartbeat --------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        self._is_held = True
+        self.is_lost = False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"lock-{self.path.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_every):
+            with self._mutex:
+                if not self._is_ours(self._read()):
+                    self.is_lost = True
+                    return
+                tmp = self._tmp_path()
+                tmp.write_bytes(self._content(time.time()))
+                os.replace(tmp, self.path)
+
+
+# ---- file and process helpers ----------------------------------------------------------
+
+def _create_exclusive(path: Path, data: bytes, tmp: Path) -> bool:
+    """Create `path` holding `data` unless it exists. Readers never see it half written:
+    the data goes to `tmp` first and is hard-linked in (link fails if `path` exists). On a
+    filesystem without hard links, falls back to O_CREAT|O_EXCL and writes in place."""
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    finally:
+        _unlink_quietly(tmp)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def _remove_old_claim(claim: Path) -> None:
+    try:
+        if time.time() - claim.stat().st_mtime > _CLAIM_STALE_AFTER:
+            _unlink_quietly(claim)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _process_start(pid: int) -> float | None:
+    if psutil is None:
+        return None
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _is_process_alive(pid: int, recorded_start: float | None) -> bool:
+    """Alive and the same process: a zombie is dead; a pid reused by a process started at
+    another time is dead."""
+    if psutil is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if recorded_start is not None and abs(process.create_time() - recorded_start) > 1.0:
+            return False
+        return True
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _age(timestamp: float) -> str:
+    return f"{max(0.0, time.time() - timestamp):.0f} s"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

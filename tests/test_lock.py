@@ -1,0 +1,165 @@
+"""ShardLock: exclusive per-shard lock files with a heartbeat and stale takeover."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchgen.job.lock import LockHeldError, ShardLock
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _write_lock(path: Path, **fields) -> None:
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": None,
+            "token": "someone-else", "shard": "0/1", "start_time": time.time(),
+            "heartbeat": time.time(), "slurm_job_id": None, "slurm_array_job_id": None,
+            "slurm_array_task_id": None}
+    info.update(fields)
+    path.write_text(json.dumps(info))
+
+
+def test_acquire_release_and_second_acquire_fails(tmp_path):
+    env = {"SLURM_JOB_ID": "701", "SLURM_ARRAY_JOB_ID": "700", "SLURM_ARRAY_TASK_ID": "2"}
+    first = ShardLock(tmp_path / "out", 2, 3, env=env)
+    assert first.acquire()
+    assert first.path.name == "_lock-2-of-3.json"
+    info = json.loads(first.path.read_text())
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    assert info["slurm_array_job_id"] == "700" and info["slurm_array_task_id"] == "2"
+
+    second = ShardLock(tmp_path / "out", 2, 3)
+    assert not second.acquire()
+    description = second.holder_description()
+    assert f"pid {os.getpid()}" in description and socket.gethostname() in description
+    assert "Slurm job 700_2" in description
+
+    other_shard = ShardLock(tmp_path / "out", 1, 3)
+    assert other_shard.acquire()
+    other_shard.release()
+
+    first.release()
+    assert not first.path.exists()
+    assert second.acquire()
+    second.release()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_context_manager_raises_when_held(tmp_path):
+    with ShardLock(tmp_path, 0, 1) as held:
+        assert held.is_held and held.path.exists()
+        with pytest.raises(LockHeldError, match="held by host"):
+            with ShardLock(tmp_path, 0, 1):
+                pass
+    assert not held.path.exists()
+
+
+def test_lock_held_by_a_live_process_is_respected(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _write_lock(tmp_path / "_lock-0-of-1.json", pid=sleeper.pid)
+        lock = ShardLock(tmp_path, 0, 1)
+        assert not lock.acquire()
+        assert f"pid {sleeper.pid}" in lock.holder_description()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert lock.acquire()  # now its pid is dead
+    lock.release()
+
+
+def test_stale_by_dead_pid_is_taken_over(tmp_path):
+    path = tmp_path / "_lock-0-of-2.json"
+    _write_lock(path, pid=_dead_pid())
+    lock = ShardLock(tmp_path, 0, 2)
+    assert lock.acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+    assert not list(tmp_path.iterdir())  # no claim or tmp files left behind
+
+
+def test_stale_by_old_heartbeat_is_taken_over(tmp_path):
+    path = tmp_path / "_lock-0-of-1.json"
+    _write_lock(path, host="some-other-node", pid=1, heartbeat=time.time() - 5)
+    assert not ShardLock(tmp_path, 0, 1, stale_after=60).acquire()  # fresh enough elsewhere
+    lock = ShardLock(tmp_path, 0, 1, stale_after=2, heartbeat_every=1)
+    assert lock.acquire()
+    assert json.loads(path.read_text())["token"] != "someone-else"
+    lock.release()
+
+
+def test_unreadable_lock_is_held_until_old(tmp_path):
+    path = tmp_path / "_lock-0-of-1.json"
+    path.write_text("")  # a holder that died between create and write
+    assert not ShardLock(tmp_path, 0, 1).acquire()
+    old = time.time() - 600
+    os.utime(path, (old, old))
+    lock = ShardLock(tmp_path, 0, 1)
+    assert lock.acquire()
+    lock.release()
+
+
+def test_heartbeat_refreshes_and_notices_a_lost_lock(tmp_path):
+    lock = ShardLock(tmp_path, 0, 1, heartbeat_every=0.05, stale_after=1)
+    assert lock.acquire()
+    first = json.loads(lock.path.read_text())["heartbeat"]
+    deadline = time.time() + 5
+    while json.loads(lock.path.read_text())["heartbeat"] == first and time.time() < deadline:
+        time.sleep(0.02)
+    assert json.loads(lock.path.read_text())["heartbeat"] > first
+
+    _write_lock(lock.path, token="thief")  # someone took it (e.g. after a long freeze)
+    deadline = time.time() + 5
+    while lock.is_held and time.time() < deadline:
+        time.sleep(0.02)
+    assert lock.is_lost and not lock.is_held
+    lock.release()
+    assert json.loads(lock.path.read_text())["token"] == "thief"  # release leaves it alone
+
+
+def _race(out_dir: str, barrier, results) -> None:
+    lock = ShardLock(Path(out_dir), 0, 1)
+    barrier.wait()
+    won = lock.acquire()
+    results.put(won)
+    if won:
+        time.sleep(1.0)  # hold it while the losers look
+        lock.release()
+
+
+def test_racing_takers_of_a_stale_lock_exactly_one_wins(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    num_racers = 6
+    for _ in range(2):
+        _write_lock(tmp_path / "_lock-0-of-1.json", pid=_dead_pid())
+        barrier = context.Barrier(num_racers)
+        results = context.Queue()
+        racers = [context.Process(target=_race, args=(str(tmp_path), barrier, results))
+                  for _ in range(num_racers)]
+        for racer in racers:
+            racer.start()
+        outcomes = [results.get(timeout=60) for _ in racers]
+        for racer in racers:
+            racer.join(timeout=60)
+            assert racer.exitcode == 0
+        assert sorted(outcomes) == [False] * (num_racers - 1) + [True]
+        assert not list(tmp_path.iterdir())
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="shard"):
+        ShardLock(tmp_path, 2, 2)
+    with pytest.raises(ValueError, match="heartbeat_every"):
+        ShardLock(tmp_path, 0, 1, stale_after=5, heartbeat_every=10)
