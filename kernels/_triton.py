@@ -1,0 +1,67 @@
+"""The one place that imports Triton: kernels modules import fine without it (their torch
+references stay usable) and a Triton op raises a clear error only when it is called.
+
+Kernels are compiled lazily, at their first launch: `triton.jit` reads TRITON_INTERPRET when
+it wraps a function, so deferring it lets a test module switch the interpreter on even when
+another module imported `batchgen.kernels` first."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the references still work
+    triton = None
+    tl = None
+
+
+def has_triton() -> bool:
+    return triton is not None
+
+
+def require_triton(op_name: str) -> None:
+    if triton is None:
+        raise RuntimeError(
+            f"{op_name} needs Triton, which is not installed; install batchgen[gpu] "
+            f"or call {op_name}_ref (the plain-torch reference) instead")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class LazyKernel:
+    """`@jit` stand-in for `@triton.jit`: wraps the function on first `kernel[grid]`."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._kernel = None
+
+    def __getitem__(self, grid: Any) -> Any:
+        if self._kernel is None:
+            require_triton(self.fn.__name__)
+            self._kernel = triton.jit(self.fn)
+        return self._kernel[grid]
+
+
+def jit(fn: Callable[..., Any]) -> LazyKernel:
+    return LazyKernel(fn)
+
+
+def check_same_device(op_name: str, **tensors: Any) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op_name}: tensors on different devices: {devices}")
+
+
+def check_dtype(op_name: str, name: str, tensor: Any, allowed: tuple) -> None:
+    if tensor.dtype not in allowed:
+        raise ValueError(f"{op_name}: {name} must have dtype in {allowed}, got {tensor.dtype}")
+
+
+def check_last_dim_contiguous(op_name: str, **tensors: Any) -> None:
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op_name}: {name} must be contiguous in its last dim "
+                             f"(stride {t.stride()})")
