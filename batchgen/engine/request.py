@@ -40,6 +40,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
+    prompt_text: str | None = None
     # Seed of this request's random stream (counter-based: depends on seed and position only).
     seed: int = 0
     # max_tokens resolved against max_model_len.

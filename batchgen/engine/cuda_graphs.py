@@ -1,0 +1,91 @@
+"""DecodeGraphs: the model's forward for pure-decode steps, captured once per bucketed batch
+size and replayed, so a decode step costs one graph launch instead of hundreds of kernels."""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from batchgen.layers.context import ForwardContext
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 256, 16)) + list(range(256, max_num_seqs + 1, 64))
+    sizes = sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_num_seqs: int):
+        self.runner = runner
+        self.device = runner.device
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.max_blocks = -(-runner.max_model_len // runner.block_size)
+        dev = self.device
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((self.max_bs,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((self.max_bs, self.max_blocks), dtype=torch.int32, device=dev)
+        # One host staging buffer (pinned) for all per-step inputs: a single H2D copy.
+        self.staging = torch.zeros(self.max_bs * (4 + self.max_blocks), dtype=torch.int64,
+                                   pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _context(self, bs: int) -> ForwardContext:
+        return ForwardContext(
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
+            kv_caches=self.runner.kv_caches, max_query_len=1,
+            max_seq_len=self.runner.max_model_len, is_decode_only=True)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        model = self.runner.model
+        for bs in reversed(self.sizes):
+            ctx = self._context(bs)
+            # Warm-up outside the graph (Triton compiles, cuBLAS picks algorithms).
+            model(self.input_ids[:bs], self.positions[:bs], ctx)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = model(self.input_ids[:bs], self.positions[:bs], ctx)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+            self.outputs[bs] = out
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, batch) -> bool:
+        return batch.is_decode_only and batch.num_reqs <= self.max_bs \
+            and batch.block_tables.shape[1] <= self.max_blocks
+
+    def run(self, batch) -> torch.Tensor:
+        n = batch.num_reqs
+        bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        nb = batch.block_tables.shape[1]
+        # staging layout: ids | positions | slots | seq_lens | block table rows (bs x max_blocks)
+        host = self.staging.numpy()
+        host[:4 * bs] = 0
+        host[0:n] = batch.input_ids
+        host[bs:bs + n] = batch.positions
+        host[2 * bs:2 * bs + n] = batch.slot_mapping
+        host[2 * bs + n:3 * bs] = -1  # padding rows write nothing
+        host[3 * bs:3 * bs + n] = batch.seq_lens
+        host[3 * bs + n:4 * bs] = 1
+        table = host[4 * bs:4 * bs + bs * self.max_blocks].reshape(bs, self.max_blocks)
+        table[:] = 0
+        table[:n, :nb] = batch.block_tables
+        dev = self.staging[:4 * bs + bs * self.max_blocks].to(self.device, non_blocking=True)
+        self.input_ids[:bs].copy_(dev[0:bs])
+        self.positions[:bs].copy_(dev[bs:2 * bs])
+        self.slot_mapping[:bs].copy_(dev[2 * bs:3 * bs])
+        self.seq_lens[:bs].copy_(dev[3 * bs:4 * bs])
+        self.block_tables[:bs].copy_(dev[4 * bs:].view(bs, self.max_blocks))
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
+

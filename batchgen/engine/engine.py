@@ -1,0 +1,271 @@
+"""Engine: add_request / step / has_unfinished / abort / stats over scheduler + model runner.
+Knows nothing about files; works on token ids (the tokenizer only turns outputs into text)."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from batchgen.config import EngineConfig
+from batchgen.engine.detokenizer import IncrementalDetokenizer, decode_output
+from batchgen.engine.model_runner import ModelRunner
+from batchgen.engine.output_processor import build_request_output, merge_fanout
+from batchgen.engine.request import Request, RequestStatus
+from batchgen.engine.scheduler import Scheduler, SchedulerConfig
+from batchgen.models import loader
+from batchgen.outputs import RequestOutput
+from batchgen.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    block_size: int
+    kv_pool_tokens: int
+    prefix_cache_hit_rate: float
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    num_preemptions: int
+    num_steps: int
+    peak_num_running: int
+    peak_kv_slots_allocated: int
+    peak_kv_tokens_held: int
+    startup_seconds: float
+
+    @property
+    def kv_usage(self) -> float:
+        return self.num_kv_blocks_used / max(self.num_kv_blocks_total, 1)
+
+    @property
+    def peak_kv_waste(self) -> float:
+        if not self.peak_kv_slots_allocated:
+            return 0.0
+        return 1 - self.peak_kv_tokens_held / self.peak_kv_slots_allocated
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        self.model_path = loader.resolve_model(config.model)
+        self.hf_config = loader.load_hf_config(self.model_path)
+        self.tokenizer = None if config.skip_tokenizer_init else loader.load_tokenizer(
+            config.tokenizer or self.model_path)
+        self.eos_token_ids = loader.load_eos_token_ids(self.model_path, self.hf_config)
+        self.generation_defaults = loader.load_generation_defaults(self.model_path)
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype(getattr(self.hf_config, "torch_dtype", None)
+                                        or getattr(self.hf_config, "dtype", None))
+        self.model = loader.load_model(self.model_path, self.hf_config, dtype=self.dtype,
+                                       device=self.device, load_format=config.load_format,
+                                       seed=config.seed)
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if config.max_model_len is not None and config.max_model_len > max_pos:
+            raise ValueError(f"max_model_len={config.max_model_len} is longer than the model's "
+                             f"max_position_embeddings ({max_pos})")
+        self.max_model_len = config.max_model_len or max_pos
+        self.runner = ModelRunner(config, self.model, self.max_model_len, self.device, self.dtype)
+        num_blocks = self.runner.determine_num_blocks()
+        pool_tokens = (num_blocks - 1) * config.block_size
+        if pool_tokens < self.max_model_len:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len={config.max_model_len} does not fit the KV pool "
+                    f"({pool_tokens} tokens); lower it or give the pool more memory")
+            self.max_model_len = pool_tokens
+            self.runner.max_model_len = pool_tokens
+        self.runner.initialize_kv_cache(num_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+            max_model_len=self.max_model_len, block_size=config.block_size,
+            num_blocks=num_blocks, enable_prefix_caching=config.enable_prefix_caching))
+        self.graph_seconds = self.runner.capture_cuda_graphs(config.max_num_seqs)
+        self._rng = random.Random(config.seed)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[RequestOutput] = []  # finished without running (errors)
+        self._fanout: dict[str, list] = {}  # parent id -> [n, outputs so far]
+        self._num_prompt_tokens = 0
+        self._num_generated_tokens = 0
+        self._num_steps = 0
+        self.reset_peak_stats()
+        self.startup_seconds = time.perf_counter() - t0
+        log.info("engine ready in %.1f s: %d KV blocks (%d tokens), max_model_len %d",
+                 self.startup_seconds, num_blocks, pool_tokens, self.max_model_len)
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams | None = None, prompt: str | None = None) -> None:
+        params = params or SamplingParams()
+        if params.n > 1:
+            self._fanout[request_id] = [params.n, []]
+            base = params.seed if params.seed is not None else self._rng.getrandbits(62)
+            for i in range(params.n):
+                self._add_one(f"{request_id}#{i}", prompt_token_ids, params, base + i, prompt)
+            return
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        self._add_one(request_id, prompt_token_ids, params, seed, prompt)
+
+    def _add_one(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 seed: int, prompt: str | None) -> None:
+        prompt_token_ids = list(prompt_token_ids)
+        req = Request(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                      sampling_params=params, eos_token_ids=self.eos_token_ids, seed=seed,
+                      prompt_text=prompt)
+        error = self._check_request(prompt_token_ids, params)
+        if error is not None:
+            req.status = RequestStatus.FINISHED_ERROR
+            req.error = error
+            self._finish_output(req, prompt)
+            return
+        req.max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
+        if params.stop and self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, params, prompt_token_ids)
+        self.scheduler.add_request(req)
+
+    def _check_request(self, ids: list[int], params: SamplingParams) -> str | None:
+        if not ids:
+            return "empty prompt: nothing to generate from"
+        vocab = self.model.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            return f"prompt has token ids outside the vocabulary [0, {vocab})"
+        if len(ids) >= self.max_model_len:
+            return (f"prompt is {len(ids)} tokens; the model allows at most "
+                    f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            return (f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                    f"max_model_len ({self.max_model_len})")
+        if params.stop and self.tokenizer is None:
+            return "stop strings need a tokenizer (skip_tokenizer_init is set)"
+        return None
+
+    def abort(self, request_id: str) -> None:
+        ids = [f"{request_id}#{i}" for i in range(self._fanout[request_id][0])] \
+            if request_id in self._fanout else [request_id]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        for rid in ids:
+            self._detokenizers.pop(rid, None)
+        self._fanout.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_unfinished_requests()
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched.requests:
+            return outputs
+        self._num_steps += 1
+        result = self.runner.execute(sched)
+        if result.logprobs is not None:
+            for req, lp in zip(sched.requests, result.logprobs):
+                if lp is not None and req.sampling_params.logprobs is not None:
+                    req.logprobs.append(lp)
+        self._num_prompt_tokens += sum(
+            n for req, n, before in zip(sched.requests, sched.num_scheduled_tokens,
+                                        sched.num_computed_before)
+            if before < req.num_prompt_tokens)
+        finished = self.scheduler.update_from_output(sched, result.sampled_token_ids)
+        self._num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
+        self._track_peaks()
+        finished = finished + self._check_stop_strings(sched, result.sampled_token_ids, finished)
+        for req in finished:
+            out = self._finish_output(req, req.prompt_text, emit=False)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _check_stop_strings(self, sched, sampled, already: list[Request]) -> list[Request]:
+        if not self._detokenizers:
+            return []
+        done = {r.request_id for r in already}
+        stopped = []
+        for req, tok in zip(sched.requests, sampled):
+            detok = self._detokenizers.get(req.request_id)
+            if tok is None or detok is None or req.request_id in done:
+                continue
+            hit = detok.update([tok])
+            if hit is not None:
+                req.stop_reason = hit
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                stopped.append(req)
+        return stopped
+
+    def _finish_output(self, req: Request, prompt: str | None, emit: bool = True):
+        detok = self._detokenizers.pop(req.request_id, None)
+        if detok is not None:
+            text = detok.output_text
+        elif self.tokenizer is not None and req.output_token_ids:
+            text = decode_output(self.tokenizer, self._text_token_ids(req),
+                                 req.sampling_params.skip_special_tokens)
+        else:
+            text = ""
+        out = build_request_output(req, prompt, text, self.tokenizer)
+        parent = req.request_id.rsplit("#", 1)[0] if "#" in req.request_id else None
+        if parent in self._fanout:
+            entry = self._fanout[parent]
+            entry[1].append(out)
+            if len(entry[1]) < entry[0]:
+                return None
+            del self._fanout[parent]
+            out = merge_fanout(parent, entry[1])
+        if emit:
+            self._pending.append(out)
+            return None
+        return out
+
+    def _text_token_ids(self, req: Request) -> list[int]:
+        ids = req.output_token_ids
+        stop = req.stop_reason
+        if isinstance(stop, int) and ids and ids[-1] == stop \
+                and not req.sampling_params.include_stop_str_in_output:
+            return ids[:-1]
+        return ids
+
+    # ---- stats ---------------------------------------------------------------------------
+
+    def _track_peaks(self) -> None:
+        kv = self.scheduler.kv_cache_manager
+        used = kv.num_used_blocks * self.config.block_size
+        running = self.scheduler.running
+        self._peak_running = max(self._peak_running, len(running))
+        if used > self._peak_slots:
+            self._peak_slots = used
+            # Slots held by tokens: each running request wastes only its last block's tail.
+            waste = sum(len(kv.get_block_ids(r)) * self.config.block_size - r.num_computed_tokens
+                        for r in running)
+            self._peak_held = used - max(waste, 0)
+
+    def reset_peak_stats(self) -> None:
+        self._peak_running = 0
+        self._peak_slots = 0
+        self._peak_held = 0
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv_cache_manager.reset_prefix_cache()
+
+    def stats(self) -> EngineStats:
+        kv = self.scheduler.kv_cache_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_kv_blocks_used=kv.num_used_blocks, num_kv_blocks_total=kv.num_total_blocks,
+            block_size=self.config.block_size,
+            kv_pool_tokens=kv.num_total_blocks * self.config.block_size,
+            prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generated_tokens=self._num_generated_tokens,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self._num_steps,
+            peak_num_running=self._peak_running, peak_kv_slots_allocated=self._peak_slots,
+            peak_kv_tokens_held=self._peak_held, startup_seconds=self.startup_seconds)

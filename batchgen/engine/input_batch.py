@@ -1,0 +1,77 @@
+"""InputBatch: one step's flat varlen batch built from a SchedulerOutput, on the host.
+
+Everything is vectorised with numpy over the batch: the only Python loop is one pass over the
+scheduled requests to gather their new token ids and block-table rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class InputBatch:
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [B + 1] int32
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, max_blocks] int32, padded with 0
+    logits_indices: np.ndarray  # [S] int64: the last token of each request that samples
+    sample_rows: list[int]  # [S] which of the B requests sample
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_reqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def build_input_batch(sched, block_size: int) -> InputBatch:
+    """sched: a SchedulerOutput (requests, num_scheduled_tokens, num_computed_before, block_ids,
+    needs_sample)."""
+    reqs = sched.requests
+    num_reqs = len(reqs)
+    q_lens = np.asarray(sched.num_scheduled_tokens, dtype=np.int64)
+    starts = np.asarray(sched.num_computed_before, dtype=np.int64)
+    seq_lens = starts + q_lens
+    cu = np.zeros(num_reqs + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=cu[1:])
+    num_tokens = int(cu[-1])
+
+    ids: list[int] = []
+    max_blocks = max((len(b) for b in sched.block_ids), default=1) or 1
+    block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+    for i, req in enumerate(reqs):
+        start, n = int(starts[i]), int(q_lens[i])
+        if n == 1 and start == req.num_tokens - 1:
+            ids.append(req.output_token_ids[-1] if req.output_token_ids else req.prompt_token_ids[-1])
+        else:
+            ids.extend(req.token_ids_slice(start, start + n))
+        row = sched.block_ids[i]
+        block_tables[i, :len(row)] = row
+    input_ids = np.asarray(ids, dtype=np.int64)
+    assert input_ids.shape[0] == num_tokens
+
+    # positions: start of each request + offset inside its chunk.
+    req_of_token = np.repeat(np.arange(num_reqs), q_lens)
+    positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
+    blocks = block_tables[req_of_token, positions // block_size].astype(np.int64)
+    slot_mapping = blocks * block_size + positions % block_size
+
+    sample_rows = [i for i, s in enumerate(sched.needs_sample) if s]
+    logits_indices = cu[1:][sample_rows] - 1 if sample_rows else np.zeros(0, dtype=np.int64)
+    return InputBatch(
+        input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+        query_start_loc=cu.astype(np.int32), seq_lens=seq_lens.astype(np.int32),
+        block_tables=block_tables, logits_indices=np.asarray(logits_indices, dtype=np.int64),
+        sample_rows=sample_rows, max_query_len=int(q_lens.max()) if num_reqs else 0,
+        max_seq_len=int(seq_lens.max()) if num_reqs else 0)

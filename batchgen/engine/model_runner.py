@@ -1,0 +1,176 @@
+"""ModelRunner: SchedulerOutput -> tensors -> forward -> sample. Owns the KV pool and the CUDA
+graphs; never touches queues."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from batchgen.config import EngineConfig
+from batchgen.engine.cuda_graphs import DecodeGraphs
+from batchgen.engine.input_batch import InputBatch, build_input_batch
+from batchgen.engine.sampler import Sampler
+from batchgen.engine.sampling_metadata import build_sampling_metadata
+from batchgen.layers.context import ForwardContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    # Aligned with the SchedulerOutput's requests; None where the request did not sample.
+    sampled_token_ids: list[int | None]
+    # Aligned likewise: (sampled logprob, top ids, top logprobs) or None.
+    logprobs: list[tuple[float, list[int], list[float]] | None] | None = None
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, max_model_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.config = config
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = model.vocab_size
+        self.sampler = Sampler()
+        self.is_cuda = device.type == "cuda"
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
+
+    # ---- KV pool -------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        m = self.model
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if not self.is_cuda:
+            budget = self.config.kv_cache_memory or 2 * 1024**3
+            return max(budget // self.kv_bytes_per_block, 2)
+        if self.config.kv_cache_memory is not None:
+            return max(self.config.kv_cache_memory // self.kv_bytes_per_block, 2)
+        peak = self._profile_peak_memory()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_for_kv = int(total * self.config.gpu_memory_utilization) - peak
+        num = free_for_kv // self.kv_bytes_per_block
+        if num < 2:
+            raise RuntimeError(
+                f"no memory left for the KV cache: the model and a {self.config.max_num_batched_tokens}"
+                f"-token step take {peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; lower "
+                "max_num_batched_tokens or raise gpu_memory_utilization")
+        return int(num)
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Peak bytes of a worst-case step (the full token budget as prefill) plus the logits of
+        max_num_seqs sampled rows, weights included."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.config.max_num_batched_tokens
+        seq = min(num_tokens, self.max_model_len)
+        num_reqs = -(-num_tokens // seq)
+        lens = [seq] * (num_reqs - 1) + [num_tokens - seq * (num_reqs - 1)]
+        blocks_per_req = -(-seq // self.block_size)
+        caches = self._allocate_caches(num_reqs * blocks_per_req + 1)
+        cu = np.zeros(num_reqs + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        tables = np.arange(num_reqs * blocks_per_req, dtype=np.int32).reshape(num_reqs, -1) + 1
+        positions = np.concatenate([np.arange(n) for n in lens])
+        req_of = np.repeat(np.arange(num_reqs), lens)
+        slots = tables[req_of, positions // self.block_size].astype(np.int64) * self.block_size \
+            + positions % self.block_size
+        batch = InputBatch(
+            input_ids=np.zeros(num_tokens, dtype=np.int64), positions=positions.astype(np.int64),
+            slot_mapping=slots, query_start_loc=cu.astype(np.int32),
+            seq_lens=np.asarray(lens, dtype=np.int32), block_tables=tables,
+            logits_indices=np.zeros(0, dtype=np.int64), sample_rows=[],
+            max_query_len=seq, max_seq_len=seq)
+        ctx = self._make_context(batch, caches)
+        hidden = self.model(self._to_device(batch.input_ids), self._to_device(batch.positions), ctx)
+        rows = min(self.config.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows]).float()
+        # The sampler's sort / softmax temporaries: a few more copies of the logits.
+        extra = 3 * logits.numel() * logits.element_size()
+        del hidden, logits, caches, ctx
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) + extra
+        torch.cuda.empty_cache()
+        return peak
+
+    def _allocate_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        m = self.model
+        # kv: [layers, 2, num_blocks, block_size, kv_heads, head_dim] in one allocation.
+        kv = torch.empty((m.num_layers, 2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim),
+                         dtype=self.dtype, device=self.device)
+        return [(kv[i, 0], kv[i, 1]) for i in range(m.num_layers)]
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = self._allocate_caches(num_blocks)
+
+    def capture_cuda_graphs(self, max_num_seqs: int) -> float:
+        if not self.is_cuda or self.config.enforce_eager:
+            return 0.0
+        t0 = time.perf_counter()
+        self.graphs = DecodeGraphs(self, max_num_seqs)
+        self.graphs.capture()
+        return time.perf_counter() - t0
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.is_cuda:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _make_context(self, batch: InputBatch, caches=None) -> ForwardContext:
+        return ForwardContext(
+            query_start_loc=self._to_device(batch.query_start_loc),
+            seq_lens=self._to_device(batch.seq_lens),
+            block_tables=self._to_device(batch.block_tables),
+            slot_mapping=self._to_device(batch.slot_mapping),
+            kv_caches=caches if caches is not None else self.kv_caches,
+            max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+            is_decode_only=batch.is_decode_only,
+            query_start_loc_host=batch.query_start_loc.tolist(),
+            seq_lens_host=batch.seq_lens.tolist())
+
+    @torch.inference_mode()
+    def execute(self, sched) -> StepResult:
+        batch = build_input_batch(sched, self.block_size)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            ctx = self._make_context(batch)
+            hidden = self.model(self._to_device(batch.input_ids), self._to_device(batch.positions),
+                                ctx)
+        sampled: list[int | None] = [None] * len(sched.requests)
+        if not batch.sample_rows:
+            return StepResult(sampled)
+        logits_idx = self._to_device(batch.logits_indices)
+        logits = self.model.compute_logits(hidden[logits_idx]).float()
+        sample_reqs = [sched.requests[i] for i in batch.sample_rows]
+        meta = build_sampling_metadata(sample_reqs, self.vocab_size, self.device,
+                                       pin_memory=self.is_cuda)
+        out = self.sampler(logits, meta)
+        token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
+        for row, tok in zip(batch.sample_rows, token_ids):
+            sampled[row] = tok
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = [None] * len(sched.requests)
+            lp, top_ids, top_lps = (x.tolist() for x in out.logprobs)
+            for j, row in enumerate(batch.sample_rows):
+                logprobs[row] = (lp[j], top_ids[j], top_lps[j])
+        return StepResult(sampled, logprobs)
