@@ -1,0 +1,131 @@
+"""End to end: batchgen's greedy tokens equal transformers' generate on the real small model
+(SmolLM2-135M-Instruct, fp32, CPU), in every engine configuration that changes the schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchgen import LLM, SamplingParams
+
+MAX_TOKENS = 20
+SYSTEM = ("You are a meticulous support assistant for an online shop. Answer in one short "
+          "sentence, politely, without making anything up.")
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    long_text = " ".join(f"Review {i}: the blender was loud but it crushed ice well." for i in range(22))
+    raw = [
+        "The capital of France is",
+        long_text + "\nSummary:",
+        "Le petit déjeuner à Paris coûte combien? 日本語でも答えてください。",
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    ]
+    ids = [tokenizer(p)["input_ids"] for p in raw]
+    for question in ("Where is my order #1234?", "Can I return a used blender?",
+                     "Do you ship to Canada?"):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(smol_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(smol_model_dir, dtype=torch.float32)
+    model.eval()
+    prompts = _prompts(tokenizer)
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+            expected.append(out[0, len(ids):].tolist())
+    assert any(len(p) > 250 for p in prompts)
+    return prompts, expected
+
+
+CONFIGS = {
+    "default": {},
+    "chunked_prefill": {"max_num_batched_tokens": 64},
+    # 28 blocks of 16 tokens: the 323-token prompt alone needs 22, so others get preempted.
+    "preemption": {"num_kv_blocks": 28},
+    "no_prefix_cache": {"enable_prefix_caching": False},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_matches_transformers(smol_model_dir, reference, name):
+    prompts, expected = reference
+    llm = LLM(str(smol_model_dir), device="cpu", **CONFIGS[name])
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    for i, (out, exp) in enumerate(zip(outs, expected)):
+        assert out.outputs[0].token_ids == exp, f"prompt {i} differs in config {name}"
+    stats = llm.engine.stats()
+    if name == "preemption":
+        assert stats.num_preemptions > 0
+    if name == "default":
+        # The three chat prompts share the system prompt: the later ones hit the cache.
+        assert stats.prefix_cache_hit_rate > 0
+    assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+
+
+def test_text_prompts_and_chat(smol_model_dir):
+    llm = LLM(str(smol_model_dir), device="cpu")
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].text.strip().endswith(".")  # EOS not in the text
+    texts = llm.generate(["Hello", "The capital of France is"],
+                         SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert [o.prompt for o in texts] == ["Hello", "The capital of France is"]
+    assert texts[1].prompt_token_ids == llm.tokenizer("The capital of France is")["input_ids"]
+    assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 5
+               for o in texts)
+
+
+def test_bad_requests_do_not_break_the_batch(smol_model_dir):
+    llm = LLM(str(smol_model_dir), device="cpu", max_model_len=128)
+    outs = llm.generate(
+        [[], list(range(5, 200)), "The capital of France is", {"prompt_token_ids": [10**7]}],
+        SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error" and "empty" in outs[0].error
+    assert outs[1].outputs[0].finish_reason == "error" and "max_model_len" in outs[1].error
+    assert outs[3].outputs[0].finish_reason == "error" and "vocabulary" in outs[3].error
+    assert outs[2].error is None and len(outs[2].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_seeded_sampling_is_batch_independent_and_n(smol_model_dir):
+    llm = LLM(str(smol_model_dir), device="cpu")
+    p = SamplingParams(temperature=1.0, max_tokens=12, seed=1234)
+    alone = llm.generate("Once upon a time", p, use_tqdm=False)[0].outputs[0].token_ids
+    crowd = llm.generate(["Tell me a joke", "Once upon a time", "1 2 3"],
+                         [SamplingParams(temperature=0.7, max_tokens=9), p,
+                          SamplingParams(temperature=1.0, max_tokens=12, seed=7)],
+                         use_tqdm=False)[1].outputs[0].token_ids
+    assert alone == crowd
+    many = llm.generate("Once upon a time", SamplingParams(temperature=1.0, max_tokens=8, n=3,
+                                                           seed=5, logprobs=2), use_tqdm=False)[0]
+    assert [c.index for c in many.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in many.outputs}) > 1
+    for c in many.outputs:
+        assert len(c.logprobs) == len(c.token_ids)
+        assert all(tok in entry for tok, entry in zip(c.token_ids, c.logprobs))
+
+
+def test_stop_strings(smol_model_dir):
+    llm = LLM(str(smol_model_dir), device="cpu")
+    base = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12),
+                        use_tqdm=False)[0].outputs[0].text
+    word = base.split()[1] if len(base.split()) > 1 else base.strip()[:3]
+    cut = llm.generate("The capital of France is",
+                       SamplingParams(temperature=0, max_tokens=12, stop=[word]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == word
+    assert cut.text == base[:base.index(word)]
