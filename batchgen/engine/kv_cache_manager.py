@@ -1,0 +1,160 @@
+"""KVCacheManager: per-request block tables over the BlockPool, prefix hits, caching, stats.
+
+The scheduler talks to this class only; it never sees KVBlock objects except the opaque
+list that get_computed_blocks returns and allocate_slots takes back.
+
+Slot of the token at position p of a request:
+    block_ids[p // block_size] * block_size + p % block_size
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from batchgen.engine.block_pool import BlockHash, BlockPool, KVBlock, hash_full_blocks
+from batchgen.engine.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        # request_id -> its blocks / their ids (kept in step; the id list is what the runner
+        # reads, by reference, so no per-step copy of block tables).
+        self._req_blocks: dict[str, list[KVBlock]] = {}
+        self._req_block_ids: dict[str, list[int]] = {}
+        # request_id -> chained hashes of its full blocks computed so far (never recomputed
+        # per step), and how many of its blocks are registered in the prefix cache.
+        self._req_hashes: dict[str, list[BlockHash]] = {}
+        self._req_num_cached_blocks: dict[str, int] = {}
+        # Prefix-cache stats, counted once per admission (allocate_slots of a new request).
+        self.num_cached_tokens_queried = 0
+        self.num_cached_tokens_hit = 0
+
+    # ---- stats ---------------------------------------------------------------------------
+    @property
+    def num_total_blocks(self) -> int:
+        """Usable blocks (block 0 is the reserved null block)."""
+        return self.pool.num_usable_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_usable_blocks - self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prefix-hit tokens / tokens looked up at admission (0.0 before any lookup)."""
+        if self.num_cached_tokens_queried == 0:
+            return 0.0
+        return self.num_cached_tokens_hit / self.num_cached_tokens_queried
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- per-request ---------------------------------------------------------------------
+    def get_block_ids(self, request: Request) -> list[int]:
+        """The request's block table (a live reference: read it, do not mutate it)."""
+        return self._req_block_ids.get(request.request_id, [])
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest chain of cached full blocks at the start of the request's tokens, capped
+        so at least one token is left to compute (the last one must run to give logits).
+        Takes no reference: pass the blocks to allocate_slots in the same scheduling pass."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        hashes = self._hashes_upto(request, request.num_tokens // self.block_size)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        get = self.pool.get_cached_block
+        blocks: list[KVBlock] = []
+        for block_hash in hashes[:max_hit_blocks]:
+            block = get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks, len(blocks) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: Sequence[KVBlock] = ()) -> list[KVBlock] | None:
+        """Make room for `num_new_tokens` more tokens after request.num_computed_tokens (plus
+        the prefix-hit blocks, for a request being admitted). Returns the newly allocated
+        blocks, or None when they do not fit (nothing changes then)."""
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
+        num_held = len(blocks) if blocks is not None else 0
+        num_hit = len(new_computed_blocks)
+        num_tokens = request.num_computed_tokens + num_hit * self.block_size + num_new_tokens
+        num_new_blocks = self.num_blocks_for(num_tokens) - num_held - num_hit
+        # Hit blocks with ref_cnt 0 sit in the free queue: touching them takes them out.
+        num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if max(num_new_blocks, 0) + num_free_hits > self.pool.num_free_blocks:
+            return None
+        if blocks is None:
+            blocks = self._req_blocks[rid] = []
+            self._req_block_ids[rid] = []
+            self._req_num_cached_blocks[rid] = num_hit
+            if self.enable_prefix_caching:
+                self.num_cached_tokens_queried += request.num_tokens
+                self.num_cached_tokens_hit += num_hit * self.block_size
+        block_ids = self._req_block_ids[rid]
+        if num_hit:
+            self.pool.touch(new_computed_blocks)
+            blocks.extend(new_computed_blocks)
+            block_ids.extend(b.block_id for b in new_computed_blocks)
+        if num_new_blocks <= 0:
+            return []
+        new_blocks = self.pool.get_new_blocks(num_new_blocks)
+        blocks.extend(new_blocks)
+        block_ids.extend(b.block_id for b in new_blocks)
+        return new_blocks
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Register the request's blocks that became full (and computed) in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
+        if blocks is None:
+            return
+        num_full = min(num_computed_tokens // self.block_size, len(blocks))
+        num_cached = self._req_num_cached_blocks[rid]
+        if num_full <= num_cached:
+            return
+        hashes = self._hashes_upto(request, num_full)
+        self.pool.cache_full_blocks(blocks, hashes, num_cached, num_full)
+        self._req_num_cached_blocks[rid] = num_full
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first (its tail is evicted before its prefix,
+        which other requests are likelier to share). Safe to call twice."""
+        rid = request.request_id
+        blocks = self._req_blocks.pop(rid, None)
+        self._req_block_ids.pop(rid, None)
+        self._req_hashes.pop(rid, None)
+        self._req_num_cached_blocks.pop(rid, None)
+        if blocks:
+            self.pool.free_blocks(reversed(blocks))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes; only when no block is in use (returns False otherwise)."""
+        return self.pool.reset_prefix_cache()
+
+    def _hashes_upto(self, request: Request, num_full_blocks: int) -> list[BlockHash]:
+        """The request's chained block hashes, extended to at least `num_full_blocks`."""
+        hashes = self._req_hashes.setdefault(request.request_id, [])
+        num_have = len(hashes)
+        if num_have < num_full_blocks:
+            bs = self.block_size
+            tokens = request.token_ids_slice(num_have * bs, num_full_blocks * bs)
+            parent = hashes[-1] if hashes else None
+            hashes.extend(hash_full_blocks(parent, tokens, bs))
+        return hashes
