@@ -96,6 +96,7 @@ class Engine:
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
         self._num_steps = 0
+        self._num_preemptions = 0
         self.reset_peak_stats()
         self.startup_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: %d KV blocks (%d tokens), max_model_len %d",
@@ -165,8 +166,11 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
-        if not sched.requests:
-            return outputs
+        self._num_preemptions += len(sched.preempted)
+        if sched.is_empty:
+            finished = self.scheduler.update_from_output(sched, [])
+            done = (self._finish_output(r, r.prompt_text, emit=False) for r in finished)
+            return outputs + [o for o in done if o is not None]
         self._num_steps += 1
         result = self.runner.execute(sched)
         if result.logprobs is not None:
@@ -266,6 +270,6 @@ class Engine:
             prefix_cache_hit_rate=kv.prefix_cache_hit_rate,
             num_prompt_tokens=self._num_prompt_tokens,
             num_generated_tokens=self._num_generated_tokens,
-            num_preemptions=self.scheduler.num_preemptions, num_steps=self._num_steps,
+            num_preemptions=self._num_preemptions, num_steps=self._num_steps,
             peak_num_running=self._peak_running, peak_kv_slots_allocated=self._peak_slots,
             peak_kv_tokens_held=self._peak_held, startup_seconds=self.startup_seconds)
