@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_dtype, check_same_device, jit, next_power_of_2, require_triton
+from ._triton import check_dtype, check_same_device, jit, next_power_of_2, require_triton, tl
 
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

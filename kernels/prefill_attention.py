@@ -2,7 +2,14 @@
 decodes mixed in one step)."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ._triton import (check_dtype, check_same_device, jit, next_power_of_2, require_triton,
+                      tl)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def gather_kv_ref(cache: torch.Tensor, block_tables: torch.Tensor,
@@ -68,8 +75,150 @@ def prefill_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
     return out
 
 
+@jit
+def _prefill_attention_kernel(
+        q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
+        seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, qk_scale, num_reqs,
+        q_token_stride, q_head_stride, out_token_stride, out_head_stride,
+        cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # grid: (query tiles, KVH). A tile is BLOCK_M rows of one request, row r being query
+    # token r // GROUP of the request and query head kv_head * GROUP + r % GROUP: the GROUP
+    # heads sharing a kv head are packed into one tl.dot and read each K/V tile once.
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    req = tl.load(tile_reqs_ptr + tile)
+    if req >= num_reqs:
+        return
+    first_row = tl.load(tile_first_rows_ptr + tile)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_start = seq_len - q_len  # position of the request's first query
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    is_row = rows < q_len * GROUP
+    row_tokens = rows // GROUP
+    row_heads = kv_head * GROUP + rows % GROUP
+    row_positions = context_start + row_tokens
+    dims = tl.arange(0, HEAD_DIM)
+    tokens64 = (q_start + row_tokens).to(tl.int64)
+    q_offsets = tokens64[:, None] * q_token_stride + row_heads[:, None] * q_head_stride
+    q = tl.load(q_ptr + q_offsets + dims[None, :], mask=is_row[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    last_row = tl.minimum(first_row + BLOCK_M, q_len * GROUP) - 1
+    # Keys below num_open_keys are visible to every row of the tile: no causal mask there.
+    num_open_keys = context_start + first_row // GROUP + 1
+    num_keys = context_start + last_row // GROUP + 1
+    open_end = (num_open_keys // BLOCK_N) * BLOCK_N
+    block_table_row = block_tables_ptr + req.to(tl.int64) * block_table_stride
+    head_offset = kv_head.to(tl.int64) * cache_head_stride
+    for start in range(0, num_keys, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        is_key = keys < num_keys
+        block_ids = tl.load(block_table_row + keys // BLOCK_SIZE, mask=is_key, other=0)
+        slot_offsets = (block_ids.to(tl.int64) * cache_block_stride
+                        + (keys % BLOCK_SIZE) * cache_slot_stride + head_offset)
+        k = tl.load(key_cache_ptr + slot_offsets[None, :] + dims[:, None],
+                    mask=is_key[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        v = tl.load(value_cache_ptr + slot_offsets[:, None] + dims[None, :],
+                    mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if start >= open_end:
+            is_visible = keys[None, :] <= row_positions[:, None]
+            qk = tl.where(is_visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    out_offsets = tokens64[:, None] * out_token_stride + row_heads[:, None] * out_head_stride
+    tl.store(out_ptr + out_offsets + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=is_row[:, None])
+
+
+def check_paged_attention_args(op: str, q: torch.Tensor, key_cache: torch.Tensor,
+                               value_cache: torch.Tensor, block_tables: torch.Tensor,
+                               seq_lens: torch.Tensor) -> None:
+    """Shared by the prefill and decode wrappers: q [*, H, D] against the paged caches."""
+    require_triton(op)
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be [tokens, heads, head_dim], got {tuple(q.shape)}")
+    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
+        raise ValueError(f"{op}: caches must both be [num_blocks, block_size, KVH, D], got "
+                         f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    if key_cache.shape[3] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"{op}: q has {num_heads} heads of dim {head_dim}; the cache has "
+                         f"{num_kv_heads} kv heads of dim {key_cache.shape[3]}")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"{op}: head_dim must be a power of two in 16..256, got {head_dim}")
+    check_dtype(op, "q", q, _DTYPES)
+    if key_cache.dtype != q.dtype or value_cache.dtype != q.dtype:
+        raise ValueError(f"{op}: q, key_cache and value_cache must share a dtype, got "
+                         f"{q.dtype}, {key_cache.dtype}, {value_cache.dtype}")
+    check_dtype(op, "block_tables", block_tables, (torch.int32, torch.int64))
+    check_dtype(op, "seq_lens", seq_lens, (torch.int32, torch.int64))
+    if block_tables.dim() != 2 or block_tables.shape[0] != seq_lens.shape[0] \
+            or block_tables.stride(1) != 1:
+        raise ValueError(f"{op}: block_tables must be a row-contiguous [B, M] for B = "
+                         f"{seq_lens.shape[0]}, got {tuple(block_tables.shape)}")
+    if q.stride(2) != 1 or key_cache.stride() != value_cache.stride() \
+            or key_cache.stride(3) != 1:
+        raise ValueError(f"{op}: q and the caches must be contiguous in head_dim, the caches "
+                         f"with equal strides")
+    check_same_device(op, q=q, key_cache=key_cache, value_cache=value_cache,
+                      block_tables=block_tables, seq_lens=seq_lens)
+
+
+def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int]:
+    # -> (BLOCK_M, BLOCK_N, num_warps, num_stages); rows are (token, head) pairs of a request.
+    block_m = min(128 if head_dim <= 128 else 64, max(16, next_power_of_2(num_rows)))
+    block_n = 64 if head_dim <= 128 else 32
+    return block_m, block_n, 4 if block_m <= 64 else 8, 2
+
+
 def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
                       max_seq_len: int) -> torch.Tensor:
-    raise NotImplementedError("prefill_attention: the Triton kernel is not written yet")
+    op = "prefill_attention"
+    check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
+    num_reqs = seq_lens.shape[0]
+    if query_start_loc.shape != (num_reqs + 1,):
+        raise ValueError(f"{op}: query_start_loc must be [{num_reqs + 1}], got "
+                         f"{tuple(query_start_loc.shape)}")
+    check_same_device(op, q=q, query_start_loc=query_start_loc)
+    out = torch.empty_like(q)
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    group = num_heads // key_cache.shape[2]
+    block_m, block_n, num_warps, num_stages = _tile_sizes(head_dim, max_query_len * group)
+    # Tile -> (request, first row), built on device without a sync. Request b has
+    # cdiv(q_len_b * group, block_m) tiles; the grid's bound covers every split.
+    starts = query_start_loc.long()
+    tiles_per_req = ((starts[1:] - starts[:-1]) * group + block_m - 1) // block_m  # [B]
+    tile_ends = torch.cumsum(tiles_per_req, 0)
+    num_tiles = -(-num_tokens * group // block_m) + num_reqs
+    tiles = torch.arange(num_tiles, device=q.device)
+    tile_reqs = torch.searchsorted(tile_ends, tiles, right=True)  # num_reqs past the end
+    tile_firsts = tile_ends - tiles_per_req
+    tile_first_rows = (tiles - tile_firsts[tile_reqs.clamp(max=num_reqs - 1)]) * block_m
+    grid = (num_tiles, key_cache.shape[2])
+    _prefill_attention_kernel[grid](
+        q, key_cache, value_cache, out, block_tables, query_start_loc, seq_lens,
+        tile_reqs.to(torch.int32), tile_first_rows.to(torch.int32), scale * math.log2(math.e),
+        num_reqs, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m,
+        BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
+    return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_dtype, check_same_device, jit, next_power_of_2, require_triton
+from ._triton import check_dtype, check_same_device, jit, next_power_of_2, require_triton, tl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
