@@ -1,0 +1,42 @@
+"""Paged attention of one layer: store this step's K/V in the cache, then attend.
+
+Query i of request b sits at position seq_lens[b] - q_len_b + i and sees keys 0..that
+position of its request, all read back from the paged cache (prefix + this step)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from batchgen.layers.context import ForwardContext
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 layer_idx: int) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.layer_idx = layer_idx
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] -> out [T, H, D]
+        from batchgen.kernels import decode_attention, kv_cache_write, prefill_attention
+        is_cuda = q.is_cuda
+        key_cache, value_cache = ctx.kv_caches[self.layer_idx]
+        write = kv_cache_write.write_kv_cache if is_cuda else kv_cache_write.write_kv_cache_ref
+        write(k, v, key_cache, value_cache, ctx.slot_mapping)
+        if ctx.is_decode_only:
+            decode = (decode_attention.decode_attention if is_cuda
+                      else decode_attention.decode_attention_ref)
+            return decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
+                          self.scale, ctx.max_seq_len)
+        prefill = (prefill_attention.prefill_attention if is_cuda
+                   else prefill_attention.prefill_attention_ref)
+        return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
+                       ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len)
