@@ -1,0 +1,175 @@
+"""Sampler: logits -> next tokens for one step, batched on the device with no host sync.
+
+Order: logprobs (log_softmax of the raw logits, vLLM's default) -> penalties -> min_tokens
+mask -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> sample.
+
+Randomness is counter-based, so a request's draws depend on its (seed, position) only, never
+on the batch around it: the uniform noise of row b and token v is
+
+    u[b, v] = hash(key_b, v),   key_b = hash(seed_b, position_b)
+
+computed with vectorised 32-bit integer mixing (xor-shift / multiply rounds in the style of
+murmur3's finaliser) held in int64 with every product below 2^63. The token is then drawn by
+an exponential race: argmax_v probs[v] / E[v] with E = -log(u) ~ Exp(1), which picks v with
+probability probs[v] (Gumbel-max in another guise). u lies in (0, 1) (23-bit, centred), so E
+is finite and > 0 and a token of probability 0 can never win.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from batchgen.engine.sampling_metadata import PenaltyMetadata, SamplingMetadata
+
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2^31: a 32-bit value times one stays below 2^63 in int64.
+_MIX_A = 0x7FEB352D
+_MIX_B = 0x5BD1E995
+_MIX_C = 0x2C1B3C6D
+_TOKEN_STRIDE = 0x9E3779B1  # golden-ratio step between the counters of adjacent tokens
+_POSITION_SALT = 0x27D4EB2F
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64, on device
+    # (sampled_logprob [B], topk_ids [B, k] int64, topk_logprobs [B, k]), best first; or None.
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+class Sampler:
+    def __init__(self) -> None:
+        # token index * _TOKEN_STRIDE mod 2^32, per (vocab size, device): [V] int64
+        self._token_counters: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        # logits: [B, V] fp32; not modified in place.
+        assert logits.dim() == 2 and logits.shape[0] == meta.num_reqs, logits.shape
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_constraints(logits, meta)
+        if meta.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self._sample_random(logits, meta)
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+        return SamplerOutput(sampled, logprobs)
+
+    def _apply_constraints(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Penalties then the min_tokens mask; returns a new tensor when either applies."""
+        if meta.penalties is not None:
+            logits = apply_penalties(logits, meta.penalties)
+        if meta.min_tokens_rows is not None:
+            if meta.penalties is None:
+                logits = logits.clone()
+            logits.index_put_((meta.min_tokens_rows, meta.min_tokens_token_ids),
+                              torch.tensor(float("-inf"), device=logits.device))
+        return logits
+
+    def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        rows = meta.random_rows  # None: every row is random
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or rows is None else t.index_select(0, rows)
+
+        # x: [R, V] fp32, a fresh tensor (the division copies).
+        x = pick(logits) / pick(meta.temperature).unsqueeze(1)
+        if meta.top_k is not None or meta.top_p is not None:
+            x = apply_top_k_top_p(x, pick(meta.top_k), pick(meta.top_p))
+        if meta.min_p is not None:
+            x = apply_min_p(x, pick(meta.min_p))
+        probs = torch.softmax(x, dim=-1)
+        noise = self.exponential_noise(pick(meta.seeds), pick(meta.positions), x.shape[1])
+        sampled = probs.div_(noise).argmax(dim=-1)
+        if rows is None:
+            return sampled
+        return logits.argmax(dim=-1).index_copy_(0, rows, sampled)
+
+    def exponential_noise(self, seeds: torch.Tensor, positions: torch.Tensor,
+                          vocab_size: int) -> torch.Tensor:
+        """E[r, v] = -log(u(seeds[r], positions[r], v)) ~ Exp(1), i.i.d. across (seed,
+        position, v): [R, V] fp32."""
+        key = _row_key(seeds, positions)
+        x = self._counters(vocab_size, seeds.device).unsqueeze(0) ^ key.unsqueeze(1)
+        x = _mix32_(x)
+        # The top 23 bits, centred in their cell: u in [2^-24, 1 - 2^-24], exact in fp32.
+        u = (x >> 9).to(torch.float32).add_(0.5).mul_(2.0 ** -23)
+        return u.log_().neg_()
+
+    def _counters(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        key = (vocab_size, device)
+        if key not in self._token_counters:
+            v = torch.arange(vocab_size, dtype=torch.int64, device=device)
+            self._token_counters[key] = (v * _TOKEN_STRIDE) & _MASK32
+        return self._token_counters[key]
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in int64 (in place where it can be)."""
+    x ^= x >> 16
+    x.mul_(_MIX_A).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(_MIX_B).bitwise_and_(_MASK32)
+    x ^= x >> 13
+    x.mul_(_MIX_C).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
+
+
+def _row_key(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hash(seed, position) -> [R] int64 in [0, 2^32)."""
+    low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
+    key = _mix32_((positions * _POSITION_SALT + 1) & _MASK32)
+    key = _mix32_(key ^ high)
+    return _mix32_(key ^ low)
+
+
+def apply_penalties(logits: torch.Tensor, pen: PenaltyMetadata) -> torch.Tensor:
+    """Returns a copy of logits [B, V] with the penalties of rows pen.rows applied:
+    repetition (tokens in prompt or output: positive logits / r, negative * r), then
+    presence (- p once per token seen in the output) and frequency (- f * count)."""
+    x = logits.index_select(0, pen.rows)  # [P, V]
+    counts = pen.output_counts
+    is_in_output = counts > 0
+    if pen.prompt_mask is not None:
+        rep = pen.repetition.unsqueeze(1)
+        scaled = torch.where(x > 0, x / rep, x * rep)
+        x = torch.where(pen.prompt_mask | is_in_output, scaled, x)
+    x -= pen.frequency.unsqueeze(1) * counts
+    x -= pen.presence.unsqueeze(1) * is_in_output
+    return logits.index_copy(0, pen.rows, x)
+
+
+def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """x: [R, V] logits; top_k: [R] in [1, V] or None; top_p: [R] in (0, 1] or None.
+    One descending sort; masked logits become -inf. Top-p keeps the smallest prefix whose
+    probability (after top-k) reaches p: a token stays if the mass above it is < p."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(x.shape[1], device=x.device)
+        sorted_x.masked_fill_(ranks.unsqueeze(0) >= top_k.unsqueeze(1), float("-inf"))
+    if top_p is not None:
+        probs = sorted_x.softmax(dim=-1)
+        mass_above = probs.cumsum(dim=-1).sub_(probs)
+        # p = 1 keeps everything, even where rounding makes the mass above reach 1.
+        drop = (mass_above >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+        sorted_x.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drops tokens whose probability is below min_p * (the top probability), in logit
+    space: keep x >= max(x) + log(min_p). x: [R, V]; min_p: [R]."""
+    threshold = x.amax(dim=-1) + torch.log(min_p)
+    return x.masked_fill_(x < threshold.unsqueeze(1), float("-inf"))
+
+
+def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, k: int):
+    sampled_logprob = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+    return sampled_logprob, top_ids, top_logprobs

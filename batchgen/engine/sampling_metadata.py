@@ -1,0 +1,208 @@
+"""SamplingMetadata: one step's sampling parameters for its B sampled requests, as device
+tensors. Built on the host from the requests' Python fields in O(B) (plus the token counts of
+the few requests that use penalties), packed into one int64 and one fp32 host buffer, and
+sent with two copies (from pinned memory when asked)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from batchgen.engine.request import Request
+
+# Below this temperature a request is sampled greedily (dividing by it would overflow).
+MIN_TEMPERATURE = 1e-5
+_INT64_MOD = 1 << 64
+
+
+@dataclass
+class PenaltyMetadata:
+    """Penalties of the P rows of the batch that use any (HF / vLLM / OpenAI semantics)."""
+    rows: torch.Tensor  # [P] int64: rows of the batch
+    repetition: torch.Tensor  # [P] fp32, 1 = off
+    presence: torch.Tensor  # [P] fp32, 0 = off
+    frequency: torch.Tensor  # [P] fp32, 0 = off
+    # How often each token occurs in the output so far (presence / frequency / repetition).
+    output_counts: torch.Tensor  # [P, V] fp32
+    # Which tokens occur in the prompt (repetition only); None when no row uses repetition.
+    prompt_mask: torch.Tensor | None  # [P, V] bool
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [B] fp32, 0 = greedy
+    all_greedy: bool
+    all_random: bool
+    # Rows that sample at random, when some rows are greedy and some are not; else None.
+    random_rows: torch.Tensor | None  # [R] int64
+    # None when no random row of the batch uses them (fast path).
+    top_k: torch.Tensor | None  # [B] int64 in [1, V]; V = off
+    top_p: torch.Tensor | None  # [B] fp32 in (0, 1]; 1 = off
+    min_p: torch.Tensor | None  # [B] fp32 in [0, 1]; 0 = off
+    # The counter-based noise of row b depends on (seeds[b], positions[b]) only.
+    seeds: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64: index of the output token being sampled
+    penalties: PenaltyMetadata | None
+    # Logits to set to -inf (EOS / stop tokens before min_tokens): pairs (row, token id).
+    min_tokens_rows: torch.Tensor | None  # [N] int64
+    min_tokens_token_ids: torch.Tensor | None  # [N] int64
+    # Largest `logprobs` asked for in the batch (0 = only the sampled token's); None = nobody.
+    max_num_logprobs: int | None
+    vocab_size: int
+
+    @property
+    def num_reqs(self) -> int:
+        return self.temperature.shape[0]
+
+
+class _HostPacker:
+    """Concatenates named host segments of one dtype; `send` copies them to the device at
+    once and hands back device views by name."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._parts: list[torch.Tensor] = []
+        self._spans: dict[str, tuple[int, int]] = {}
+        self._size = 0
+
+    def add(self, name: str, values) -> None:
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=self.dtype)
+        self._parts.append(t.to(self.dtype))
+        self._spans[name] = (self._size, self._size + t.numel())
+        self._size += t.numel()
+
+    def send(self, device, pin_memory: bool) -> dict[str, torch.Tensor]:
+        host = torch.cat(self._parts) if self._parts else torch.empty(0, dtype=self.dtype)
+        if torch.device(device).type != "cpu":
+            if pin_memory:
+                host = host.pin_memory()
+            host = host.to(device, non_blocking=True)
+        return {name: host[a:b] for name, (a, b) in self._spans.items()}
+
+
+def _as_int64(seed: int) -> int:
+    seed %= _INT64_MOD
+    return seed - _INT64_MOD if seed >= _INT64_MOD // 2 else seed
+
+
+def _flat_token_index(token_lists: list[list[int]], vocab_size: int) -> torch.Tensor:
+    """row * V + token for every token of every list: [sum of lengths] int64."""
+    lengths = torch.tensor([len(ids) for ids in token_lists], dtype=torch.int64)
+    tokens = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.int64)
+    offsets = torch.repeat_interleave(torch.arange(len(token_lists)) * vocab_size, lengths)
+    return tokens + offsets
+
+
+def _min_tokens_pairs(requests: list[Request], vocab_size: int) -> tuple[list[int], list[int]]:
+    rows: list[int] = []
+    ids: list[int] = []
+    for b, req in enumerate(requests):
+        sp = req.sampling_params
+        if req.num_output_tokens >= sp.min_tokens:
+            continue
+        # ignore_eos: EOS does not stop, so it needs no suppressing (and is never masked).
+        banned = set(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            banned.update(req.eos_token_ids)
+        banned = sorted(t for t in banned if 0 <= t < vocab_size)
+        rows.extend([b] * len(banned))
+        ids.extend(banned)
+    return rows, ids
+
+
+def build_sampling_metadata(requests: list[Request], vocab_size: int, device,
+                            pin_memory: bool = False) -> SamplingMetadata:
+    num_reqs = len(requests)
+    assert num_reqs > 0, "a sampling step needs at least one request"
+    temperature, top_k, top_p, min_p = [], [], [], []
+    random_rows, penalty_rows, logprobs = [], [], []
+    for b, req in enumerate(requests):
+        sp = req.sampling_params
+        is_greedy = sp.temperature < MIN_TEMPERATURE or sp.top_k == 1
+        if is_greedy:
+            temperature.append(0.0)
+            top_k.append(vocab_size)
+            top_p.append(1.0)
+            min_p.append(0.0)
+        else:
+            random_rows.append(b)
+            temperature.append(float(sp.temperature))
+            top_k.append(min(sp.top_k, vocab_size) if sp.top_k > 0 else vocab_size)
+            top_p.append(float(sp.top_p))
+            min_p.append(float(sp.min_p))
+        if sp.has_penalties:
+            penalty_rows.append(b)
+        if sp.logprobs is not None:
+            logprobs.append(min(sp.logprobs, vocab_size))
+    num_random = len(random_rows)
+    use_top_k = any(k < vocab_size for k in top_k)
+    use_top_p = any(p < 1.0 for p in top_p)
+    use_min_p = any(p > 0.0 for p in min_p)
+
+    ints, floats = _HostPacker(torch.int64), _HostPacker(torch.float32)
+    floats.add("temperature", temperature)
+    ints.add("seeds", [_as_int64(req.seed) for req in requests])
+    ints.add("positions", [req.num_output_tokens for req in requests])
+    if 0 < num_random < num_reqs:
+        ints.add("random_rows", random_rows)
+    if use_top_k:
+        ints.add("top_k", top_k)
+    if use_top_p:
+        floats.add("top_p", top_p)
+    if use_min_p:
+        floats.add("min_p", min_p)
+    use_repetition = _add_penalties(ints, floats, [requests[b] for b in penalty_rows],
+                                    penalty_rows, vocab_size)
+    mt_rows, mt_ids = _min_tokens_pairs(requests, vocab_size)
+    if mt_rows:
+        ints.add("min_tokens_rows", mt_rows)
+        ints.add("min_tokens_token_ids", mt_ids)
+
+    i, f = ints.send(device, pin_memory), floats.send(device, pin_memory)
+    penalties = None
+    if penalty_rows:
+        penalties = _build_penalties(i, f, len(penalty_rows), vocab_size, use_repetition)
+    return SamplingMetadata(
+        temperature=f["temperature"], all_greedy=num_random == 0,
+        all_random=num_random == num_reqs, random_rows=i.get("random_rows"),
+        top_k=i.get("top_k"), top_p=f.get("top_p"), min_p=f.get("min_p"),
+        seeds=i["seeds"], positions=i["positions"], penalties=penalties,
+        min_tokens_rows=i.get("min_tokens_rows"),
+        min_tokens_token_ids=i.get("min_tokens_token_ids"),
+        max_num_logprobs=max(logprobs) if logprobs else None, vocab_size=vocab_size)
+
+
+def _add_penalties(ints: _HostPacker, floats: _HostPacker, reqs: list[Request],
+                   rows: list[int], vocab_size: int) -> bool:
+    """Queues the penalty rows' parameters and token indices; True if any uses repetition."""
+    if not reqs:
+        return False
+    params = [r.sampling_params for r in reqs]
+    ints.add("penalty_rows", rows)
+    floats.add("repetition", [float(sp.repetition_penalty) for sp in params])
+    floats.add("presence", [float(sp.presence_penalty) for sp in params])
+    floats.add("frequency", [float(sp.frequency_penalty) for sp in params])
+    ints.add("output_index", _flat_token_index([r.output_token_ids for r in reqs], vocab_size))
+    use_repetition = any(sp.repetition_penalty != 1.0 for sp in params)
+    if use_repetition:
+        ints.add("prompt_index", _flat_token_index([r.prompt_token_ids for r in reqs], vocab_size))
+    return use_repetition
+
+
+def _build_penalties(i: dict, f: dict, num_rows: int, vocab_size: int,
+                     use_repetition: bool) -> PenaltyMetadata:
+    # The [P, V] tables are filled on the device from the flat indices: no [P, V] copy.
+    output_index = i["output_index"]
+    device = output_index.device
+    counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
+    counts.index_add_(0, output_index, torch.ones_like(output_index, dtype=torch.float32))
+    prompt_mask = None
+    if use_repetition:
+        prompt_mask = torch.zeros(num_rows * vocab_size, dtype=torch.bool, device=device)
+        prompt_mask[i["prompt_index"]] = True
+        prompt_mask = prompt_mask.view(num_rows, vocab_size)
+    return PenaltyMetadata(
+        rows=i["penalty_rows"], repetition=f["repetition"], presence=f["presence"],
+        frequency=f["frequency"], output_counts=counts.view(num_rows, vocab_size),
+        prompt_mask=prompt_mask)
