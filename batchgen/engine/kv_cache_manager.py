@@ -93,7 +93,9 @@ class KVCacheManager:
         num_held = len(blocks) if blocks is not None else 0
         num_hit = len(new_computed_blocks)
         num_tokens = request.num_computed_tokens + num_hit * self.block_size + num_new_tokens
-        num_new_blocks = self.num_blocks_for(num_tokens) - num_held - num_hit
+        num_new_blocks = -(-num_tokens // self.block_size) - num_held - num_hit
+        if num_new_blocks <= 0 and blocks is not None and not num_hit:
+            return []  # the common decode step: the token fits the last block
         # Hit blocks with ref_cnt 0 sit in the free queue: touching them takes them out.
         num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if max(num_new_blocks, 0) + num_free_hits > self.pool.num_free_blocks:
