@@ -36,7 +36,10 @@ def padded_attention_ref(q: torch.Tensor, q_positions: torch.Tensor, keys: torch
     is_visible = key_positions[None, None, :] <= q_positions.clamp(min=0)[:, :, None]
     scores = scores.masked_fill(~is_visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgqs,bskd->bqkgd", probs, values.float())
+    # Slots past a request's context may hold garbage (even NaN): 0 * NaN would leak it.
+    is_key_used = key_positions[None, :] <= q_positions.max(dim=1).values[:, None]  # [B, S]
+    values = torch.where(is_key_used[:, :, None, None], values.float(), 0.0)
+    out = torch.einsum("bkgqs,bskd->bqkgd", probs, values)
     return out.reshape(num_reqs, num_queries, num_heads, head_dim).to(q.dtype)
 
 

@@ -1,0 +1,306 @@
+"""Triton kernels against their torch references (the interpreter on CPU, natively on a GPU),
+and the attention references against a float64 dense-softmax oracle."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from batchgen.kernels._triton import has_triton  # noqa: E402
+from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from batchgen.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref  # noqa: E402
+from batchgen.kernels.prefill_attention import (prefill_attention,  # noqa: E402
+                                                prefill_attention_ref)
+from batchgen.kernels.rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref,  # noqa: E402
+                                       rms_norm, rms_norm_ref)
+from batchgen.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 is left out: the interpreter computes NaN for it (test_kernels_gpu.py covers bf16).
+DTYPES = [torch.float32, torch.float16]
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+needs_triton = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+
+
+@pytest.fixture
+def poisoned_empty():
+    """torch.empty fills with NaN while active, so an output element a kernel forgets to
+    write fails the comparison."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _randn(*shape, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+
+def _assert_close(actual, expected):
+    assert not actual.isnan().any(), "NaN in the output: an element was not written"
+    torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype])
+
+
+# --- paged KV fixtures: requests with holes in their block tables ----------------------------
+
+def _paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                 seed=0):
+    """Caches with every request's blocks at random (unordered) ids, block tables padded with
+    0, and NaN in every cache slot no request owns (past a request's end in its last block)."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    blocks_per_req = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_req) + 3  # spare blocks stay NaN
+    block_ids = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_req) + 2, dtype=torch.int32)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.full(cache_shape, float("nan"))
+    value_cache = torch.full(cache_shape, float("nan"))
+    used = 0
+    for b, (seq_len, num_req_blocks) in enumerate(zip(seq_lens, blocks_per_req)):
+        ids = block_ids[used:used + num_req_blocks]
+        used += num_req_blocks
+        block_tables[b, :num_req_blocks] = ids
+        slots = (ids[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
+        key_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            seq_len, num_kv_heads, head_dim, generator=gen)
+        value_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(
+            seq_len, num_kv_heads, head_dim, generator=gen)
+    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()])
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
+
+    def to_device(t, dt=None):
+        return t.to(device=DEVICE, dtype=dt or t.dtype)
+    return dict(q=to_device(q, dtype), key_cache=to_device(key_cache, dtype),
+                value_cache=to_device(value_cache, dtype), block_tables=to_device(block_tables),
+                query_start_loc=to_device(query_start_loc, torch.int32),
+                seq_lens=to_device(torch.tensor(seq_lens), torch.int32),
+                scale=head_dim ** -0.5, max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+
+
+def _dense_attention_oracle(batch):
+    """Per request and head: gather keys slot by slot, softmax(q k^T * scale) v in float64."""
+    q, key_cache, value_cache = batch["q"], batch["key_cache"], batch["value_cache"]
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
+    group = q.shape[1] // num_kv_heads
+    starts = batch["query_start_loc"].tolist()
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b, seq_len in enumerate(batch["seq_lens"].tolist()):
+        blocks = batch["block_tables"][b].tolist()
+        slots = [blocks[p // block_size] * block_size + p % block_size for p in range(seq_len)]
+        keys = key_cache.reshape(-1, num_kv_heads, head_dim)[slots].double().cpu()
+        values = value_cache.reshape(-1, num_kv_heads, head_dim)[slots].double().cpu()
+        num_queries = starts[b + 1] - starts[b]
+        for i in range(num_queries):
+            visible = seq_len - num_queries + i + 1
+            for h in range(q.shape[1]):
+                scores = keys[:visible, h // group] @ q[starts[b] + i, h].double().cpu()
+                probs = torch.softmax(scores * batch["scale"], dim=0)
+                out[starts[b] + i, h] = probs @ values[:visible, h // group]
+    return out
+
+
+# (num_heads, num_kv_heads, head_dim, block_size): GQA 4:1 and 1:1, SmolLM's 3:1 with dim 64
+ATTENTION_SHAPES = [(8, 2, 64, 16), (4, 4, 128, 32), (9, 3, 64, 16), (4, 1, 32, 8)]
+QUERY_LENS, PREFIX_LENS = [1, 7, 33, 1, 5], [0, 5, 20, 40, 0]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_prefill_attention_ref_matches_dense_oracle(shape):
+    num_heads, num_kv_heads, head_dim, block_size = shape
+    batch = _paged_batch(QUERY_LENS, PREFIX_LENS, num_heads, num_kv_heads, head_dim,
+                         block_size, torch.float32)
+    out = prefill_attention_ref(**batch)
+    torch.testing.assert_close(out.double().cpu(), _dense_attention_oracle(batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES[:2])
+def test_decode_attention_ref_matches_dense_oracle(shape):
+    num_heads, num_kv_heads, head_dim, block_size = shape
+    batch = _paged_batch([1, 1, 1], [0, 16, 70], num_heads, num_kv_heads, head_dim, block_size,
+                         torch.float32)
+    out = decode_attention_ref(batch["q"], batch["key_cache"], batch["value_cache"],
+                               batch["block_tables"], batch["seq_lens"], batch["scale"],
+                               batch["max_seq_len"])
+    torch.testing.assert_close(out.double().cpu(), _dense_attention_oracle(batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_prefill_attention_matches_ref(shape, dtype, poisoned_empty):
+    num_heads, num_kv_heads, head_dim, block_size = shape
+    batch = _paged_batch(QUERY_LENS, PREFIX_LENS, num_heads, num_kv_heads, head_dim,
+                         block_size, dtype)
+    _assert_close(prefill_attention(**batch), prefill_attention_ref(**batch))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_long_chunk_spans_many_tiles(dtype, poisoned_empty):
+    # 70 queries * 4 heads = 280 rows: three 128-row tiles; keys run past several 64-key tiles.
+    batch = _paged_batch([70, 2], [60, 130], 4, 1, 64, 16, dtype, seed=1)
+    _assert_close(prefill_attention(**batch), prefill_attention_ref(**batch))
+
+
+def _decode_args(batch):
+    return (batch["q"], batch["key_cache"], batch["value_cache"], batch["block_tables"],
+            batch["seq_lens"], batch["scale"], batch["max_seq_len"])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_decode_attention_matches_ref(shape, num_splits, dtype):
+    num_heads, num_kv_heads, head_dim, block_size = shape
+    batch = _paged_batch([1] * 4, [0, 16, 150, 299], num_heads, num_kv_heads, head_dim,
+                         block_size, dtype, seed=2)
+    out = torch.full_like(batch["q"], float("nan"))
+    result = decode_attention(*_decode_args(batch), out=out, num_splits=num_splits)
+    assert result is out
+    _assert_close(out, decode_attention_ref(*_decode_args(batch)))
+
+
+@needs_triton
+def test_decode_attention_agrees_with_prefill_on_single_queries(poisoned_empty):
+    batch = _paged_batch([1] * 3, [9, 40, 0], 8, 2, 64, 16, torch.float32, seed=3)
+    _assert_close(decode_attention(*_decode_args(batch), num_splits=2),
+                  prefill_attention(**batch))
+
+
+@needs_triton
+def test_attention_wrappers_reject_bad_arguments():
+    batch = _paged_batch([3], [0], 8, 2, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="heads"):
+        prefill_attention(**{**batch, "q": batch["q"][:, :7]})
+    with pytest.raises(ValueError, match="dtype"):
+        prefill_attention(**{**batch, "q": batch["q"].half()})
+    with pytest.raises(ValueError, match="query_start_loc"):
+        prefill_attention(**{**batch, "query_start_loc": batch["query_start_loc"][:1]})
+    with pytest.raises(ValueError, match="out"):
+        decode_attention(*_decode_args(batch), out=torch.empty(2, 8, 64, device=DEVICE))
+
+
+# --- row-wise ops ---------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 333])
+def test_rms_norm_matches_ref(num_tokens, dtype, poisoned_empty):
+    x, weight = _randn(num_tokens, 100, dtype=dtype), _randn(100, dtype=dtype, seed=1)
+    _assert_close(rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 333])
+def test_fused_add_rms_norm_matches_ref(num_tokens, dtype, poisoned_empty):
+    x, residual = _randn(num_tokens, 576, dtype=dtype), _randn(num_tokens, 576, dtype=dtype, seed=2)
+    weight = _randn(576, dtype=dtype, seed=1)
+    out, new_residual = fused_add_rms_norm(x, residual, weight, 1e-5)
+    expected_out, expected_residual = fused_add_rms_norm_ref(x, residual, weight, 1e-5)
+    _assert_close(new_residual, expected_residual)
+    _assert_close(out, expected_out)
+
+
+def test_rms_norm_ref_matches_float64_formula():
+    x, weight = _randn(7, 100, dtype=torch.float16), _randn(100, dtype=torch.float16, seed=1)
+    x64 = x.double()
+    expected = x64 / torch.sqrt((x64 ** 2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    torch.testing.assert_close(rms_norm_ref(x, weight, 1e-6).double(), expected,
+                               rtol=4e-3, atol=4e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 333])
+def test_silu_and_mul_matches_ref(num_tokens, dtype, poisoned_empty):
+    x = _randn(num_tokens, 2 * 77, dtype=dtype)
+    _assert_close(silu_and_mul(x), silu_and_mul_ref(x))
+
+
+def test_silu_and_mul_ref_is_gate_times_sigmoid_times_up():
+    x = _randn(5, 8).double()
+    expected = x[:, :4] * torch.sigmoid(x[:, :4]) * x[:, 4:]
+    torch.testing.assert_close(silu_and_mul_ref(x), expected)
+
+
+def _cos_sin_cache(max_position, rot_dim, base=10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).float().to(DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, is_neox", [(1, True), (7, True), (333, True), (7, False)])
+def test_apply_rotary_matches_ref(num_tokens, is_neox, dtype):
+    q, k = _randn(num_tokens, 9, 64, dtype=dtype), _randn(num_tokens, 3, 64, dtype=dtype, seed=1)
+    positions = torch.randint(0, 500, (num_tokens,), generator=torch.Generator().manual_seed(0))
+    positions = positions.to(DEVICE)
+    cache = _cos_sin_cache(500, 64)
+    expected_q, expected_k = apply_rotary_ref(q.clone(), k.clone(), positions, cache, is_neox)
+    out_q, out_k = apply_rotary(q, k, positions, cache, is_neox)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    _assert_close(out_q, expected_q)
+    _assert_close(out_k, expected_k)
+
+
+def test_apply_rotary_ref_matches_complex_rotation():
+    # NeoX pairs (d, d + D/2) rotate as complex numbers x1 + i x2 by e^(i * pos * freq).
+    q, k = _randn(6, 2, 16).double(), _randn(6, 1, 16, seed=1).double()
+    positions = torch.tensor([0, 1, 5, 17, 99, 3], device=DEVICE)
+    cache = _cos_sin_cache(100, 16)
+    out_q, _ = apply_rotary_ref(q.clone(), k.clone(), positions, cache)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    turn = torch.polar(torch.ones(6, 8, dtype=torch.float64),
+                       positions.cpu().double()[:, None] * inv_freq)[:, None]
+    rotated = torch.complex(q[..., :8].cpu(), q[..., 8:].cpu()) * turn
+    torch.testing.assert_close(out_q.cpu(), torch.cat((rotated.real, rotated.imag), -1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 333])
+def test_write_kv_cache_matches_ref(num_tokens, dtype):
+    num_blocks, block_size = 30, 16
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::3] = -1  # padding tokens are skipped
+    key, value = _randn(num_tokens, 3, 64, dtype=dtype), _randn(num_tokens, 3, 64, dtype=dtype)
+    caches = [torch.full((num_blocks, block_size, 3, 64), float("nan"), dtype=dtype,
+                         device=DEVICE) for _ in range(4)]
+    write_kv_cache(key, value, caches[0], caches[1], slots.to(DEVICE))
+    write_kv_cache_ref(key, value, caches[2], caches[3], slots.to(DEVICE))
+    assert torch.equal(caches[0].isnan(), caches[2].isnan())
+    assert torch.equal(caches[0].nan_to_num(), caches[2].nan_to_num())
+    assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())
+    written = slots[slots >= 0]
+    assert torch.equal(caches[2].view(-1, 3, 64)[written.to(DEVICE)], key[slots.to(DEVICE) >= 0])
+
+
+def test_references_import_and_run_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, pytest\n"
+        "from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref\n"
+        "from batchgen.kernels.decode_attention import decode_attention_ref\n"
+        "x = torch.randn(2, 8)\n"
+        "assert rms_norm_ref(x, torch.ones(8), 1e-6).shape == (2, 8)\n"
+        "with pytest.raises(RuntimeError, match='needs Triton'):\n"
+        "    rms_norm(x, torch.ones(8), 1e-6)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
