@@ -1,0 +1,164 @@
+"""JobConfig: one dataset job (input, prompt, sampling, output, engine options); validates itself.
+
+Every user mistake raises `JobConfigError` with one line naming what is wrong; the CLI
+prints it and exits 2 before any work starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from batchgen.sampling_params import SamplingParams
+
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "hf", "openai")
+OUTPUT_FORMATS = ("parquet", "jsonl")
+PARSE_JSON_TYPES = ("string", "integer", "number", "boolean", "json")
+DEVICES = ("cpu", "cuda")
+LOAD_FORMATS = ("auto", "dummy")
+REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://")
+# Columns every part has; an input column with one of these names is written as input_<name>.
+OUTPUT_COLUMNS = ("row", "text", "finish_reason", "prompt_tokens", "output_tokens", "error")
+DEFAULT_MAX_TOKENS = 256
+
+
+class JobConfigError(ValueError):
+    """A configuration mistake: the CLI prints it on one line and exits 2."""
+
+
+@dataclass
+class JobConfig:
+    input: str
+    output_dir: Path
+    model: str | None = None  # None: the default small model (SmolLM2-135M-Instruct)
+    input_format: str = "auto"
+    split: str = "train"  # Hugging Face dataset split
+    prompt_column: str | None = None  # None and no template: the column "prompt"
+    template: str | None = None  # sandboxed Jinja over the row's fields
+    system: str | None = None
+    chat: bool | None = None  # None: the chat template when the model has one
+    # SamplingParams fields the user set (recipe `sampling:` + flags); the model's
+    # generation_config fills the rest. max_tokens defaults to DEFAULT_MAX_TOKENS.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # job seed: row i samples with a seed derived from (seed, i)
+    rows_per_part: int = 1000
+    format: str = "parquet"
+    keep: list[str] | None = None  # input columns to keep; None: all
+    parse_json: dict[str, str] | None = None  # generated JSON -> typed columns
+    limit: int | None = None
+    shard_index: int = 0
+    num_shards: int = 1
+    overwrite: bool = False
+    metrics_json: Path | None = None
+    # engine
+    device: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    load_format: str = "auto"
+    tensor_parallel_size: int = 1
+    # seconds a stop signal waits for in-flight rows of completable parts
+    stop_grace_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        if self.metrics_json is not None:
+            self.metrics_json = Path(self.metrics_json)
+        self._validate_paths()
+        self._validate_choices()
+        self._validate_numbers()
+        self._validate_prompt()
+        try:
+            self.sampling_params()
+        except ValueError as e:
+            raise JobConfigError(str(e)) from None
+
+    def _validate_paths(self) -> None:
+        for what, value in (("input", self.input), ("output", str(self.output_dir)),
+                            ("model", self.model or "")):
+            if value.startswith(REMOTE_PREFIXES):
+                raise JobConfigError(
+                    f"{what} {value!r}: remote paths are not supported; copy it to a local path")
+        if self.input_format != "hf" and not _looks_like_hub_id(self.input) \
+                and not os.path.exists(self.input):
+            raise JobConfigError(f"input not found: {self.input}")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise JobConfigError(f"output {self.output_dir} exists and is not a folder")
+
+    def _validate_choices(self) -> None:
+        for name, allowed in (("input_format", INPUT_FORMATS), ("format", OUTPUT_FORMATS),
+                              ("load_format", LOAD_FORMATS)):
+            if getattr(self, name) not in allowed:
+                raise JobConfigError(f"{name} must be one of {', '.join(allowed)}, "
+                                     f"got {getattr(self, name)!r}")
+        if self.device is not None and self.device.split(":")[0] not in DEVICES:
+            raise JobConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.tensor_parallel_size != 1:
+            raise JobConfigError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported: batchgen runs "
+                "one engine per GPU (use --data-parallel or a Slurm array)")
+        for name, kind in (self.parse_json or {}).items():
+            if kind not in PARSE_JSON_TYPES:
+                raise JobConfigError(f"parse_json column {name!r}: type must be one of "
+                                     f"{', '.join(PARSE_JSON_TYPES)}, got {kind!r}")
+            if name in OUTPUT_COLUMNS:
+                raise JobConfigError(f"parse_json column {name!r} collides with an output column")
+
+    def _validate_numbers(self) -> None:
+        for name in ("rows_per_part", "num_shards"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise JobConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("limit", "max_model_len", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise JobConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.shard_index) or not 0 <= self.shard_index < self.num_shards:
+            raise JobConfigError(f"shard must be I/N with 0 <= I < N, "
+                                 f"got {self.shard_index}/{self.num_shards}")
+        if not _is_int(self.seed):
+            raise JobConfigError(f"seed must be an integer, got {self.seed!r}")
+
+    def _validate_prompt(self) -> None:
+        if self.prompt_column is not None and self.template is not None:
+            raise JobConfigError("give either a prompt column or a template, not both")
+        if self.template is not None:
+            from batchgen.recipe import PromptTemplateError, compile_template
+            try:
+                compile_template(self.template)
+            except PromptTemplateError as e:
+                raise JobConfigError(str(e)) from None
+
+    @property
+    def is_openai_batch(self) -> bool:
+        return self.input_format == "openai"
+
+    @property
+    def output_format(self) -> str:
+        """OpenAI-batch jobs write OpenAI batch output lines (JSONL) whatever `format` says."""
+        return "jsonl" if self.is_openai_batch else self.format
+
+    def sampling_params(self) -> SamplingParams:
+        """The user's sampling fields (max_tokens defaulted); seeds are set per row."""
+        kwargs = dict(self.sampling)
+        kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        kwargs.pop("seed", None)
+        return SamplingParams(**kwargs)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """`owner/name` with no such local path and no file suffix: a Hugging Face hub dataset id."""
+    parts = path.split("/")
+    return (len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+            and not os.path.exists(path) and Path(parts[1]).suffix.lower() not in _FILE_SUFFIXES)
+
+
+_FILE_SUFFIXES = {".jsonl", ".json", ".gz", ".parquet", ".arrow", ".csv", ".txt"}

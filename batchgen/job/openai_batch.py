@@ -1,0 +1,114 @@
+"""The OpenAI Batch API format: request lines in, response lines out.
+
+In:  {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+      "body": {"model": "...", "messages": [...], "max_tokens": 64, "temperature": 0}}
+Out: {"id": "batch_req_...", "custom_id": "r1", "error": null,
+      "response": {"status_code": 200, "request_id": "...", "body": {... "usage": {...}}}}
+`body.model` is recorded in the response but the job's model answers. A bad line gets a
+response with status_code 400 and `error` set, like the API's per-request failures.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchgen.recipe import RowError
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+# body key -> SamplingParams field
+_SAMPLING_KEYS = {
+    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_tokens", "ignore_eos": "ignore_eos",
+}
+
+
+@dataclass
+class BatchRequest:
+    custom_id: str
+    url: str
+    model: str | None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def custom_id_of(fields: dict[str, Any]) -> str | None:
+    value = fields.get("custom_id")
+    return value if isinstance(value, str) else None
+
+
+def parse_request(fields: dict[str, Any]) -> BatchRequest:
+    """One request line's record -> BatchRequest; RowError says what is wrong with it."""
+    custom_id = fields.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise RowError("custom_id must be a non-empty string")
+    method = fields.get("method", "POST")
+    if method != "POST":
+        raise RowError(f"method must be POST, got {method!r}")
+    url = fields.get("url")
+    if url not in (CHAT_URL, COMPLETIONS_URL):
+        raise RowError(f"url must be {CHAT_URL} or {COMPLETIONS_URL}, got {url!r}")
+    body = fields.get("body")
+    if not isinstance(body, dict):
+        raise RowError("body must be an object")
+    request = BatchRequest(custom_id, url, body.get("model"))
+    if url == CHAT_URL:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RowError("body.messages must be a non-empty list")
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise RowError("each message needs a role")
+            if not isinstance(message.get("content"), str):
+                raise RowError("each message's content must be a string")
+        request.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise RowError("body.prompt must be a string")
+        if not prompt.strip():
+            raise RowError("empty prompt")
+        request.prompt = prompt
+    if body.get("n", 1) != 1:
+        raise RowError(f"n={body.get('n')!r} is not supported (only n=1)")
+    for key, name in _SAMPLING_KEYS.items():
+        if body.get(key) is not None:
+            request.sampling[name] = body[key]
+    return request
+
+
+def response_line(*, row: int, job_tag: str, request: BatchRequest | None, custom_id: str | None,
+                  model_name: str, text: str | None, finish_reason: str | None,
+                  prompt_tokens: int, output_tokens: int, error: str | None) -> dict[str, Any]:
+    """One output line; ids derive from (job, row) so a resumed job writes the same ids."""
+    request_id = f"{job_tag}-{row}"
+    line: dict[str, Any] = {"id": f"batch_req_{request_id}", "custom_id": custom_id}
+    if error is not None or request is None:
+        message = error or "request failed"
+        line["response"] = {"status_code": 400, "request_id": request_id, "body": {"error": {
+            "message": message, "type": "invalid_request_error", "param": None, "code": None}}}
+        line["error"] = {"code": "invalid_request", "message": message}
+        return line
+    is_chat = request.url == CHAT_URL
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    if is_chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    body = {
+        "id": f"{'chatcmpl' if is_chat else 'cmpl'}-{request_id}",
+        "object": "chat.completion" if is_chat else "text_completion",
+        "created": int(time.time()),
+        "model": request.model or model_name,
+        "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens,
+                  "total_tokens": prompt_tokens + output_tokens},
+    }
+    line["response"] = {"status_code": 200, "request_id": request_id, "body": body}
+    line["error"] = None
+    return line

@@ -1,0 +1,156 @@
+"""Progress while a job runs (a rich bar on a terminal, plain log lines otherwise), the final
+summary table, and the metrics JSON."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+
+@dataclass
+class JobMetrics:
+    """Counters of one run (this process); the summary and `--metrics-json` show them."""
+    output_dir: str = ""
+    shard: str = "0/1"
+    num_rows_total: int | None = None  # rows of the job (all shards), when known
+    num_rows_done_before: int = 0  # committed by earlier runs (this shard)
+    num_rows: int = 0  # rows finished by this run (committed or not)
+    num_rows_committed: int = 0
+    num_errors: int = 0
+    num_parts_committed: int = 0
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    kv_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    elapsed_s: float = 0.0
+    exit_code: int = 0
+    status: str = "running"  # running | done | nothing to do | interrupted | failed
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.num_rows / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), rows_per_s=round(self.rows_per_s, 3),
+                    output_tokens_per_s=round(self.output_tokens_per_s, 3))
+
+
+class ProgressReporter:
+    """`update(metrics)` as often as you like: it redraws (terminal) or logs a line every
+    `log_every_s` seconds (not a terminal: cron, Slurm logs)."""
+
+    def __init__(self, stream: TextIO | None = None, *, is_terminal: bool | None = None,
+                 log_every_s: float = 10.0, enabled: bool = True) -> None:
+        self.stream = stream or sys.stderr
+        self.is_terminal = self.stream.isatty() if is_terminal is None else is_terminal
+        self.log_every_s = log_every_s
+        self.enabled = enabled
+        self._last_log = 0.0
+        self._progress: Progress | None = None
+        self._task = None
+        self.console = Console(file=self.stream, force_terminal=self.is_terminal,
+                               highlight=False, soft_wrap=True)
+
+    def start(self, metrics: JobMetrics) -> None:
+        if not self.enabled:
+            return
+        if self.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]batchgen"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                TextColumn("KV {task.fields[kv]}"), console=self.console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "rows", total=self._total(metrics), completed=metrics.num_rows_done_before,
+                rate="", kv="")
+        else:
+            self.log(f"batchgen: {metrics.output_dir} shard {metrics.shard}: "
+                     f"{metrics.num_rows_done_before} rows done before, "
+                     f"{self._total(metrics) or '?'} in all")
+        self._last_log = time.monotonic()
+
+    @staticmethod
+    def _total(metrics: JobMetrics) -> int | None:
+        return metrics.num_rows_total
+
+    def update(self, metrics: JobMetrics, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        done = metrics.num_rows_done_before + metrics.num_rows
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=done, total=self._total(metrics),
+                rate=f"{metrics.rows_per_s:.1f} rows/s {metrics.output_tokens_per_s:.0f} tok/s",
+                kv=f"{metrics.kv_usage:.0%}")
+            return
+        now = time.monotonic()
+        if force or now - self._last_log >= self.log_every_s:
+            self._last_log = now
+            total = self._total(metrics)
+            eta = ""
+            if total and metrics.rows_per_s > 0:
+                eta = f" eta {max(0.0, (total - done) / metrics.rows_per_s):.0f}s"
+            self.log(f"batchgen: {done}/{total or '?'} rows, {metrics.num_parts_committed} parts "
+                     f"committed, {metrics.num_errors} errors, {metrics.rows_per_s:.1f} rows/s, "
+                     f"{metrics.output_tokens_per_s:.0f} output tok/s, "
+                     f"KV {metrics.kv_usage:.0%}{eta}")
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def summary(self, metrics: JobMetrics) -> None:
+        self.stop()
+        if not self.enabled:
+            return
+        table = Table(title=f"batchgen {metrics.status}", show_header=False)
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        for name, value in summary_rows(metrics):
+            table.add_row(name, value)
+        self.console.print(table)
+
+
+def summary_rows(metrics: JobMetrics) -> list[tuple[str, str]]:
+    rows = [
+        ("output", metrics.output_dir), ("shard", metrics.shard),
+        ("rows this run", str(metrics.num_rows)),
+        ("rows done before", str(metrics.num_rows_done_before)),
+        ("rows in the job", "?" if metrics.num_rows_total is None else str(metrics.num_rows_total)),
+        ("parts committed", str(metrics.num_parts_committed)),
+        ("error rows", str(metrics.num_errors)),
+        ("prompt tokens", str(metrics.num_prompt_tokens)),
+        ("output tokens", str(metrics.num_output_tokens)),
+        ("rows/s", f"{metrics.rows_per_s:.2f}"),
+        ("output tokens/s", f"{metrics.output_tokens_per_s:.1f}"),
+        ("prefix cache hit rate", f"{metrics.prefix_cache_hit_rate:.0%}"),
+        ("elapsed", f"{metrics.elapsed_s:.1f} s"),
+    ]
+    rows += [(f"  errors: {kind}", str(n)) for kind, n in sorted(metrics.errors_by_kind.items())]
+    return rows
+
+
+def write_metrics_json(path: Path, metrics: JobMetrics) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

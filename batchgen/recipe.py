@@ -1,0 +1,210 @@
+"""Recipes (YAML -> JobConfig fields) and prompt rendering (sandboxed Jinja + chat template).
+
+A recipe is a YAML mapping with the sections below; an unknown key is rejected with its
+dotted name. `--set key=value` uses the same dotted names (`--set sampling.top_k=20`).
+
+    model: null                      # null: the default small model
+    input:    {format, prompt_column, split}
+    prompt:   {template, system, chat}
+    sampling: {temperature, top_p, top_k, max_tokens, seed, stop, ...}   # SamplingParams
+    output:   {format, keep, rows_per_part, parse_json}
+    engine:   {device, dtype, max_model_len, max_num_seqs, load_format, tensor_parallel_size}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from batchgen.sampling_params import SamplingParams
+
+# dotted recipe key -> JobConfig field
+RECIPE_KEYS = {
+    "model": "model",
+    "input.format": "input_format",
+    "input.prompt_column": "prompt_column",
+    "input.split": "split",
+    "prompt.template": "template",
+    "prompt.system": "system",
+    "prompt.chat": "chat",
+    "output.format": "format",
+    "output.keep": "keep",
+    "output.rows_per_part": "rows_per_part",
+    "output.parse_json": "parse_json",
+    "engine.device": "device",
+    "engine.dtype": "dtype",
+    "engine.max_model_len": "max_model_len",
+    "engine.max_num_seqs": "max_num_seqs",
+    "engine.load_format": "load_format",
+    "engine.tensor_parallel_size": "tensor_parallel_size",
+    "sampling.seed": "seed",
+}
+_SECTIONS = {"input", "prompt", "sampling", "output", "engine"}
+_SAMPLING_FIELDS = {name for name in SamplingParams.__dataclass_fields__ if not name.startswith("_")}
+# The name under which a template sees the whole record (for keys that are not identifiers).
+RECORD_VARIABLE = "record"
+
+
+class RecipeError(ValueError):
+    """A bad recipe or --set override; the message names the file and key."""
+
+
+class PromptTemplateError(ValueError):
+    """A template that does not compile or is unsafe."""
+
+
+class RowError(ValueError):
+    """This row cannot be turned into a prompt; it becomes an output row with `error` set."""
+
+
+# ---- recipes ------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file into JobConfig fields (plus `sampling`: a dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: must be a mapping of sections, got {type(data).__name__}")
+    return flatten_recipe(data, source=str(path))
+
+
+def flatten_recipe(data: dict[str, Any], source: str = "recipe") -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise RecipeError(f"{source}: section {key!r} must be a mapping")
+            for sub, sub_value in value.items():
+                set_recipe_key(fields, f"{key}.{sub}", sub_value, source)
+        else:
+            set_recipe_key(fields, str(key), value, source)
+    return fields
+
+
+def set_recipe_key(fields: dict[str, Any], key: str, value: Any, source: str = "--set") -> None:
+    """Set dotted recipe `key` in the JobConfig `fields` (in place)."""
+    if key in RECIPE_KEYS:
+        fields[RECIPE_KEYS[key]] = value
+        return
+    section, _, name = key.partition(".")
+    if section == "sampling" and name in _SAMPLING_FIELDS:
+        fields.setdefault("sampling", {})[name] = value
+        return
+    known = sorted(RECIPE_KEYS) + ["sampling.<SamplingParams field>"]
+    raise RecipeError(f"{source}: unknown key {key!r} (known: {', '.join(known)})")
+
+
+def apply_overrides(fields: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Apply `key=value` strings (value parsed as YAML) to `fields` in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        set_recipe_key(fields, key.strip(), value, source="--set")
+
+
+# ---- prompts ------------------------------------------------------------------------
+
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False,
+                                     keep_trailing_newline=False)
+
+
+def compile_template(text: str):
+    try:
+        return _ENV.from_string(text)
+    except TemplateSyntaxError as e:
+        raise PromptTemplateError(f"prompt template: {e.message} (line {e.lineno})") from None
+
+
+def template_variables(text: str) -> set[str]:
+    """The row fields a template reads (its undeclared names, minus `record`)."""
+    return meta.find_undeclared_variables(_ENV.parse(text)) - {RECORD_VARIABLE}
+
+
+class PromptRenderer:
+    """Row fields -> prompt token ids. Raises RowError for a row that has no usable prompt.
+
+    `chat`: apply the tokenizer's chat template (then tokenize without special tokens:
+    the template already has them); None: when the tokenizer has one.
+    """
+
+    def __init__(self, tokenizer, *, prompt_column: str | None = None, template: str | None = None,
+                 system: str | None = None, chat: bool | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_column = prompt_column
+        self.template = compile_template(template) if template is not None else None
+        self.template_fields = sorted(template_variables(template)) if template is not None else []
+        self.system = system
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        self.is_chat = has_template if chat is None else chat
+        if self.is_chat and not has_template:
+            raise PromptTemplateError("chat=true but the model's tokenizer has no chat template")
+
+    def prompt_text(self, fields: dict[str, Any]) -> str:
+        if self.template is not None:
+            for name in self.template_fields:
+                if name not in fields:
+                    raise RowError(f"missing field {name!r}")
+                if fields[name] is None:
+                    raise RowError(f"field {name!r} is null")
+            try:
+                text = self.template.render({**fields, RECORD_VARIABLE: fields})
+            except (UndefinedError, SecurityError) as e:
+                raise RowError(f"prompt template: {e}") from None
+            except Exception as e:  # a row value the template cannot handle (e.g. int + str)
+                raise RowError(f"prompt template: {type(e).__name__}: {e}") from None
+        else:
+            column = self.prompt_column or "prompt"
+            if column not in fields:
+                raise RowError(f"missing field {column!r}")
+            text = fields[column]
+            if text is None:
+                raise RowError(f"field {column!r} is null")
+            if not isinstance(text, str):
+                raise RowError(f"field {column!r} is not a string ({type(text).__name__})")
+        if not text.strip():
+            raise RowError("empty prompt")
+        return text
+
+    def encode_text(self, text: str) -> list[int]:
+        if self.is_chat:
+            messages = [{"role": "user", "content": text}]
+            if self.system:
+                messages.insert(0, {"role": "system", "content": self.system})
+            return self.encode_messages(messages)
+        if self.system:
+            text = f"{self.system}\n\n{text}"
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_plain(self, text: str) -> list[int]:
+        """A raw prompt (no chat template, no system prompt), e.g. OpenAI /v1/completions."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_messages(self, messages: list[dict[str, Any]]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as e:
+            raise RowError(f"chat template: {type(e).__name__}: {e}") from None
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_row(self, fields: dict[str, Any]) -> list[int]:
+        return self.encode_text(self.prompt_text(fields))
