@@ -239,3 +239,35 @@ def test_prefix_hits_are_counted():
     assert out.block_ids == [[1, 2, 4]]
     kv = sched.kv_cache_manager
     assert kv.prefix_cache_hit_rate == pytest.approx(8 / 19)
+
+
+def test_requests_admitted_in_the_same_step_share_a_prefix():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 10))
+    sched.add_request(make_request("b", 9))  # same first 9 tokens as a
+    sched.add_request(make_request("c", 9, first=1))  # shifted: no hit
+    out = sched.schedule()
+    assert out.num_computed_before == [0, 8, 0] and out.num_scheduled_tokens == [10, 1, 9]
+    assert out.block_ids == [[1, 2, 3], [1, 2, 4], [5, 6, 7]]
+    assert out.num_new_prefix_hit_tokens == 8
+    assert sched.kv_cache_manager.pool.blocks[1].ref_cnt == 2
+
+
+def test_partial_chunk_caches_only_the_blocks_it_fills():
+    sched = make_scheduler(max_num_batched_tokens=6)
+    sched.add_request(make_request("a", 10))
+    step(sched)  # a: tokens 0..5 -> block 1 full, block 2 half
+    assert sched.kv_cache_manager.pool.num_cached_blocks == 1
+    sched.add_request(make_request("b", 10))
+    out = sched.schedule()  # a fills block 2 (and half of 3); b hits blocks 1 and 2
+    assert out.num_computed_before == [6, 8] and out.num_scheduled_tokens == [4, 2]
+    assert out.block_ids == [[1, 2, 3], [1, 2, 4]] and out.needs_sample == [True, True]
+    assert sched.kv_cache_manager.pool.num_cached_blocks == 2
+
+
+def test_update_checks_the_sampled_list_is_aligned():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 3))
+    out = sched.schedule()
+    with pytest.raises(ValueError, match="sampled"):
+        sched.update_from_output(out, [])

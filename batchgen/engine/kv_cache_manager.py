@@ -120,7 +120,9 @@ class KVCacheManager:
         return new_blocks
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
-        """Register the request's blocks that became full (and computed) in the prefix cache."""
+        """Register in the prefix cache the request's blocks that are full within its first
+        `num_computed_tokens` tokens. The scheduler calls it when it schedules a chunk, with
+        the count after that chunk: the K/V are written in the step, before any read."""
         if not self.enable_prefix_caching:
             return
         rid = request.request_id

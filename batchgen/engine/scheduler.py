@@ -203,6 +203,11 @@ class Scheduler:
     def _record(self, out: SchedulerOutput, request: Request, num_new: int,
                 num_tokens: int) -> None:
         before = request.num_computed_tokens
+        # Register the blocks this chunk fills now, not after the forward: each attention
+        # layer writes the whole step's K/V before any request reads the cache, so a request
+        # admitted later in this same step can already share them (a common system prompt
+        # across one batch is computed once).
+        self.kv_cache_manager.cache_blocks(request, before + num_new)
         out.requests.append(request)
         out.num_scheduled_tokens.append(num_new)
         out.num_computed_before.append(before)
@@ -243,7 +248,9 @@ class Scheduler:
         """Advance the scheduled requests by their chunks, append sampled tokens, finish the
         ones that stop. `sampled_token_ids` is aligned with out.requests (None: no sample).
         Returns the requests finished in this step (including out.finished)."""
-        kv = self.kv_cache_manager
+        if len(sampled_token_ids) != len(out.requests):
+            raise ValueError(f"update_from_output: {len(sampled_token_ids)} sampled tokens for "
+                             f"{len(out.requests)} scheduled requests (pass None where none)")
         finished = list(out.finished)
         num_finished_here = 0
         now = None
@@ -252,7 +259,6 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # finished or preempted from outside since schedule()
             request.num_computed_tokens += num_new
-            kv.cache_blocks(request, request.num_computed_tokens)
             if not needs_sample or token is None:
                 continue
             request.append_output_token(token)
