@@ -151,6 +151,8 @@ def test_hub_id_resolves_only_from_the_local_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         resolve_model("batchgen-test/not-cached")
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        load_tokenizer("batchgen-test/not-cached")
     # A snapshot laid out as huggingface_hub stores it.
     repo = tmp_path / "models--batchgen-test--cached"
     snapshot = repo / "snapshots" / ("a" * 40)

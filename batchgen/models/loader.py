@@ -43,12 +43,16 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         if path.suffix == ".gguf":
             return gguf.converted_gguf_path(path)
         raise ValueError(f"model file {path}: only .gguf files or model folders are supported")
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if _is_hub_id(text):
         return _cached_hub_snapshot(text)
     raise FileNotFoundError(f"model {text!r}: no such folder or file")
 
 
-def _cached_hub_snapshot(repo_id: str) -> Path:
+def _is_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
+def _cached_hub_snapshot(repo_id: str, needs_config: bool = True) -> Path:
     from huggingface_hub import snapshot_download
     try:
         path = Path(snapshot_download(repo_id, local_files_only=True))
@@ -57,7 +61,7 @@ def _cached_hub_snapshot(repo_id: str) -> Path:
             f"model {repo_id!r} is not in the local Hugging Face cache and batchgen never "
             f"downloads: run `huggingface-cli download {repo_id}` first, or pass a local "
             f"folder") from e
-    if not (path / "config.json").is_file():
+    if needs_config and not (path / "config.json").is_file():
         raise FileNotFoundError(f"cached snapshot of {repo_id!r} at {path} has no config.json")
     return path
 
@@ -96,8 +100,13 @@ def load_eos_token_ids(path: str | os.PathLike, hf_config: Any) -> tuple[int, ..
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The fast tokenizer of a local folder, or of a hub id already in the local HF cache."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=False)
+    text = str(path)
+    if not Path(text).expanduser().is_dir() and _is_hub_id(text):
+        path = _cached_hub_snapshot(text, needs_config=False)
+    return AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=False,
+                                         local_files_only=True)
 
 
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
