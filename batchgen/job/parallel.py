@@ -1,0 +1,292 @@
+"""--data-parallel K: K engine processes on one machine, each a shard of its own.
+
+Worker i runs `python -m batchgen.cli run <run_argv> --shard i/K`. With GPUs, worker i sees
+one GPU through CUDA_VISIBLE_DEVICES: the i-th visible one, or, with fewer GPUs than workers,
+GPU i mod num_gpus (workers share a GPU round-robin: slower, but it lets a one-GPU box test a
+K-way job). On CPU the cores are split between workers (OMP_NUM_THREADS) unless it is set.
+No NCCL: shards share nothing but the output folder, where each writes its own parts.
+
+The launcher shows one progress display for the whole job, polled from the output folder,
+forwards SIGINT/SIGTERM/SIGUSR1 to every worker (each commits what it has and exits 75), and
+returns 0 when every worker returned 0, 1 (or 2 for configuration errors) when one failed,
+naming it and its log, else 75 when one was interrupted. A worker that dies leaves its
+committed parts; re-running the same command resumes its shard where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Mapping, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from batchgen.job.slurm import LOG_DIR_NAME
+
+EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
+_FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class Worker:
+    index: int
+    log_path: Path
+    process: subprocess.Popen
+    returncode: int | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self.returncode is None
+
+
+def visible_gpus(env: Mapping[str, str]) -> list[str]:
+    """The GPU ids this process may hand out: CUDA_VISIBLE_DEVICES if set, else all torch sees."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def worker_env(index: int, num_workers: int, gpus: list[str],
+               env: Mapping[str, str]) -> dict[str, str]:
+    """Worker `index`'s environment: its GPU (round-robin when GPUs are fewer than workers),
+    or its share of the CPU cores."""
+    child = dict(env)
+    child["PYTHONUNBUFFERED"] = "1"
+    if gpus:
+        child["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    elif "OMP_NUM_THREADS" not in env:
+        child["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_workers))
+    return child
+
+
+def worker_argv(run_argv: list[str], index: int, num_workers: int,
+                launcher: list[str] | None = None) -> list[str]:
+    for arg in run_argv:
+        if arg in ("--shard", "--data-parallel") or arg.startswith(("--shard=",
+                                                                    "--data-parallel=")):
+            raise ValueError(f"{arg.split('=')[0]} is set per worker by --data-parallel: "
+                             "leave it out")
+    launcher = launcher or [sys.executable, "-m", "batchgen.cli"]
+    return [*launcher, "run", *run_argv, "--shard", f"{index}/{num_workers}"]
+
+
+def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *,
+                      stream: TextIO | None = None, poll_every: float = 1.0,
+                      launcher: list[str] | None = None,
+                      env: Mapping[str, str] | None = None) -> int:
+    """Run the job as `num_workers` shard processes; see the module docstring.
+    launcher: how a worker starts batchgen (default: this Python, `-m batchgen.cli`)."""
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"--data-parallel must be a positive number of workers, "
+                         f"got {num_workers!r}")
+    env = os.environ if env is None else env
+    output_dir = Path(output_dir)
+    log_dir = output_dir / LOG_DIR_NAME
+    log_dir.mkdir(parents=True, exist_ok=True)
+    argvs = [worker_argv(run_argv, i, num_workers, launcher) for i in range(num_workers)]
+    gpus = visible_gpus(env)
+    assigned = [gpus[i % len(gpus)] for i in range(num_workers)] if gpus else None
+    progress = DataParallelProgress(output_dir, stream or sys.stderr)
+
+    workers: list[Worker] = []
+    previous = _forward_signals(workers)
+    try:
+        for i, argv in enumerate(argvs):
+            log_path = log_dir / f"data-parallel-{i}-of-{num_workers}.log"
+            workers.append(_spawn(i, argv, worker_env(i, num_workers, gpus, env), log_path))
+        progress.start(num_workers, assigned)
+        while any(w.is_running for w in workers):
+            for worker in workers:
+                if worker.is_running and worker.process.poll() is not None:
+                    worker.returncode = worker.process.returncode
+                    progress.worker_exited(worker.index, worker.returncode, worker.log_path)
+            progress.update()
+            if any(w.is_running for w in workers):
+                time.sleep(poll_every)
+    finally:
+        _restore_signals(previous)
+        for worker in workers:  # only reached with live workers if we ourselves failed
+            if worker.process.poll() is None:
+                worker.process.terminate()
+                worker.process.wait()
+        progress.stop()
+    code = combined_exit_code([w.returncode for w in workers])
+    progress.summary(code, [(w.index, w.returncode, w.log_path) for w in workers])
+    return code
+
+
+def combined_exit_code(returncodes: list[int | None]) -> int:
+    """0 all done; 1 a worker failed (2 if every failure was a configuration error);
+    75 none failed but one was interrupted (re-run to resume)."""
+    failures = {c for c in returncodes if c not in (EXIT_OK, EXIT_INTERRUPTED)}
+    if failures:
+        return EXIT_CONFIG if failures == {EXIT_CONFIG} else EXIT_INTERNAL
+    if EXIT_INTERRUPTED in returncodes:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _spawn(index: int, argv: list[str], env: dict[str, str], log_path: Path) -> Worker:
+    log: IO[bytes] = open(log_path, "ab")
+    try:
+        log.write(f"==> worker {index} started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"{' '.join(argv)}\n".encode())
+        log.flush()
+        # Own process group: a Ctrl-C at the terminal reaches the workers once, through us.
+        process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
+    finally:
+        log.close()
+    return Worker(index, log_path, process)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM it if the launcher dies (Linux), so no orphan holds a shard."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+
+def _forward_signals(workers: list[Worker]) -> dict[int, object]:
+    """Install handlers that pass SIGINT/SIGTERM/SIGUSR1 on to the live workers (main thread
+    only; elsewhere nothing is installed)."""
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.process.poll() is None:
+                try:
+                    os.kill(worker.process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    previous: dict[int, object] = {}
+    for signum in _FORWARDED_SIGNALS:
+        try:
+            previous[signum] = signal.signal(signum, forward)
+        except ValueError:  # not the main thread
+            break
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+class DataParallelProgress:
+    """One display for all workers, polled from the output folder (committed parts are the
+    truth, whoever wrote them): a rich bar on a terminal, a plain line every `log_every_s`
+    seconds otherwise."""
+
+    def __init__(self, output_dir: Path, stream: TextIO, *, is_terminal: bool | None = None,
+                 log_every_s: float = 10.0) -> None:
+        self.output_dir = output_dir
+        self.stream = stream
+        self.is_terminal = stream.isatty() if is_terminal is None else is_terminal
+        self.log_every_s = log_every_s
+        self.console = Console(file=stream, force_terminal=self.is_terminal, highlight=False,
+                               soft_wrap=True)
+        self._bar: Progress | None = None
+        self._task = None
+        self._start = time.monotonic()
+        self._last_log = 0.0
+        self._rows_at_start: int | None = None
+        self._num_running = 0
+
+    def start(self, num_workers: int, gpus: list[str] | None) -> None:
+        self._start = time.monotonic()
+        self._num_running = num_workers
+        where = f"GPUs {','.join(gpus)}" if gpus else "CPU"
+        self.log(f"batchgen: {num_workers} data-parallel workers ({where}) writing to "
+                 f"{self.output_dir}; logs in {self.output_dir / LOG_DIR_NAME}")
+        if self.is_terminal:
+            self._bar = Progress(TextColumn("[bold]batchgen x{task.fields[workers]}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("parts {task.fields[rows]}"),
+                                 console=self.console)
+            self._bar.start()
+            self._task = self._bar.add_task("parts", total=None, workers=num_workers, rows="")
+
+    def update(self, *, force: bool = False) -> None:
+        polled = self._poll()
+        if polled is None:
+            return
+        parts, total_parts, rows, total_rows = polled
+        if self._rows_at_start is None:
+            self._rows_at_start = rows
+        elapsed = time.monotonic() - self._start
+        rate = (rows - self._rows_at_start) / elapsed if elapsed > 0 else 0.0
+        text = (f"{rows}/{total_rows if total_rows is not None else '?'} rows, "
+                f"{rate:.1f} rows/s, {self._num_running} running")
+        if self._bar is not None:
+            self._bar.update(self._task, completed=parts, total=total_parts, rows=text)
+        elif force or time.monotonic() - self._last_log >= self.log_every_s:
+            self._last_log = time.monotonic()
+            self.log(f"batchgen: {parts}/{total_parts if total_parts is not None else '?'} "
+                     f"parts, {text}")
+
+    def worker_exited(self, index: int, returncode: int, log_path: Path) -> None:
+        self._num_running -= 1
+        if returncode != EXIT_OK:
+            self.log(f"batchgen: worker {index} exited with {_describe_exit(returncode)}; "
+                     f"log: {log_path}")
+        self.update(force=True)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def summary(self, code: int, workers: list[tuple[int, int | None, Path]]) -> None:
+        failed = [(i, rc, log) for i, rc, log in workers
+                  if rc not in (EXIT_OK, EXIT_INTERRUPTED)]
+        for index, returncode, log_path in failed:
+            self.log(f"batchgen: worker {index} FAILED ({_describe_exit(returncode)}); "
+                     f"see {log_path}")
+        if code == EXIT_OK:
+            self.log(f"batchgen: all {len(workers)} workers done")
+        elif code == EXIT_INTERRUPTED:
+            self.log("batchgen: interrupted; committed parts are kept: run the same command "
+                     "again to resume")
+        else:
+            self.log("batchgen: re-run the same command to redo the failed workers' parts")
+
+    def log(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(message)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def _poll(self) -> tuple[int, int | None, int, int | None] | None:
+        """(parts committed, parts in all, rows done, rows in all); None before the first
+        worker has written the job's record."""
+        from batchgen.job.checkpoint import job_status
+        try:
+            status = job_status(self.output_dir)
+        except Exception:
+            return None
+        return (status.num_parts_committed, status.num_parts_total, status.num_rows_done,
+                status.num_rows_total)
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "no exit code"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
