@@ -176,3 +176,52 @@ def compute_floor(shape: Shape, requests: list[Request], ceilings: Ceilings,
                  num_bytes=num_bytes, num_computed_tokens=num_tokens,
                  num_cached_prompt_tokens=sum(cached), num_keys_attended=num_keys,
                  num_decode_steps=num_steps, peak_batch=peak)
+
+
+def measure_ceilings(device, dtype, matmul_size: int = 8192, copy_bytes: int = 2 * 2**30,
+                     num_iters: int = 10):
+    """Measured (Ceilings, details): the median rate of `num_iters` timed `torch.matmul`s of two
+    random [matmul_size]^2 matrices, and of a `copy_bytes` device-to-device copy counted as
+    bytes read + written. CUDA events on the GPU, perf_counter on the CPU (small sizes there)."""
+    import statistics
+    import time
+
+    import torch
+
+    is_cuda = torch.device(device).type == "cuda"
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(num_iters):
+            if is_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype, generator=gen)
+    matmul_s = timed(lambda: torch.matmul(a, b))
+    del a, b
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src))
+    del src, dst
+    if is_cuda:
+        torch.cuda.empty_cache()
+    ceilings = Ceilings(2 * matmul_size**3 / matmul_s, 2 * copy_bytes / copy_s)
+    details = {"matmul_size": matmul_size, "matmul_median_s": matmul_s,
+               "copy_bytes": copy_bytes, "copy_median_s": copy_s,
+               "matmul_tflops": ceilings.matmul_flops_per_s / 1e12,
+               "copy_tb_per_s": ceilings.copy_bytes_per_s / 1e12}
+    return ceilings, details

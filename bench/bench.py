@@ -1,0 +1,340 @@
+"""The one benchmark command (BENCHMARKS.md): ceilings, numerics, the transformers baseline and
+batchgen's workloads on one model shape, in one process; a table printed last, JSON to --out.
+
+    python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
+        --out $OUT/results.json
+    python bench/bench.py --shape llama-1b --workloads small --out $OUT/small.json
+    python bench/bench.py --shape tiny --workloads reviews --limit 4 --out /tmp/r.json  # CPU
+
+Each section runs on its own: an exception is printed with its traceback, recorded under
+"errors" in the JSON, and the next section goes on. Exit status 1 if any section failed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from floor import Ceilings, compute_floor, measure_ceilings
+from shapes import SHAPES, Shape, get_shape
+from workloads import REFERENCES, WORKLOAD_NAMES, cap_outputs, draw_workload, fit_to_vocab
+
+NUM_WARMUP_REQUESTS = 16
+WARMUP_MAX_TOKENS = 32  # warm-up compiles and captures; it need not decode long
+NUM_BASELINE_REQUESTS = 64
+BASELINE_OUTPUT_TOKENS = 128
+NUMERICS_SHAPE, NUMERICS_LAYERS = "llama-1b", 4
+
+
+class Sections:
+    """Timestamps every section and keeps going past a failing one."""
+
+    def __init__(self, results: dict):
+        self.results = results
+        self.t0 = time.perf_counter()
+
+    def stamp(self) -> str:
+        return f"[{datetime.datetime.now():%H:%M:%S} +{time.perf_counter() - self.t0:6.1f}s]"
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        print(f"{self.stamp()} == {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - one failing section must not stop the run
+            traceback.print_exc()
+            self.results["errors"][name] = f"{type(e).__name__}: {e}"
+        finally:
+            _synchronize()
+            self.results["section_seconds"][name] = time.perf_counter() - t0
+            print(f"{self.stamp()} .. {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def describe_environment(device: torch.device) -> dict:
+    env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
+           "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    for module in ("triton", "transformers", "batchgen"):
+        try:
+            env[module] = __import__(module).__version__
+        except Exception as e:  # noqa: BLE001
+            env[module] = f"unavailable ({type(e).__name__})"
+    env["cpu"] = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                       if line.startswith("model name")), platform.processor())
+    env["num_cpus"] = os.cpu_count()
+    env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        env["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        env["git_sha"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        env["git_sha"] = None
+    return env
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def build_llm(shape: Shape, folder: Path, args):
+    from batchgen import LLM
+
+    return LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype=shape.dtype,
+               enable_prefix_caching=True, gpu_memory_utilization=0.9, max_model_len=4096,
+               seed=0, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+
+
+def generate(llm, requests) -> tuple[float, list]:
+    """(wall seconds, outputs) of one `generate` over (prompt ids, output length) pairs."""
+    from batchgen import SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p, _ in requests]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=1.0, seed=None)
+              for _, n in requests]
+    _synchronize()
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    _synchronize()
+    return time.perf_counter() - t0, outputs
+
+
+def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | None,
+                 reference) -> dict:
+    warmup = cap_outputs(requests[:NUM_WARMUP_REQUESTS], WARMUP_MAX_TOKENS)
+    generate(llm, warmup)
+    llm.reset_prefix_cache()
+    llm.engine.reset_peak_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    before = llm.engine.stats()
+    wall, outputs = generate(llm, requests)
+    stats = llm.engine.stats()
+    num_prompt = sum(len(p) for p, _ in requests)
+    num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    num_cached = sum(o.num_cached_tokens for o in outputs)
+    fig = {
+        "shape": shape.name, "num_requests": len(requests), "wall_s": wall,
+        "num_prompt_tokens": num_prompt, "num_output_tokens": num_output,
+        "num_wrong_lengths": sum(len(o.outputs[0].token_ids) != n
+                                 for o, (_, n) in zip(outputs, requests)),
+        "output_tok_per_s": num_output / wall, "total_tok_per_s": (num_prompt + num_output) / wall,
+        "req_per_s": len(requests) / wall,
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                if torch.cuda.is_available() else None),
+        "kv_pool_tokens": stats.kv_pool_tokens, "peak_num_running": stats.peak_num_running,
+        "peak_kv_slots_allocated": stats.peak_kv_slots_allocated,
+        "peak_kv_tokens_held": stats.peak_kv_tokens_held, "peak_kv_waste": stats.peak_kv_waste,
+        "prefix_cache_hit_rate": num_cached / max(num_prompt, 1),
+        "engine_prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+        "num_preemptions": stats.num_preemptions - before.num_preemptions,
+        "num_steps": stats.num_steps - before.num_steps,
+    }
+    if ceilings is not None:
+        fl = compute_floor(shape, requests, ceilings, kv_pool_tokens=stats.kv_pool_tokens,
+                           max_num_seqs=llm.config.max_num_seqs, block_size=stats.block_size)
+        fig["floor"] = fl.as_dict()
+        fig["floor_fraction"] = fl.seconds / wall
+    if reference is not None:
+        fig["vllm_s"] = reference.vllm_s
+        fig["vllm_over_ours"] = reference.vllm_s / wall
+        fig["vllm_floor_fraction"] = reference.vllm_fraction_of_floor
+        fig["bar_floor_fraction"] = reference.bar_fraction_of_floor
+    return fig
+
+
+def print_workload(name: str, f: dict) -> None:
+    print(f"  {name}: {f['num_requests']} requests, wall {f['wall_s']:.2f} s, "
+          f"{f['output_tok_per_s']:,.0f} output tok/s, {f['total_tok_per_s']:,.0f} total tok/s, "
+          f"{f['req_per_s']:.1f} req/s, wrong lengths {f['num_wrong_lengths']}")
+    if "floor" in f:
+        fl = f["floor"]
+        print(f"  floor {fl['floor_s']:.2f} s ({fl['bound_by']}; compute {fl['compute_s']:.2f} s, "
+              f"memory {fl['memory_s']:.2f} s), floor/measured {f['floor_fraction']:.1%}")
+    mem = f["peak_gpu_memory_gib"]
+    print(f"  peak GPU memory {mem:.1f} GiB" if mem is not None else "  peak GPU memory n/a",
+          f"| KV pool {f['kv_pool_tokens']:,} tokens | peak running {f['peak_num_running']} "
+          f"| peak KV slots {f['peak_kv_slots_allocated']:,} held {f['peak_kv_tokens_held']:,} "
+          f"(waste {f['peak_kv_waste']:.1%}) | prefix hits {f['prefix_cache_hit_rate']:.1%} "
+          f"| preemptions {f['num_preemptions']} | steps {f['num_steps']}")
+    if "vllm_s" in f:
+        print(f"  vLLM {f['vllm_s']:.1f} s: vLLM/ours {f['vllm_over_ours']:.2f}x; floor fraction "
+              f"ours {f.get('floor_fraction', float('nan')):.1%} vs vLLM "
+              f"{f['vllm_floor_fraction']:.1%}, bar {f['bar_floor_fraction']:.0%}")
+
+
+def print_table(results: dict) -> None:
+    print("\n" + "=" * 112)
+    env, ceil = results.get("environment", {}), results.get("ceilings", {})
+    print(f"{env.get('gpu') or env.get('device')} | torch {env.get('torch')} | triton "
+          f"{env.get('triton')} | transformers {env.get('transformers')} | git {env.get('git_sha')}")
+    if ceil:
+        print(f"ceilings: matmul {ceil['matmul_tflops']:.4g} TFLOP/s, copy "
+              f"{ceil['copy_tb_per_s']:.4g} TB/s | start-up {results.get('startup_s', float('nan')):.1f} s"
+              f" | job {results.get('job_s', float('nan')):.1f} s")
+    head = (f"{'workload':<10}{'wall s':>8}{'out tok/s':>11}{'tot tok/s':>11}{'req/s':>8}"
+            f"{'floor s':>9}{'C/M s':>13}{'floor/m':>9}{'bar':>6}{'vLLM s':>8}{'vLLM/us':>9}"
+            f"{'run':>6}{'waste':>7}{'hits':>7}")
+    print(head)
+    nan = float("nan")
+    for name, f in results.get("workloads", {}).items():
+        fl = f.get("floor", {})
+        print(f"{name:<10}{f['wall_s']:>8.2f}{f['output_tok_per_s']:>11,.0f}"
+              f"{f['total_tok_per_s']:>11,.0f}{f['req_per_s']:>8.1f}{fl.get('floor_s', nan):>9.2f}"
+              f"{fl.get('compute_s', nan):>6.1f}/{fl.get('memory_s', nan):<6.1f}"
+              f"{f.get('floor_fraction', nan):>9.1%}{f.get('bar_floor_fraction', nan):>6.0%}"
+              f"{f.get('vllm_s', nan):>8.1f}{f.get('vllm_over_ours', nan):>9.2f}"
+              f"{f['peak_num_running']:>6}{f['peak_kv_waste']:>7.1%}"
+              f"{f['prefix_cache_hit_rate']:>7.1%}")
+    base = results.get("baseline", {})
+    if "hf" in base and "batchgen" in base:
+        hf, bg = base["hf"], base["batchgen"]
+        print(f"baseline ({base['note']}): transformers {hf['total_tokens_per_s']:,.0f} tok/s "
+              f"({hf['seconds']:.1f} s), batchgen {bg['total_tok_per_s']:,.0f} tok/s "
+              f"({bg['wall_s']:.2f} s): baseline/batchgen time {base['baseline_over_batchgen']:.1f}x")
+    if "numerics" in results:
+        n = results["numerics"]
+        print(f"numerics ({n['shape']}): close={n['is_close']} prefill cos {n['prefill']['cosine']:.5f} "
+              f"rel {n['prefill']['relative_error']:.2e}, decode cos {n['decode']['cosine']:.5f} "
+              f"rel {n['decode']['relative_error']:.2e}")
+    for name, err in results["errors"].items():
+        print(f"FAILED {name}: {err}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--workloads", default="reviews,decode,prefill",
+                   help=f"comma-separated, of {','.join(WORKLOAD_NAMES)}")
+    p.add_argument("--baseline", action="store_true", help="transformers generate_batch beside us")
+    p.add_argument("--skip-numerics", action="store_true")
+    p.add_argument("--skip-ceilings", action="store_true", help="no floor either")
+    p.add_argument("--limit", type=int, default=None, help="first N requests of each workload")
+    p.add_argument("--max-output-tokens", type=int, default=None, help="cap outputs (smoke runs)")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
+    args = p.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    bad = [w for w in args.workloads if w not in WORKLOAD_NAMES]
+    if bad:
+        p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOAD_NAMES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    shape = get_shape(args.shape)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, shape.dtype)
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "errors": {},
+                     "section_seconds": {}, "workloads": {}}
+    run = Sections(results)
+    ceilings = llm = None
+
+    with run.section("environment"):
+        results["environment"] = describe_environment(device)
+        print(json.dumps(results["environment"], indent=1))
+
+    if not args.skip_ceilings:
+        with run.section("ceilings"):
+            sizes = {} if device.type == "cuda" else {"matmul_size": 256, "copy_bytes": 2**24}
+            ceilings, results["ceilings"] = measure_ceilings(device, dtype, **sizes)
+            print(f"  matmul {results['ceilings']['matmul_tflops']:.4g} TFLOP/s, "
+                  f"copy {results['ceilings']['copy_tb_per_s']:.4g} TB/s")
+
+    if not args.skip_numerics:
+        with run.section("numerics"):
+            from check_numerics import check_numerics
+
+            if device.type == "cuda":
+                n_shape, n_layers = get_shape(NUMERICS_SHAPE), NUMERICS_LAYERS
+            else:
+                n_shape, n_layers = SHAPES["tiny"], None
+            numerics = check_numerics(n_shape, device, num_layers=n_layers)
+            results["numerics"] = {"shape": n_shape.name, **numerics.as_dict()}
+            print(f"  {results['numerics']}")
+            if not numerics.is_close:
+                raise AssertionError(f"batchgen's logits differ from transformers': {numerics}")
+
+    base_requests = None
+    if args.baseline:
+        with run.section("baseline transformers"):
+            from baseline_hf import run_baseline
+
+            # generate_batch takes one max_new_tokens: every request gets the same 128.
+            n = min(NUM_BASELINE_REQUESTS, args.limit or NUM_BASELINE_REQUESTS)
+            cap = min(BASELINE_OUTPUT_TOKENS, args.max_output_tokens or BASELINE_OUTPUT_TOKENS)
+            base_requests = [(p, cap) for p, _ in
+                             fit_to_vocab(draw_workload("reviews", limit=n).requests, shape.vocab_size)]
+            hf = run_baseline(shape, base_requests, device, warmup=device.type == "cuda")
+            results["baseline"] = {"note": f"first {n} reviews requests, {cap} output tokens each",
+                                   "hf": hf.as_dict()}
+            print(f"  transformers {hf.transformers_version}: {hf.seconds:.2f} s, "
+                  f"{hf.total_tokens_per_s:,.0f} total tok/s, wrong lengths {hf.num_wrong_lengths}")
+
+    with run.section("start-up"), tempfile.TemporaryDirectory() as folder:
+        shape.write_config(folder)
+        t0 = time.perf_counter()
+        llm = build_llm(shape, Path(folder), args)
+        results["startup_s"] = time.perf_counter() - t0
+        stats = llm.engine.stats()
+        results["engine"] = {"kv_pool_tokens": stats.kv_pool_tokens,
+                             "max_num_seqs": llm.config.max_num_seqs,
+                             "max_num_batched_tokens": llm.config.max_num_batched_tokens,
+                             "enforce_eager": llm.config.enforce_eager,
+                             "engine_startup_s": stats.startup_seconds}
+        print(f"  start-up s {results['startup_s']:.1f} | {results['engine']}")
+
+    for name in args.workloads if llm is not None else []:
+        with run.section(f"workload {name}"):
+            w = draw_workload(name, limit=args.limit)
+            requests = fit_to_vocab(cap_outputs(w.requests, args.max_output_tokens),
+                                    shape.vocab_size)
+            is_as_published = (shape.name == w.default_shape and args.limit is None
+                               and args.max_output_tokens is None)
+            fig = run_workload(llm, shape, name, requests, ceilings,
+                               REFERENCES[name] if is_as_published else None)
+            results["workloads"][name] = fig
+            print_workload(name, fig)
+
+    if base_requests is not None and llm is not None and "baseline" in results:
+        with run.section("baseline batchgen"):
+            fig = run_workload(llm, shape, "baseline", base_requests, None, None)
+            base = results["baseline"]
+            base["batchgen"] = fig
+            base["baseline_over_batchgen"] = base["hf"]["seconds"] / fig["wall_s"]
+            print_workload("baseline", fig)
+
+    results["job_s"] = time.perf_counter() - run.t0
+    print_table(results)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+        print(f"wrote {args.out}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

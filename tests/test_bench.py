@@ -1,0 +1,248 @@
+"""bench/: the workload draws, the floor arithmetic (a hand-checked example and BENCHMARKS.md's
+H200 table), the numerics check, the baseline's generate_batch grouping, and a CPU smoke run of
+bench.py on the tiny shape."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import baseline_hf  # noqa: E402
+import check_numerics  # noqa: E402
+import floor  # noqa: E402
+import shapes  # noqa: E402
+import workloads  # noqa: E402
+
+
+# ---- workloads -----------------------------------------------------------------------------
+
+def test_reviews_follow_the_published_draw_order():
+    # BENCHMARKS.md's snippet, transcribed literally.
+    r = random.Random(0)
+    tok = lambda n: [r.randrange(1000, 100000) for _ in range(n)]  # noqa: E731
+    prefix = tok(256)
+    expected = [(prefix + tok(r.randint(64, 768)), r.randint(32, 256)) for _ in range(5)]
+    assert workloads.draw_reviews(5) == expected
+
+
+def test_decode_and_prefill_follow_the_published_draw_order():
+    r = random.Random(0)
+    tok = lambda n: [r.randrange(1000, 100000) for _ in range(n)]  # noqa: E731
+    assert workloads.draw_decode(3) == [(tok(128), 1024) for _ in range(3)]
+    r = random.Random(0)
+    assert workloads.draw_prefill(2) == [(tok(1024), 8) for _ in range(2)]
+
+
+def test_reviews_shape_and_limit():
+    full = workloads.draw_workload("reviews")
+    assert full.num_requests == 2000 and full.num_shared_prefix_tokens == 256
+    prefix = full.requests[0][0][:256]
+    for prompt, n in full.requests:
+        assert prompt[:256] == prefix
+        assert 64 <= len(prompt) - 256 <= 768 and 32 <= n <= 256
+        assert all(1000 <= t < 100000 for t in prompt)
+    # Means of the uniform draws land where they should.
+    assert 400 < full.num_prompt_tokens / 2000 - 256 < 432
+    assert 136 < full.num_output_tokens / 2000 < 152
+    assert workloads.draw_workload("reviews", limit=7).requests == full.requests[:7]
+    small = workloads.draw_workload("small", limit=3)
+    assert small.requests == full.requests[:3] and small.default_shape == "llama-1b"
+
+
+def test_decode_prefill_sizes():
+    d = workloads.draw_workload("decode")
+    p = workloads.draw_workload("prefill")
+    assert (d.num_requests, d.num_prompt_tokens, d.num_output_tokens) == (500, 64000, 512000)
+    assert (p.num_requests, p.num_prompt_tokens, p.num_output_tokens) == (1000, 1024000, 8000)
+    with pytest.raises(ValueError, match="unknown workload"):
+        workloads.draw_workload("nope")
+
+
+def test_fit_to_vocab_and_cap_outputs():
+    reqs = [([1000, 1511, 7], 300), ([99999], 5)]
+    assert workloads.fit_to_vocab(reqs, 512) == [([1000 % 512, 1511 % 512, 7], 300),
+                                                 ([99999 % 512], 5)]
+    assert workloads.fit_to_vocab(reqs, 128256) is reqs
+    assert workloads.cap_outputs(reqs, 128) == [([1000, 1511, 7], 128), ([99999], 5)]
+
+
+# ---- shapes --------------------------------------------------------------------------------
+
+def test_shape_parameter_counts_match_the_table():
+    s = shapes.SHAPES
+    assert round(s["llama3-8b"].num_params / 1e9, 2) == 8.03
+    assert round(s["llama-1b"].num_params / 1e9, 2) == 1.50
+    assert round(s["qwen3-8b"].num_params / 1e9, 1) == 8.2
+    assert s["llama3-8b"].kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
+    assert s["llama3-8b"].weight_bytes == 2 * s["llama3-8b"].num_params
+
+
+def test_shape_config_builds_in_transformers(tmp_path):
+    from transformers import AutoConfig
+
+    folder = shapes.SHAPES["llama3-8b"].write_config(tmp_path)
+    cfg = AutoConfig.from_pretrained(folder)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim) == \
+        (4096, 32, 8, 128)
+    assert cfg.tie_word_embeddings is False and cfg.max_position_embeddings == 8192
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["rope_theta"] == 500000.0 and raw["rope_scaling"]["rope_type"] == "llama3"
+
+
+# ---- floor ---------------------------------------------------------------------------------
+
+# 1 layer, hidden 4, inter 8, 2 heads / 1 kv of width 2, vocab 10, bf16:
+#   P_layers = 4*2*2*2 (q, o) + 4*1*2*2 (k, v) + 3*4*8 (mlp) + 2*4 (norms) = 152
+#   W = 2 bytes * (152 + 2*10*4 + 4) = 472; kv/token = 2 * 1 * 1 * 2 * 2 = 8
+_HAND = shapes.Shape(name="hand", architecture="LlamaForCausalLM", hidden_size=4,
+                     intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=2,
+                     vocab_size=10, rope_theta=1e4)
+# A: prompt 3, output 2; B: prompt 2, output 3. No shared blocks at block size 16.
+_HAND_REQS = [([1, 2, 3], 2), ([4, 5], 3)]
+
+
+def test_floor_hand_checked_compute():
+    assert (_HAND.num_layer_params, _HAND.weight_bytes, _HAND.kv_bytes_per_token) == (152, 472, 8)
+    f = floor.compute_floor(_HAND, _HAND_REQS, floor.Ceilings(1000.0, 100.0),
+                            kv_pool_tokens=1000, max_num_seqs=8)
+    # tokens: A positions 0..4 (5), B 0..4 (5); keys: 1+..+5 twice = 30; sampled: 3 + 4 = 7.
+    assert (f.num_computed_tokens, f.num_keys_attended) == (10, 30)
+    # 2*152*10 + 2*10*4*7 + 4*1*4*30 = 3040 + 560 + 480
+    assert f.num_flops == 4080
+    assert f.compute_s == pytest.approx(4.08)
+
+
+def test_floor_hand_checked_memory_simulation():
+    ceil = floor.Ceilings(1000.0, 100.0)
+    # Both run together. Step 0: A reads 4, B 3 -> 472 + 8*7; A done. Step 1: B reads 4.
+    f = floor.compute_floor(_HAND, _HAND_REQS, ceil, kv_pool_tokens=1000, max_num_seqs=8)
+    assert (f.num_bytes, f.num_decode_steps, f.peak_batch) == (528 + 504, 2, 2)
+    assert f.memory_s == pytest.approx(10.32) and f.bound_by == "memory"
+    assert f.seconds == pytest.approx(10.32)
+    # One at a time (max_num_seqs 1, or a pool of 6 tokens): A alone 504; then B 496, 504.
+    for kwargs in ({"kv_pool_tokens": 1000, "max_num_seqs": 1},
+                   {"kv_pool_tokens": 6, "max_num_seqs": 8}):
+        f = floor.compute_floor(_HAND, _HAND_REQS, ceil, **kwargs)
+        assert (f.num_bytes, f.num_decode_steps, f.peak_batch) == (1504, 3, 1)
+    with pytest.raises(ValueError, match="pool holds"):
+        floor.compute_floor(_HAND, _HAND_REQS, ceil, kv_pool_tokens=4)
+
+
+def test_cached_prompt_tokens_by_chained_blocks():
+    prompts = [[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 3, 4, 7], [5, 6, 3, 4], [9, 9], [9, 9]]
+    # [5,6,3,4]: its block [3,4] follows a different parent, so no hit. A full-prompt hit
+    # still computes the last token.
+    assert floor.count_cached_prompt_tokens(prompts, block_size=2) == [0, 2, 4, 0, 0, 1]
+
+
+@pytest.mark.parametrize("name,table_s,bound_by", [
+    ("reviews", 21.0, "compute"), ("decode", 13.9, "memory"),
+    ("prefill", 18.8, "compute"), ("small", 3.1, "compute")])
+def test_floor_reproduces_the_h200_table(name, table_s, bound_by):
+    w = workloads.draw_workload(name)
+    shape = shapes.SHAPES[w.default_shape]
+    f = floor.compute_floor(shape, w.requests, floor.H200_CEILINGS)
+    assert f.seconds == pytest.approx(table_s, rel=0.03)
+    assert f.bound_by == bound_by
+    assert workloads.REFERENCES[name].floor_s == table_s
+    if name == "reviews":
+        # Every request but the first is served its 256-token instruction from the cache.
+        assert f.num_cached_prompt_tokens == 1999 * 256
+
+
+def test_measure_ceilings_on_cpu():
+    ceil, details = floor.measure_ceilings("cpu", torch.float32, matmul_size=64,
+                                           copy_bytes=2**20, num_iters=3)
+    assert ceil.matmul_flops_per_s > 0 and ceil.copy_bytes_per_s > 0
+    assert details["matmul_size"] == 64
+
+
+# ---- numerics check ------------------------------------------------------------------------
+
+def test_numerics_check_tiny_cpu():
+    result = check_numerics.check_numerics(shapes.SHAPES["tiny"], torch.device("cpu"),
+                                           num_layers=None, prompt_lens=(5, 17, 33))
+    assert result.is_close, result
+    assert result.prefill.argmax_agreement == 1.0 and result.decode.argmax_agreement == 1.0
+
+
+def test_compare_logits_sees_a_difference():
+    ref = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    diff = check_numerics.compare_logits(ref + 0.1 * torch.randn_like(ref), ref)
+    assert not check_numerics.NumericsResult(diff, diff, "float32").is_close
+    same = check_numerics.compare_logits(ref.clone(), ref)
+    assert check_numerics.NumericsResult(same, same, "float32").is_close
+
+
+@pytest.mark.gpu
+def test_numerics_check_llama_1b_shape_gpu():
+    result = check_numerics.check_numerics(shapes.SHAPES["llama-1b"], torch.device("cuda"),
+                                           num_layers=2)
+    assert result.is_close, result
+
+
+# ---- baseline ------------------------------------------------------------------------------
+
+class _FakeOutput:
+    def __init__(self, tokens):
+        self.generated_tokens = tokens
+
+
+class _FakeHFModel:
+    """Stands in for a transformers model: records generate_batch calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None,
+                       progress_bar=True, **kwargs):
+        n = generation_config.max_new_tokens
+        self.calls.append((len(inputs), n, progress_bar))
+        assert generation_config.eos_token_id == -1 and generation_config.do_sample
+        return {f"req_{i}": _FakeOutput([len(ids)] * n) for i, ids in enumerate(inputs)}
+
+
+def test_baseline_generate_batch_one_call_per_output_length():
+    model = _FakeHFModel()
+    reqs = [([1, 2], 3), ([1, 2, 3], 5), ([4], 3)]
+    got = baseline_hf.generate_batch(model, reqs)
+    assert sorted(model.calls) == [(1, 5, False), (2, 3, False)]
+    # Each request gets its own output back (the fake echoes the prompt length).
+    assert got == {0: [2, 2, 2], 1: [3] * 5, 2: [1, 1, 1]}
+
+
+# ---- bench.py end to end -------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_bench_smoke_tiny_cpu(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(BENCH / "bench.py"), "--shape", "tiny", "--workloads",
+           "reviews,decode", "--limit", "3", "--max-output-tokens", "12", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["errors"] == {}
+    assert results["numerics"]["is_close"]
+    assert results["startup_s"] > 0
+    for name in ("reviews", "decode"):
+        f = results["workloads"][name]
+        assert f["num_requests"] == 3 and f["num_wrong_lengths"] == 0
+        assert f["num_output_tokens"] == 36
+        assert f["floor"]["floor_s"] > 0 and f["floor_fraction"] > 0
+        assert f["kv_pool_tokens"] > 0 and 1 <= f["peak_num_running"] <= 3
+        assert "vllm_s" not in f  # a cut workload is not the published one
+    # The shared 256-token instruction is served from the cache for requests 2 and 3.
+    assert results["workloads"]["reviews"]["prefix_cache_hit_rate"] > 0
+    # The table comes last, so the device tool's tail shows it.
+    tail = proc.stdout.strip().splitlines()
+    assert tail[-1].startswith("wrote ") and any(line.startswith("reviews ") for line in tail[-6:])
