@@ -76,6 +76,13 @@ def _write_single_file(path, tensors, config):
     return path
 
 
+def test_consolidated_copy_beside_model_safetensors_is_skipped(tmp_path, tiny_hf_model):
+    path = _write_single_file(tmp_path / "m", tiny_hf_model.state_dict(), tiny_hf_model.config)
+    save_file({"tok_embeddings.weight": torch.zeros(96, 32)}, str(path / "consolidated.safetensors"))
+    assert loader.safetensors_files(path) == [path / "model.safetensors"]
+    load_model(path, load_hf_config(path), dtype=torch.float32, device=CPU)
+
+
 def test_missing_weight_is_a_clear_error(tmp_path, tiny_hf_model):
     state = dict(tiny_hf_model.state_dict())
     del state["model.layers.0.self_attn.k_proj.weight"]

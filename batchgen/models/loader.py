@@ -117,7 +117,8 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
         return [path / name for name in sorted(set(weight_map.values()))]
-    files = sorted(path.glob("*.safetensors"))
+    # Mistral repos also ship consolidated.safetensors (other names, same weights): skip it.
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("*.safetensors"))
     if files:
         return files
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
