@@ -280,11 +280,13 @@ def test_cuda_matches_cpu_without_host_sync():
             for s in range(num)]
     cpu = sample(logits, reqs)
     sampler = Sampler()
+    logits_gpu = logits.cuda()
+    sampler(logits_gpu, build_sampling_metadata(reqs, vocab, "cuda", pin_memory=True))  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         meta = build_sampling_metadata(reqs, vocab, "cuda", pin_memory=True)
-        gpu = sampler(logits.cuda(non_blocking=True), meta)
+        gpu = sampler(logits_gpu, meta)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     same = (gpu.sampled_token_ids.cpu() == cpu.sampled_token_ids).float().mean().item()

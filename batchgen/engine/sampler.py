@@ -66,8 +66,9 @@ class Sampler:
         if meta.min_tokens_rows is not None:
             if meta.penalties is None:
                 logits = logits.clone()
+            # new_full: a fill kernel, not a host -> device copy
             logits.index_put_((meta.min_tokens_rows, meta.min_tokens_token_ids),
-                              torch.tensor(float("-inf"), device=logits.device))
+                              logits.new_full((), float("-inf")))
         return logits
 
     def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -97,7 +98,8 @@ class Sampler:
         x = self._counters(vocab_size, seeds.device).unsqueeze(0) ^ key.unsqueeze(1)
         x = _mix32_(x)
         # The top 23 bits, centred in their cell: u in [2^-24, 1 - 2^-24], exact in fp32.
-        u = (x >> 9).to(torch.float32).add_(0.5).mul_(2.0 ** -23)
+        x >>= 9
+        u = x.to(torch.float32).add_(0.5).mul_(2.0 ** -23)
         return u.log_().neg_()
 
     def _counters(self, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -108,15 +110,12 @@ class Sampler:
         return self._token_counters[key]
 
 
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """A bijective mix of 32-bit values held in int64 (in place where it can be)."""
-    x ^= x >> 16
-    x.mul_(_MIX_A).bitwise_and_(_MASK32)
-    x ^= x >> 15
-    x.mul_(_MIX_B).bitwise_and_(_MASK32)
-    x ^= x >> 13
-    x.mul_(_MIX_C).bitwise_and_(_MASK32)
-    x ^= x >> 16
+def _mix32_(x: torch.Tensor, num_rounds: int = 3) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in int64, in place: num_rounds of xor-shift then
+    multiply (4 elementwise passes each; only the top bits, the best mixed, are used after)."""
+    for shift, multiplier in ((16, _MIX_A), (15, _MIX_B), (13, _MIX_C))[:num_rounds]:
+        x ^= x >> shift
+        x.mul_(multiplier).bitwise_and_(_MASK32)
     return x
 
 
@@ -125,7 +124,8 @@ def _row_key(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
     key = _mix32_((positions * _POSITION_SALT + 1) & _MASK32)
     key = _mix32_(key ^ high)
-    return _mix32_(key ^ low)
+    key = _mix32_(key ^ low)
+    return key ^ (key >> 16)
 
 
 def apply_penalties(logits: torch.Tensor, pen: PenaltyMetadata) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 
 from batchgen.engine.request import Request
@@ -88,10 +89,11 @@ def _as_int64(seed: int) -> int:
 
 def _flat_token_index(token_lists: list[list[int]], vocab_size: int) -> torch.Tensor:
     """row * V + token for every token of every list: [sum of lengths] int64."""
-    lengths = torch.tensor([len(ids) for ids in token_lists], dtype=torch.int64)
-    tokens = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.int64)
-    offsets = torch.repeat_interleave(torch.arange(len(token_lists)) * vocab_size, lengths)
-    return tokens + offsets
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    tokens = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64,
+                         count=int(lengths.sum()))
+    tokens += np.repeat(np.arange(len(token_lists), dtype=np.int64) * vocab_size, lengths)
+    return torch.from_numpy(tokens)
 
 
 def _min_tokens_pairs(requests: list[Request], vocab_size: int) -> tuple[list[int], list[int]]:
