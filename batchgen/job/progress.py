@@ -154,3 +154,57 @@ def write_metrics_json(path: Path, metrics: JobMetrics) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+# ---- status / verify output ---------------------------------------------------------
+
+
+def print_status(out_dir: Path, *, as_json: bool = False, stream: TextIO | None = None) -> int:
+    """`batchgen status DIR`; returns the exit code (0, or 2 when DIR is not a job)."""
+    from batchgen.job.checkpoint import job_status
+    s = job_status(out_dir)
+    stream = stream or sys.stdout
+    info = {
+        "output_dir": str(s.out_dir), "fingerprint": s.fingerprint,
+        "num_parts_committed": s.num_parts_committed, "num_parts_total": s.num_parts_total,
+        "num_rows_done": s.num_rows_done, "num_rows_total": s.num_rows_total,
+        "num_errors": s.num_errors, "rows_per_s": round(s.rows_per_s, 3),
+        "output_tokens_per_s": round(s.output_tokens_per_s, 3),
+        "elapsed_s": round(s.elapsed_s, 1), "is_complete": s.is_complete,
+        "shards": [{k: sh.get(k) for k in ("shard_index", "num_shards", "num_runs", "num_rows",
+                                           "is_finished")} for sh in s.shards],
+    }
+    if as_json:
+        print(json.dumps(info, indent=2), file=stream)
+        return 0
+    def of(done: int, total: int | None) -> str:
+        return f"{done} / {'?' if total is None else total}" + (
+            f" ({done / total:.0%})" if total else "")
+    table = Table(title=f"batchgen status: {'complete' if s.is_complete else 'incomplete'}",
+                  show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for name, value in (("output", str(s.out_dir)), ("parts committed", of(s.num_parts_committed, s.num_parts_total)),
+                        ("rows", of(s.num_rows_done, s.num_rows_total)), ("error rows", str(s.num_errors)),
+                        ("rows/s", f"{s.rows_per_s:.2f}"), ("output tokens/s", f"{s.output_tokens_per_s:.1f}"),
+                        ("running time", f"{s.elapsed_s:.1f} s"), ("shards seen", str(len(s.shards)))):
+        table.add_row(name, value)
+    Console(file=stream, highlight=False, soft_wrap=True).print(table)
+    return 0
+
+
+def print_verify(out_dir: Path, *, stream: TextIO | None = None) -> int:
+    """`batchgen verify DIR`: 0 when complete and intact, 1 otherwise (problems and gaps listed)."""
+    from batchgen.job.checkpoint import verify_job
+    report = verify_job(out_dir)
+    stream = stream or sys.stdout
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}", file=stream)
+    for gap in report.gaps[:50]:
+        print(f"GAP: {gap}", file=stream)
+    if len(report.gaps) > 50:
+        print(f"... and {len(report.gaps) - 50} more gaps", file=stream)
+    verdict = "ok" if report.is_ok else ("damaged" if report.problems else "incomplete")
+    print(f"{verdict}: {report.num_parts_checked} parts, {report.num_rows} rows checked, "
+          f"{len(report.problems)} problems, {len(report.gaps)} gaps", file=stream)
+    return 0 if report.is_ok else 1

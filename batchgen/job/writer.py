@@ -272,3 +272,49 @@ def _coerce(value: Any, kind: str) -> Any:
             return value if -2**63 <= value < 2**63 else None
         return int(value) if isinstance(value, float) and value.is_integer() else None
     return float(value) if isinstance(value, (int, float)) else None  # number
+
+
+def export_job(out_dir: Path, file: Path, *, allow_partial: bool = False) -> int:
+    """Write the committed parts of `out_dir` as one file in input order (atomically);
+    .parquet for a Parquet file, else JSONL. Returns the exit code."""
+    import sys
+    from batchgen.job.checkpoint import verify_job
+    out_dir, file = Path(out_dir), Path(file)
+    report = verify_job(out_dir)
+    if report.problems or (report.gaps and not allow_partial):
+        what = report.problems[:3] or report.gaps[:3]
+        print(f"batchgen: export: the job is {'damaged' if report.problems else 'incomplete'} "
+              f"({'; '.join(what)}); run `batchgen verify {out_dir}`"
+              + ("" if report.problems else " or pass --partial"), file=sys.stderr)
+        return 1
+    parts = list_parts(out_dir)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    num_rows = 0
+    try:
+        if file.suffix == ".parquet":
+            parquet_parts = [parts[p] for p in sorted(parts) if parts[p].suffix == ".parquet"]
+            if len(parquet_parts) != len(parts):
+                raise ValueError("only Parquet parts can be exported as .parquet")
+            writer = None
+            for path in parquet_parts:
+                table = pq.read_table(path)
+                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)
+                num_rows += table.num_rows
+            if writer is None:
+                raise ValueError("no committed parts")
+            writer.close()
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for part in sorted(parts):
+                    for record in read_part(parts[part]):
+                        f.write(json.dumps(record, ensure_ascii=False, default=_json_default))
+                        f.write("\n")
+                        num_rows += 1
+        os.replace(tmp, file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"batchgen: wrote {num_rows} rows from {len(parts)} parts to {file}", file=sys.stderr)
+    return 0

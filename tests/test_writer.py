@@ -1,0 +1,96 @@
+"""Parts: atomic commit, one schema for all parts, input order restored, parsed JSON, export."""
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.job.writer import (OutputSchema, PartCollector, PartWriter, export_job, list_parts,
+                                 parse_json_columns, read_part)
+
+
+def _record(row, schema, **extra):
+    base = {"row": row, "text": f"t{row}", "finish_reason": "stop", "prompt_tokens": 1,
+            "output_tokens": 2, "error": None}
+    base.update(extra)
+    return {name: base.get(name) for name in schema.names}
+
+
+def test_output_schema_renames_colliding_input_columns_and_adds_parsed_columns():
+    schema = OutputSchema(pa.schema([("text", pa.string()), ("id", pa.int64()),
+                                     ("error", pa.string()), ("label", pa.string())]),
+                          parse_json={"label": "string", "score": "number"})
+    assert schema.input_names == {"text": "input_text", "id": "id", "error": "input_error",
+                                  "label": "input_label"}
+    assert schema.arrow.names == ["row", "input_text", "id", "input_error", "input_label", "text",
+                                  "finish_reason", "prompt_tokens", "output_tokens", "error",
+                                  "label", "score"]
+    with pytest.raises(ValueError, match="no input column"):
+        OutputSchema(pa.schema([("a", pa.string())]), keep=["b"])
+
+
+def test_part_is_committed_by_rename_and_leaves_no_temp_file(tmp_path):
+    schema = OutputSchema(pa.schema([("prompt", pa.string())])).arrow
+    writer = PartWriter(tmp_path, "parquet", schema)
+    path = writer.write(7, [_record(r, schema, prompt="p") for r in range(70, 75)])
+    assert path.name == "part-00007.parquet"
+    assert sorted(os.listdir(tmp_path)) == ["part-00007.parquet"]
+    assert pq.read_table(path).schema.equals(schema)
+    (tmp_path / "_tmp-part-00007-123.parquet").write_bytes(b"half")
+    (tmp_path / "_tmp-part-00008-123.parquet").write_bytes(b"other shard")
+    writer.remove_stale_tmp([7])
+    assert sorted(os.listdir(tmp_path)) == ["_tmp-part-00008-123.parquet", "part-00007.parquet"]
+    assert list_parts(tmp_path) == {7: path}
+
+
+def test_collector_restores_input_order_and_commits_whole_parts_only(tmp_path):
+    writer = PartWriter(tmp_path, "jsonl", None)
+    collector = PartCollector(writer, rows_per_part=3, stop=8)
+    assert collector.add(4, {"row": 4}) == []
+    assert collector.add(2, {"row": 2}) == []
+    assert collector.add(0, {"row": 0}) == []
+    committed = collector.add(1, {"row": 1})
+    assert [p for p, _ in committed] == [0]
+    assert [r["row"] for r in read_part(committed[0][1])] == [0, 1, 2]
+    assert collector.add(7, {"row": 7}) == []
+    assert [p for p, _ in collector.add(6, {"row": 6})] == [2]  # part 2 = rows 6..7 (stop=8)
+    assert collector.add(3, {"row": 3}) == []
+    assert [p for p, _ in collector.add(5, {"row": 5})] == [1]
+    assert list_parts(tmp_path).keys() == {0, 1, 2} and not collector.pending
+
+
+def test_collector_with_unknown_length_commits_the_last_part_at_the_end(tmp_path):
+    collector = PartCollector(PartWriter(tmp_path, "jsonl", None), rows_per_part=4, stop=None)
+    for row in range(6):
+        collector.add(row, {"row": row})
+    assert list(list_parts(tmp_path)) == [0]
+    assert [p for p, _ in collector.set_stop(6)] == [1]
+
+
+def test_parse_json_columns_types_and_failures():
+    columns = {"sentiment": "string", "score": "number", "n": "integer", "ok": "boolean",
+               "aspects": "json"}
+    text = 'Sure! {"sentiment": "positive", "score": 1, "n": 2.0, "ok": true, "aspects": ["a"]} done'
+    assert parse_json_columns(text, columns) == {"sentiment": "positive", "score": 1.0, "n": 2,
+                                                 "ok": True, "aspects": '["a"]'}
+    assert parse_json_columns('{"n": "two", "ok": 1}', columns)["n"] is None
+    assert parse_json_columns("no json here", columns) == dict.fromkeys(columns)
+    assert parse_json_columns(None, columns) == dict.fromkeys(columns)
+    assert parse_json_columns('{"sentiment": {"x": 1}}', columns)["sentiment"] == '{"x": 1}'
+
+
+def test_export_writes_parts_in_order_and_refuses_an_incomplete_job(tmp_path):
+    from batchgen.job.checkpoint import JOB_FILE
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / JOB_FILE).write_text(json.dumps({"fingerprint": "abcd1234", "fields": {},
+                                            "rows_per_part": 2, "format": "jsonl",
+                                            "num_input_rows": 5}))
+    writer = PartWriter(out, "jsonl", None)
+    writer.write(1, [{"row": 2}, {"row": 3}])
+    writer.write(0, [{"row": 0}, {"row": 1}])
+    assert export_job(out, tmp_path / "all.jsonl") == 1  # part 2 missing
+    assert export_job(out, tmp_path / "all.jsonl", allow_partial=True) == 0
+    lines = (tmp_path / "all.jsonl").read_text().splitlines()
+    assert [json.loads(x)["row"] for x in lines] == [0, 1, 2, 3]
