@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -25,6 +26,11 @@ import traceback
 from pathlib import Path
 
 import torch
+
+# Run as a script from a checkout: fall back to the checkout's batchgen only when none is
+# installed (an editable install maps batchgen.kernels to kernels/; a bare path cannot).
+if importlib.util.find_spec("batchgen") is None:
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from floor import Ceilings, compute_floor, measure_ceilings
 from shapes import SHAPES, Shape, get_shape
