@@ -12,7 +12,7 @@ from .prefill_attention import check_paged_attention_args, gather_kv_ref, padded
 # Enough programs to fill every SM several times; a split below this many keys does not pay.
 _PROGRAMS_PER_SM = 4
 _MIN_KEYS_PER_SPLIT = 256
-_MAX_SPLITS = 32
+_MAX_SPLITS = 128
 
 
 def decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -183,9 +183,16 @@ def check_paged_attention_args(op: str, q: torch.Tensor, key_cache: torch.Tensor
 
 def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int]:
     # -> (BLOCK_M, BLOCK_N, num_warps, num_stages); rows are (token, head) pairs of a request.
-    block_m = min(128 if head_dim <= 128 else 64, max(16, next_power_of_2(num_rows)))
-    block_n = 64 if head_dim <= 128 else 32
-    return block_m, block_n, 4 if block_m <= 64 else 8, 2
+    # Measured on an H200 (bf16, 4 x 4096-token causal prefill, triton 3.6): dim 64 best at
+    # (128, 64, 8, 3), dim 128 at (64, 64, 4, 2); the neighbours were within 5-25 %.
+    if head_dim <= 64:
+        block_m, block_n, num_warps, num_stages = 128, 64, 8, 3
+    elif head_dim <= 128:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
+    block_m = min(block_m, max(16, next_power_of_2(num_rows)))  # short chunks / decodes
+    return block_m, block_n, min(num_warps, 4 if block_m <= 64 else 8), num_stages
 
 
 def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
