@@ -202,7 +202,7 @@ def _build_penalties(i: dict, f: dict, num_rows: int, vocab_size: int,
     prompt_mask = None
     if use_repetition:
         prompt_mask = torch.zeros(num_rows * vocab_size, dtype=torch.bool, device=device)
-        prompt_mask[i["prompt_index"]] = True
+        prompt_mask.index_fill_(0, i["prompt_index"], True)  # a scalar fill: no host copy
         prompt_mask = prompt_mask.view(num_rows, vocab_size)
     return PenaltyMetadata(
         rows=i["penalty_rows"], repetition=f["repetition"], presence=f["presence"],
