@@ -30,7 +30,7 @@ class FakeTokenizer:
         return body + ("<assistant>" if add_generation_prompt else "")
 
     def decode(self, ids) -> str:
-        return bytes(i - 3 for i in ids if i > 2).decode("utf-8", errors="replace")
+        return bytes([i - 3 for i in ids if i > 2]).decode("utf-8", errors="replace")
 
 
 def default_responder(prompt: str, params: SamplingParams) -> str:
@@ -54,24 +54,27 @@ class FakeStats:
 class FakeEngine:
     def __init__(self, tokenizer: FakeTokenizer, *, max_num_seqs: int = 8, max_model_len: int = 512,
                  responder: Callable[[str, SamplingParams], str] = default_responder,
-                 step_delay_s: float = 0.0) -> None:
+                 step_delay_s: float = 0.0, num_visible_tokens: int = 64,
+                 record_admissions: bool = False) -> None:
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(max_num_seqs=max_num_seqs)
         self.max_model_len = max_model_len
         self.responder = responder
         self.step_delay_s = step_delay_s
+        self.num_visible_tokens = num_visible_tokens  # the responder sees the prompt's tail
         self.waiting: deque = deque()
         self.aborted: set[str] = set()
         self.num_steps = 0
         self.num_added = 0
         self.max_in_engine = 0
-        self.admission_order: list[str] = []
+        self.admission_order: list[str] | None = [] if record_admissions else None
         self.num_generated = 0
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.waiting.append((request_id, list(prompt_token_ids), params))
         self.num_added += 1
-        self.admission_order.append(request_id)
+        if self.admission_order is not None:
+            self.admission_order.append(request_id)
         self.max_in_engine = max(self.max_in_engine, len(self.waiting))
 
     def has_unfinished(self) -> bool:
@@ -96,7 +99,7 @@ class FakeEngine:
         if not ids or len(ids) >= self.max_model_len:
             return RequestOutput(request_id, None, ids, [CompletionOutput(0, "", [], "error")],
                                  error="bad prompt")
-        text = self.responder(self.tokenizer.decode(ids), params)
+        text = self.responder(self.tokenizer.decode(ids[-self.num_visible_tokens:]), params)
         out_ids = [b + 3 for b in text.encode("utf-8")]
         reason = "stop"
         if params.max_tokens is not None and len(out_ids) > params.max_tokens:

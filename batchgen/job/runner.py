@@ -162,6 +162,7 @@ class JobRun:
         self.stop_event = threading.Event()
         self.part_stats: dict[int, list[int]] = {}  # part -> [rows, errors, prompt tok, output tok]
         self.in_flight: dict[str, WorkItem] = {}
+        self.backlog: deque[WorkItem] = deque()  # taken from the queue, not yet in a chunk
         self.in_flight_per_part: dict[int, int] = {}
         self._old_handlers: dict[int, Any] = {}
 
@@ -288,6 +289,13 @@ class JobRun:
         ready: list[WorkItem] = []
         is_eof = False
         while len(ready) < self.window:
+            if self.backlog:  # rows taken from the queue beyond the previous chunk
+                item = self.backlog.popleft()
+                if item.error is not None:
+                    self._finish(item, None, "error", len(item.token_ids or ()), 0, item.error)
+                else:
+                    ready.append(item)
+                continue
             try:
                 got = self.queue.get(timeout=0.1) if not self.in_flight and not ready \
                     else self.queue.get_nowait()
@@ -301,11 +309,7 @@ class JobRun:
                 is_eof = True
                 self._end_of_input(got)
                 break
-            for item in got:
-                if item.error is not None:
-                    self._finish(item, None, "error", len(item.token_ids or ()), 0, item.error)
-                else:
-                    ready.append(item)
+            self.backlog.extend(got)
         ready.sort(key=lambda it: (tuple(it.token_ids[:64]), len(it.token_ids)))
         window.extend(ready)
         return is_eof

@@ -1,0 +1,247 @@
+"""run_job on the fast fake engine: bad rows, resume, seeds, windows, OpenAI batch, shards,
+and a 1,000,000-row Parquet input streamed with flat memory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.job.config import JobConfig, JobConfigError
+from batchgen.job.progress import ProgressReporter
+from batchgen.job.runner import EXIT_INTERRUPTED, row_seed, run_job
+from batchgen.job.writer import list_parts, read_part
+from fake_engine import FakeLLM, fake_engine_factory
+
+QUIET = ProgressReporter(enabled=False)
+
+
+def write_jsonl(path: Path, prompts) -> Path:
+    with open(path, "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p, "n": len(p)}) + "\n")
+    return path
+
+
+def rows_of(out: Path) -> list[dict]:
+    parts = list_parts(out)
+    return [r for p in sorted(parts) for r in read_part(parts[p])]
+
+
+def run(job: JobConfig, **engine_kwargs):
+    return run_job(job, make_engine=fake_engine_factory(**engine_kwargs), reporter=QUIET)
+
+
+BAD_LINES = [
+    b"{not json",                                    # malformed JSON
+    b"",                                             # blank line
+    b"   \t ",                                       # whitespace-only line
+    b'{"prompt": "\xff\xfe bad bytes"}',             # undecodable bytes
+    b'{"other": "no prompt here"}',                  # missing field
+    b'{"prompt": null}',                             # null field
+    b'{"prompt": 42}',                               # non-string field
+    b'{"prompt": ["a", "list"]}',                    # non-string field (list)
+    b'{"prompt": ""}',                               # empty prompt
+    b'{"prompt": "   "}',                            # whitespace-only prompt
+    b'[1, 2, 3]',                                    # JSON, not an object
+    b'"a string"',                                   # JSON, not an object
+    json.dumps({"prompt": "x" * 600}).encode(),      # longer than the model allows (512)
+]
+
+
+def test_bad_rows_never_stop_the_job(tmp_path):
+    lines = []
+    for i, bad in enumerate(BAD_LINES):
+        lines += [json.dumps({"prompt": f"good {i}"}).encode(), bad]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    job = JobConfig(input=str(tmp_path / "in.jsonl"), output_dir=tmp_path / "out", rows_per_part=5,
+                    format="jsonl")
+    metrics = run(job, max_model_len=512)
+    assert metrics.exit_code == 0
+    rows = rows_of(tmp_path / "out")
+    assert [r["row"] for r in rows] == list(range(2 * len(BAD_LINES)))
+    for r in rows:
+        if r["row"] % 2 == 0:
+            assert r["error"] is None and r["text"].startswith("echo[") and r["output_tokens"] > 0
+        else:
+            assert r["error"] and r["text"] is None and r["finish_reason"] == "error"
+    assert metrics.num_errors == len(BAD_LINES)
+    assert len(metrics.errors_by_kind) >= 8
+    assert "prompt too long" in rows[-1]["error"]
+
+
+def test_resume_after_a_stop_signal_equals_an_uninterrupted_run(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [f"prompt number {i}" for i in range(40)])
+    kw = dict(input=str(src), rows_per_part=3, format="jsonl", sampling={"temperature": 0.8},
+              seed=7)
+    whole = run(JobConfig(output_dir=tmp_path / "whole", **kw), max_num_seqs=4)
+    assert whole.exit_code == 0
+
+    class SignalAfter:
+        def __init__(self, steps):
+            self.steps = steps
+
+        def __call__(self, job):
+            llm = FakeLLM(max_num_seqs=4)
+            step = llm.engine.step
+            def step_then_signal():
+                self.steps -= 1
+                if self.steps == 0:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                return step()
+            llm.engine.step = step_then_signal
+            return llm
+
+    out = tmp_path / "resumed"
+    first = run_job(JobConfig(output_dir=out, **kw), make_engine=SignalAfter(3), reporter=QUIET)
+    assert first.exit_code == EXIT_INTERRUPTED
+    assert 0 < len(list_parts(out)) < 14
+    second = run(JobConfig(output_dir=out, **kw), max_num_seqs=4)
+    assert second.exit_code == 0 and second.num_rows_done_before > 0
+    assert rows_of(out) == rows_of(tmp_path / "whole")
+    assert f"seed={row_seed(7, 5) % 100000}" in rows_of(out)[5]["text"]
+    assert run(JobConfig(output_dir=out, **kw)).status == "nothing to do"
+
+
+def test_window_bounds_the_engine_and_order_is_restored(tmp_path):
+    prompts = [("long shared prefix " * (i % 3)) + f"#{i}" for i in range(200)]
+    src = write_jsonl(tmp_path / "in.jsonl", prompts)
+    made = []
+    job = JobConfig(input=str(src), output_dir=tmp_path / "out", rows_per_part=16, format="jsonl",
+                    sampling={"temperature": 0}, chat=False)
+    run_job(job, make_engine=fake_engine_factory(made, max_num_seqs=4, record_admissions=True), reporter=QUIET)
+    engine = made[0].engine
+    assert engine.max_in_engine <= 8  # window = 2 * max_num_seqs
+    order = [int(r) for r in engine.admission_order]
+    assert order != sorted(order)  # reordered within windows...
+    assert all(abs(a - i) < 8 for i, a in enumerate(order))  # ...but never beyond one window
+    rows = rows_of(tmp_path / "out")
+    assert [r["row"] for r in rows] == list(range(200))
+    assert all(prompts[r["row"]][-4:] in r["text"] for r in rows)
+
+
+def test_limit_then_a_run_without_it_continues_the_same_job(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(25)])
+    kw = dict(input=str(src), output_dir=tmp_path / "out", rows_per_part=10, format="parquet",
+              sampling={"temperature": 0})
+    assert run(JobConfig(limit=13, **kw)).num_rows == 13
+    assert sorted(list_parts(tmp_path / "out")) == [0, 1]  # part 1 is short: rows 10..12
+    again = run(JobConfig(**kw))
+    assert again.num_rows == 12 and again.exit_code == 0  # rows 13..24 only
+    assert [r["row"] for r in rows_of(tmp_path / "out")] == list(range(25))
+
+
+def test_a_changed_job_is_refused_unless_overwrite(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(5)])
+    kw = dict(input=str(src), output_dir=tmp_path / "out", rows_per_part=2)
+    run(JobConfig(**kw, sampling={"max_tokens": 5}))
+    with pytest.raises(JobConfigError, match="different job.*sampling"):
+        run(JobConfig(**kw, sampling={"max_tokens": 6}))
+    metrics = run(JobConfig(**kw, sampling={"max_tokens": 6}, overwrite=True))
+    assert metrics.exit_code == 0 and metrics.num_rows == 5
+
+
+def test_shards_are_disjoint_and_together_complete(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(23)])
+    for i in range(3):
+        job = JobConfig(input=str(src), output_dir=tmp_path / "out", rows_per_part=4,
+                        shard_index=i, num_shards=3, format="jsonl")
+        assert run(job).exit_code == 0
+        assert all(p % 3 <= i for p in list_parts(tmp_path / "out"))
+    assert [r["row"] for r in rows_of(tmp_path / "out")] == list(range(23))
+    assert sorted(os.listdir(tmp_path / "out"))[:4] == ["_job.json", "_shard-0-of-3.json",
+                                                        "_shard-1-of-3.json", "_shard-2-of-3.json"]
+
+
+def test_openai_batch_in_gives_openai_batch_out(tmp_path):
+    lines = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "m", "prompt": "once upon", "temperature": 0}},
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "dup"}]}},
+        {"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
+    ]
+    src = tmp_path / "batch.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    metrics = run(JobConfig(input=str(src), output_dir=tmp_path / "out", rows_per_part=2))
+    assert metrics.exit_code == 0
+    out = rows_of(tmp_path / "out")
+    assert [o["custom_id"] for o in out] == ["a", "b", "a", "c", "d"]
+    assert out[0]["response"]["status_code"] == 200 and out[0]["error"] is None
+    body = out[0]["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "m"
+    assert body["choices"][0]["message"]["content"] == "echo["  # max_tokens=5: 5 byte-tokens
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+    assert out[1]["response"]["body"]["choices"][0]["text"].startswith("echo[")
+    assert "repeated custom_id" in out[2]["error"]["message"]
+    assert out[2]["response"]["status_code"] == 400
+    assert "url" in out[3]["error"]["message"] and "messages" in out[4]["error"]["message"]
+    assert all(name.endswith(".jsonl") for name in os.listdir(tmp_path / "out")
+               if name.startswith("part-"))
+
+
+def test_prompt_column_missing_is_a_config_error_before_any_work(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", ["a", "b"])
+    made = []
+    with pytest.raises(JobConfigError, match="prompt column 'text' is not in"):
+        run_job(JobConfig(input=str(src), output_dir=tmp_path / "out", prompt_column="text"),
+                make_engine=fake_engine_factory(made), reporter=QUIET)
+    assert made == [] and not (tmp_path / "out").exists()
+    with pytest.raises(JobConfigError, match="template uses missing_col"):
+        run(JobConfig(input=str(src), output_dir=tmp_path / "out", template="{{ missing_col }}"))
+
+
+def test_template_system_and_parse_json(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"review": "great", "text": "collides"}) + "\n")
+    def respond(prompt, params):
+        return 'Here: {"sentiment": "positive", "aspects": ["x"]}'
+    job = JobConfig(input=str(src), output_dir=tmp_path / "out", template="Review: {{ review }}",
+                    system="Be brief.", parse_json={"sentiment": "string", "aspects": "json"})
+    run(job, responder=respond)
+    [row] = rows_of(tmp_path / "out")
+    assert row["input_text"] == "collides" and row["review"] == "great"
+    assert row["sentiment"] == "positive" and row["aspects"] == '["x"]'
+
+
+def test_a_million_row_parquet_streams_with_flat_memory(tmp_path):
+    src = tmp_path / "big.parquet"
+    schema = pa.schema([("prompt", pa.string()), ("k", pa.int64())])
+    with pq.ParquetWriter(src, schema) as writer:
+        for start in range(0, 1_000_000, 100_000):
+            ks = list(range(start, start + 100_000))
+            writer.write_table(pa.table({"prompt": [f"q{k % 997}" for k in ks], "k": ks},
+                                        schema=schema), row_group_size=50_000)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from fake_engine import fake_engine_factory
+        from batchgen.job.config import JobConfig
+        from batchgen.job.progress import ProgressReporter
+        from batchgen.job.runner import run_job
+        job = JobConfig(input={str(src)!r}, output_dir={str(tmp_path / 'out')!r},
+                        rows_per_part=25000, chat=False, sampling={{"temperature": 0, "max_tokens": 4}})
+        m = run_job(job, make_engine=fake_engine_factory(max_num_seqs=512),
+                    reporter=ProgressReporter(enabled=False))
+        print(m.exit_code, m.num_rows, m.num_parts_committed,
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, num_rows, num_parts, peak_mb = map(int, done.stdout.split())
+    print(f"1,000,000 rows: peak RSS {peak_mb} MB")
+    assert (code, num_rows, num_parts) == (0, 1_000_000, 40)
+    assert peak_mb < 300  # the rows alone, held as Python records, would take over 1 GB
+    last = pq.read_table(tmp_path / "out" / "part-00039.parquet")
+    assert last.column("row").to_pylist() == list(range(975_000, 1_000_000))
+    assert last.column("k").to_pylist()[-1] == 999_999
