@@ -62,8 +62,7 @@ class Engine:
         self.eos_token_ids = loader.load_eos_token_ids(self.model_path, self.hf_config)
         self.generation_defaults = loader.load_generation_defaults(self.model_path)
         self.device = torch.device(config.device)
-        self.dtype = config.torch_dtype(getattr(self.hf_config, "torch_dtype", None)
-                                        or getattr(self.hf_config, "dtype", None))
+        self.dtype = config.torch_dtype(getattr(self.hf_config, "dtype", None))
         self.model = loader.load_model(self.model_path, self.hf_config, dtype=self.dtype,
                                        device=self.device, load_format=config.load_format,
                                        seed=config.seed)
@@ -192,17 +191,23 @@ class Engine:
         return outputs
 
     def _check_stop_strings(self, sched, sampled, already: list[Request]) -> list[Request]:
+        """Feed each new token to its request's detokenizer; a stop string finishes the request
+        (also one the scheduler just finished by length: the stop string wins, as in vLLM)."""
         if not self._detokenizers:
             return []
         done = {r.request_id for r in already}
         stopped = []
         for req, tok in zip(sched.requests, sampled):
             detok = self._detokenizers.get(req.request_id)
-            if tok is None or detok is None or req.request_id in done:
+            if tok is None or detok is None:
                 continue
             hit = detok.update([tok])
-            if hit is not None:
-                req.stop_reason = hit
+            if hit is None:
+                continue
+            req.stop_reason = hit
+            if req.request_id in done:
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
                 stopped.append(req)
         return stopped
