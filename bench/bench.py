@@ -198,20 +198,21 @@ def print_table(results: dict) -> None:
         print(f"ceilings: matmul {ceil['matmul_tflops']:.4g} TFLOP/s, copy "
               f"{ceil['copy_tb_per_s']:.4g} TB/s | start-up {results.get('startup_s', float('nan')):.1f} s"
               f" | job {results.get('job_s', float('nan')):.1f} s")
-    head = (f"{'workload':<10}{'wall s':>8}{'out tok/s':>11}{'tot tok/s':>11}{'req/s':>8}"
-            f"{'floor s':>9}{'C/M s':>13}{'floor/m':>9}{'bar':>6}{'vLLM s':>8}{'vLLM/us':>9}"
-            f"{'run':>6}{'waste':>7}{'hits':>7}")
-    print(head)
-    nan = float("nan")
+    cols = [("workload", 10), ("wall s", 8), ("out tok/s", 11), ("tot tok/s", 11), ("req/s", 8),
+            ("floor s", 9), ("C / M s", 13), ("floor/m", 9), ("bar", 6), ("vLLM s", 8),
+            ("vLLM/us", 9), ("run", 6), ("waste", 7), ("hits", 7)]
+    print(cols[0][0].ljust(cols[0][1]) + "".join(name.rjust(w) for name, w in cols[1:]))
     for name, f in results.get("workloads", {}).items():
-        fl = f.get("floor", {})
-        print(f"{name:<10}{f['wall_s']:>8.2f}{f['output_tok_per_s']:>11,.0f}"
-              f"{f['total_tok_per_s']:>11,.0f}{f['req_per_s']:>8.1f}{fl.get('floor_s', nan):>9.2f}"
-              f"{fl.get('compute_s', nan):>6.1f}/{fl.get('memory_s', nan):<6.1f}"
-              f"{f.get('floor_fraction', nan):>9.1%}{f.get('bar_floor_fraction', nan):>6.0%}"
-              f"{f.get('vllm_s', nan):>8.1f}{f.get('vllm_over_ours', nan):>9.2f}"
-              f"{f['peak_num_running']:>6}{f['peak_kv_waste']:>7.1%}"
-              f"{f['prefix_cache_hit_rate']:>7.1%}")
+        fl = f.get("floor")
+        cells = [_fmt(f["wall_s"], ".2f"), _fmt(f["output_tok_per_s"], ",.0f"),
+                 _fmt(f["total_tok_per_s"], ",.0f"), _fmt(f["req_per_s"], ".1f"),
+                 _fmt(fl and fl["floor_s"], ".2f"),
+                 f"{fl['compute_s']:.2f} / {fl['memory_s']:.2f}" if fl else "-",
+                 _fmt(f.get("floor_fraction"), ".1%"), _fmt(f.get("bar_floor_fraction"), ".0%"),
+                 _fmt(f.get("vllm_s"), ".1f"), _fmt(f.get("vllm_over_ours"), ".2f"),
+                 str(f["peak_num_running"]), _fmt(f["peak_kv_waste"], ".1%"),
+                 _fmt(f["prefix_cache_hit_rate"], ".1%")]
+        print(name.ljust(cols[0][1]) + "".join(c.rjust(w) for c, (_, w) in zip(cells, cols[1:])))
     base = results.get("baseline", {})
     if "hf" in base and "batchgen" in base:
         hf, bg = base["hf"], base["batchgen"]
@@ -225,6 +226,10 @@ def print_table(results: dict) -> None:
               f"rel {n['decode']['relative_error']:.2e}")
     for name, err in results["errors"].items():
         print(f"FAILED {name}: {err}")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
