@@ -322,10 +322,10 @@ def verify_job(out_dir: Path) -> VerifyReport:
         if total is not None and part * rpp >= total:
             report.problems.append(f"{path.name}: beyond the input's {total} rows")
             continue
+        bad = [r for r in rows if not start <= r < stop]
         if len(set(rows)) != len(rows):
             report.problems.append(f"{path.name}: duplicate rows")
-        bad = [r for r in rows if not start <= r < stop]
-        if bad:
+        elif bad:
             report.problems.append(f"{path.name}: rows outside {start}..{stop - 1}: {bad[:5]}")
         elif rows != list(range(start, start + len(rows))):
             report.problems.append(f"{path.name}: rows out of order or with holes")

@@ -192,8 +192,12 @@ class JobRun:
 
     def _prefill_short_parts(self) -> None:
         parts = list_parts(self.out_dir)
-        for part in self.selection.resume_from:
-            records = read_part(parts[part])
+        for part in list(self.selection.resume_from):
+            try:
+                records = read_part(parts[part])
+            except Exception:  # damaged: redo the whole part
+                self.selection.resume_from[part] = part * self.rpp
+                continue
             rows = list(range(part * self.rpp, part * self.rpp + len(records)))
             self.collector.prefill(part, records, rows)
 

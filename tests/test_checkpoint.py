@@ -1,0 +1,98 @@
+"""Fingerprints, resume planning, and status / verify on complete, partial, tampered folders."""
+import json
+import os
+
+import pytest
+
+from batchgen.job import checkpoint as ckpt
+from batchgen.job.config import JobConfig
+from batchgen.job.progress import ProgressReporter, print_verify
+from batchgen.job.runner import run_job
+from fake_engine import fake_engine_factory
+
+
+def make_job(tmp_path, n=10, **kw):
+    src = tmp_path / "in.jsonl"
+    if not src.exists():
+        src.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(n)))
+    kw.setdefault("rows_per_part", 3)
+    return JobConfig(input=str(src), output_dir=tmp_path / "out", **kw)
+
+
+def run(job):
+    return run_job(job, make_engine=fake_engine_factory(), reporter=ProgressReporter(enabled=False))
+
+
+def test_fingerprint_ignores_limit_and_shards_but_not_prompt_or_sampling(tmp_path):
+    model = {"m": 1}
+    ident = {"path": "x"}
+    base = ckpt.fingerprint(ckpt.fingerprint_fields(make_job(tmp_path), model, ident))
+    same = [make_job(tmp_path, limit=4), make_job(tmp_path, shard_index=1, num_shards=2),
+            make_job(tmp_path, max_num_seqs=3)]
+    for job in same:
+        assert ckpt.fingerprint(ckpt.fingerprint_fields(job, model, ident)) == base
+    different = [make_job(tmp_path, system="s"), make_job(tmp_path, sampling={"temperature": 0.5}),
+                 make_job(tmp_path, seed=1), make_job(tmp_path, rows_per_part=4),
+                 make_job(tmp_path, format="jsonl")]
+    for job in different:
+        assert ckpt.fingerprint(ckpt.fingerprint_fields(job, model, ident)) != base
+    assert ckpt.fingerprint(ckpt.fingerprint_fields(make_job(tmp_path), model, {"path": "y"})) != base
+
+
+def test_job_file_is_written_once_and_compared(tmp_path):
+    record = ckpt.JobRecord("aaaa", {"x": 1}, 3, "parquet", 10)
+    assert ckpt.open_job(tmp_path, record).fingerprint == "aaaa"
+    assert ckpt.open_job(tmp_path, ckpt.JobRecord("aaaa", {"x": 1}, 3, "parquet", 10)).fingerprint == "aaaa"
+    with pytest.raises(ckpt.JobMismatchError, match="changed: x"):
+        ckpt.open_job(tmp_path, ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10))
+    (tmp_path / "part-00000.parquet").write_bytes(b"old")
+    ckpt.open_job(tmp_path, ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10), overwrite=True)
+    assert not (tmp_path / "part-00000.parquet").exists()
+    assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "bbbb"
+
+
+def test_status_and_verify_on_a_complete_job(tmp_path, capsys):
+    run(make_job(tmp_path))
+    status = ckpt.job_status(tmp_path / "out")
+    assert (status.num_parts_committed, status.num_parts_total) == (4, 4)
+    assert (status.num_rows_done, status.num_rows_total, status.num_errors) == (10, 10, 0)
+    assert status.is_complete and status.rows_per_s > 0
+    assert ckpt.verify_job(tmp_path / "out").is_ok
+    assert print_verify(tmp_path / "out") == 0
+
+
+def test_status_and_verify_on_a_partial_job(tmp_path):
+    run(make_job(tmp_path, limit=5))
+    status = ckpt.job_status(tmp_path / "out")
+    assert (status.num_parts_committed, status.num_rows_done, status.num_rows_total) == (2, 5, 10)
+    assert not status.is_complete
+    report = ckpt.verify_job(tmp_path / "out")
+    assert not report.problems
+    assert report.gaps == ["rows 5..5 (part-00001.parquet is short)",
+                           "parts 2..3 missing (rows 6..9)"]
+    assert print_verify(tmp_path / "out") == 1
+
+
+def test_verify_finds_tampered_parts(tmp_path):
+    run(make_job(tmp_path, format="jsonl"))
+    out = tmp_path / "out"
+    part1 = out / "part-00001.jsonl"
+    lines = part1.read_text().splitlines()
+    part1.write_text("\n".join([lines[0], lines[0], lines[2]]) + "\n")  # a duplicated row
+    (out / "part-00002.jsonl").write_text("{truncated")  # unreadable
+    os.unlink(out / "part-00003.jsonl")  # missing
+    report = ckpt.verify_job(out)
+    assert any("part-00001.jsonl: duplicate rows" in p for p in report.problems)
+    assert any("part-00002.jsonl: unreadable" in p for p in report.problems)
+    assert report.gaps == ["part 3 missing (rows 9..9)"]
+    # a resumed run redoes the missing part and the unreadable short one
+    assert run(make_job(tmp_path, format="jsonl")).num_rows == 4
+    assert ckpt.verify_job(out).problems == ["part-00001.jsonl: duplicate rows"]
+
+
+def test_plan_selection_resumes_a_short_part(tmp_path):
+    run(make_job(tmp_path, limit=4))
+    record = ckpt.load_record(tmp_path / "out")
+    sel = ckpt.plan_selection(tmp_path / "out", record, shard_index=0, num_shards=1, limit=None)
+    assert sel.done_parts == {0} and sel.resume_from == {1: 4} and sel.stop == 10
+    assert [r for r in range(10) if sel.contains(r)] == [4, 5, 6, 7, 8, 9]
