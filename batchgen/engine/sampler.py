@@ -21,13 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.engine.sampling_metadata import PenaltyMetadata, SamplingMetadata
+from batchgen.kernels.gumbel_sample import MASK32 as _MASK32
+from batchgen.kernels.gumbel_sample import gumbel_sample, gumbel_sample_ref, mix32_, token_noise_ref
 
-_MASK32 = 0xFFFFFFFF
-# Odd multipliers below 2^31: a 32-bit value times one stays below 2^63 in int64.
-_MIX_A = 0x7FEB352D
-_MIX_B = 0x5BD1E995
-_MIX_C = 0x2C1B3C6D
-_TOKEN_STRIDE = 0x9E3779B1  # golden-ratio step between the counters of adjacent tokens
 _POSITION_SALT = 0x27D4EB2F
 
 
@@ -39,10 +35,6 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self) -> None:
-        # token index * _TOKEN_STRIDE mod 2^32, per (vocab size, device): [V] int64
-        self._token_counters: dict[tuple[int, torch.device], torch.Tensor] = {}
-
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         # logits: [B, V] fp32; not modified in place.
         assert logits.dim() == 2 and logits.shape[0] == meta.num_reqs, logits.shape
@@ -83,9 +75,9 @@ class Sampler:
             x = apply_top_k_top_p(x, pick(meta.top_k), pick(meta.top_p))
         if meta.min_p is not None:
             x = apply_min_p(x, pick(meta.min_p))
-        probs = torch.softmax(x, dim=-1)
-        noise = self.exponential_noise(pick(meta.seeds), pick(meta.positions), x.shape[1])
-        sampled = probs.div_(noise).argmax(dim=-1)
+        # argmax softmax(x) / E = argmax x - log E: one fused pass on CUDA.
+        keys = _row_key(pick(meta.seeds), pick(meta.positions))
+        sampled = gumbel_sample(x, keys) if x.is_cuda else gumbel_sample_ref(x, keys)
         if rows is None:
             return sampled
         return logits.argmax(dim=-1).index_copy_(0, rows, sampled)
@@ -93,38 +85,16 @@ class Sampler:
     def exponential_noise(self, seeds: torch.Tensor, positions: torch.Tensor,
                           vocab_size: int) -> torch.Tensor:
         """E[r, v] = -log(u(seeds[r], positions[r], v)) ~ Exp(1), i.i.d. across (seed,
-        position, v): [R, V] fp32."""
-        key = _row_key(seeds, positions)
-        x = self._counters(vocab_size, seeds.device).unsqueeze(0) ^ key.unsqueeze(1)
-        x = _mix32_(x)
-        # The top 23 bits, centred in their cell: u in [2^-24, 1 - 2^-24], exact in fp32.
-        x >>= 9
-        u = x.to(torch.float32).add_(0.5).mul_(2.0 ** -23)
-        return u.log_().neg_()
-
-    def _counters(self, vocab_size: int, device: torch.device) -> torch.Tensor:
-        key = (vocab_size, device)
-        if key not in self._token_counters:
-            v = torch.arange(vocab_size, dtype=torch.int64, device=device)
-            self._token_counters[key] = (v * _TOKEN_STRIDE) & _MASK32
-        return self._token_counters[key]
-
-
-def _mix32_(x: torch.Tensor, num_rounds: int = 3) -> torch.Tensor:
-    """A bijective mix of 32-bit values held in int64, in place: num_rounds of xor-shift then
-    multiply (4 elementwise passes each; only the top bits, the best mixed, are used after)."""
-    for shift, multiplier in ((16, _MIX_A), (15, _MIX_B), (13, _MIX_C))[:num_rounds]:
-        x ^= x >> shift
-        x.mul_(multiplier).bitwise_and_(_MASK32)
-    return x
+        position, v): [R, V] fp32 (the noise the fused sampling kernel draws)."""
+        return token_noise_ref(_row_key(seeds, positions), vocab_size)
 
 
 def _row_key(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """hash(seed, position) -> [R] int64 in [0, 2^32)."""
     low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
-    key = _mix32_((positions * _POSITION_SALT + 1) & _MASK32)
-    key = _mix32_(key ^ high)
-    key = _mix32_(key ^ low)
+    key = mix32_((positions * _POSITION_SALT + 1) & _MASK32)
+    key = mix32_(key ^ high)
+    key = mix32_(key ^ low)
     return key ^ (key >> 16)
 
 

@@ -1,0 +1,87 @@
+"""Sampling by an exponential race with counter-based noise, fused: one pass over the logits.
+
+For row r and token v, u = hash(keys[r], v) in (0, 1) and E = -log(u) ~ Exp(1); the drawn
+token is argmax_v softmax(x)[v] / E[v] = argmax_v x[v] - log(E[v]) (no softmax needed). The
+hash is 32-bit xor-shift / multiply mixing held in int64 (every product < 2^63), identical in
+the kernel and the reference, so a (seed, position) draws the same token on any device."""
+from __future__ import annotations
+
+import torch
+
+from ._triton import check_dtype, jit, require_triton, tl
+
+MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2^31: a 32-bit value times one stays below 2^63 in int64.
+MIX_A = 0x7FEB352D
+MIX_B = 0x5BD1E995
+MIX_C = 0x2C1B3C6D
+TOKEN_STRIDE = 0x9E3779B1  # golden-ratio step between the counters of adjacent tokens
+
+
+def mix32_(x: torch.Tensor, num_rounds: int = 3) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in int64, in place."""
+    for shift, multiplier in ((16, MIX_A), (15, MIX_B), (13, MIX_C))[:num_rounds]:
+        x ^= x >> shift
+        x.mul_(multiplier).bitwise_and_(MASK32)
+    return x
+
+
+def token_noise_ref(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """keys: [R] int64 in [0, 2^32) -> E: [R, V] fp32, i.i.d. Exp(1) across (key, token)."""
+    v = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
+    x = ((v * TOKEN_STRIDE) & MASK32).unsqueeze(0) ^ keys.unsqueeze(1)
+    x = mix32_(x)
+    # The top 23 bits, centred in their cell: u in [2^-24, 1 - 2^-24], exact in fp32.
+    x >>= 9
+    u = x.to(torch.float32).add_(0.5).mul_(2.0 ** -23)
+    return u.log_().neg_()
+
+
+def gumbel_sample_ref(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    # x: [R, V] fp32 logits (temperature applied, masked tokens -inf); keys: [R] -> [R] int64
+    return (x - token_noise_ref(keys, x.shape[1]).log_()).argmax(dim=-1)
+
+
+@jit
+def _gumbel_sample_kernel(x_ptr, keys_ptr, out_ptr, vocab_size, x_stride,
+                          BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    key = tl.load(keys_ptr + row)
+    best_val = tl.full((BLOCK,), float("-inf"), tl.float32)
+    best_idx = tl.zeros((BLOCK,), tl.int64)
+    for start in range(0, vocab_size, BLOCK):
+        v = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = v < vocab_size
+        logit = tl.load(x_ptr + row.to(tl.int64) * x_stride + v, mask=mask,
+                        other=float("-inf"))
+        h = ((v * 0x9E3779B1) & 0xFFFFFFFF) ^ key
+        h = h ^ (h >> 16)
+        h = (h * 0x7FEB352D) & 0xFFFFFFFF
+        h = h ^ (h >> 15)
+        h = (h * 0x5BD1E995) & 0xFFFFFFFF
+        h = h ^ (h >> 13)
+        h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+        u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        score = logit - tl.log(-tl.log(u))
+        # strictly greater: the first of equal scores wins, as torch.argmax
+        is_better = score > best_val
+        best_val = tl.where(is_better, score, best_val)
+        best_idx = tl.where(is_better, v, best_idx)
+    top = tl.max(best_val, axis=0)
+    candidates = tl.where(best_val == top, best_idx, vocab_size)
+    tl.store(out_ptr + row, tl.min(candidates, axis=0))
+
+
+def gumbel_sample(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """x: [R, V] fp32 (contiguous rows); keys: [R] int64 -> [R] int64 token ids."""
+    require_triton("gumbel_sample")
+    check_dtype("gumbel_sample", "x", x, (torch.float32,))
+    check_dtype("gumbel_sample", "keys", keys, (torch.int64,))
+    if x.dim() != 2 or x.stride(1) != 1 or keys.shape != (x.shape[0],):
+        raise ValueError(f"gumbel_sample: x must be [R, V] with unit last stride and keys [R], "
+                         f"got {tuple(x.shape)} / {tuple(keys.shape)}")
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    if x.shape[0]:
+        _gumbel_sample_kernel[(x.shape[0],)](x, keys, out, x.shape[1], x.stride(0),
+                                             BLOCK=1024, num_warps=4)
+    return out

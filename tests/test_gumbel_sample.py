@@ -1,0 +1,43 @@
+"""The fused sampling kernel against its torch reference (interpreter on CPU), and the
+reference against a direct exponential race over the softmax."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from batchgen.kernels._triton import has_triton  # noqa: E402
+from batchgen.kernels.gumbel_sample import (gumbel_sample, gumbel_sample_ref,  # noqa: E402
+                                            token_noise_ref)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("rows,vocab", [(1, 7), (3, 1000), (5, 2500)])
+def test_kernel_matches_reference(rows, vocab):
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = (torch.randn(rows, vocab, generator=g) * 3).to(DEVICE)
+    x[:, ::3] = float("-inf")  # masked tokens (top-k / top-p) never win
+    keys = torch.randint(0, 2**32, (rows,), generator=g).to(DEVICE)
+    got = gumbel_sample(x, keys)
+    assert torch.equal(got, gumbel_sample_ref(x, keys))
+    assert bool((got % 3 != 0).all())
+
+
+def test_reference_is_the_exponential_race():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=g)
+    keys = torch.randint(0, 2**32, (64,), generator=g)
+    race = (torch.softmax(x, -1) / token_noise_ref(keys, 300)).argmax(-1)
+    assert (gumbel_sample_ref(x, keys) == race).float().mean() > 0.98  # equal up to rounding
+
+
+def test_frequencies_follow_the_softmax():
+    x = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    keys = torch.arange(20000, dtype=torch.int64) * 2654435761 % 2**32
+    counts = torch.bincount(gumbel_sample_ref(x, keys), minlength=4).float() / 20000
+    assert torch.allclose(counts, torch.softmax(x[0], -1), atol=0.015)
