@@ -155,6 +155,8 @@ def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | No
         "engine_prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
         "num_preemptions": stats.num_preemptions - before.num_preemptions,
         "num_steps": stats.num_steps - before.num_steps,
+        # host seconds per step phase (wait_gpu = blocked on the device): the step profile
+        "step_seconds": {k: round(v, 3) for k, v in stats.step_seconds.items()},
     }
     if ceilings is not None:
         fl = compute_floor(shape, requests, ceilings, kv_pool_tokens=stats.kv_pool_tokens,
@@ -183,6 +185,7 @@ def print_workload(name: str, f: dict) -> None:
           f"| peak KV slots {f['peak_kv_slots_allocated']:,} held {f['peak_kv_tokens_held']:,} "
           f"(waste {f['peak_kv_waste']:.1%}) | prefix hits {f['prefix_cache_hit_rate']:.1%} "
           f"| preemptions {f['num_preemptions']} | steps {f['num_steps']}")
+    print(f"  step profile (host s): {f['step_seconds']}")
     if "vllm_s" in f:
         print(f"  vLLM {f['vllm_s']:.1f} s: vLLM/ours {f['vllm_over_ours']:.2f}x; floor fraction "
               f"ours {f.get('floor_fraction', float('nan')):.1%} vs vLLM "

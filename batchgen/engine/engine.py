@@ -39,6 +39,8 @@ class EngineStats:
     peak_kv_slots_allocated: int
     peak_kv_tokens_held: int
     startup_seconds: float
+    # Host seconds per phase of step() since the last reset (wait_gpu: blocked on the device).
+    step_seconds: dict[str, float]
 
     @property
     def kv_usage(self) -> float:
@@ -164,7 +166,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        timer = self.runner.timer
+        timer.start()
         sched = self.scheduler.schedule()
+        timer.lap("schedule")
         self._num_preemptions += len(sched.preempted)
         if sched.is_empty:
             finished = self.scheduler.update_from_output(sched, [])
@@ -188,6 +193,7 @@ class Engine:
             out = self._finish_output(req, req.prompt_text, emit=False)
             if out is not None:
                 outputs.append(out)
+        timer.lap("update_outputs")
         return outputs
 
     def _check_stop_strings(self, sched, sampled, already: list[Request]) -> list[Request]:
@@ -258,6 +264,8 @@ class Engine:
             self._peak_held = used - max(waste, 0)
 
     def reset_peak_stats(self) -> None:
+        if hasattr(self, "runner"):
+            self.runner.timer.reset()
         self._peak_running = 0
         self._peak_slots = 0
         self._peak_held = 0
@@ -277,4 +285,5 @@ class Engine:
             num_generated_tokens=self._num_generated_tokens,
             num_preemptions=self._num_preemptions, num_steps=self._num_steps,
             peak_num_running=self._peak_running, peak_kv_slots_allocated=self._peak_slots,
-            peak_kv_tokens_held=self._peak_held, startup_seconds=self.startup_seconds)
+            peak_kv_tokens_held=self._peak_held, startup_seconds=self.startup_seconds,
+            step_seconds=dict(self.runner.timer.totals))

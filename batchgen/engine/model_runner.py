@@ -14,6 +14,7 @@ from batchgen.engine.cuda_graphs import DecodeGraphs
 from batchgen.engine.input_batch import InputBatch, build_input_batch
 from batchgen.engine.sampler import Sampler
 from batchgen.engine.sampling_metadata import build_sampling_metadata
+from batchgen.engine.step_timer import StepTimer
 from batchgen.layers.context import ForwardContext
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        self.timer = StepTimer()
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -148,13 +150,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched) -> StepResult:
+        timer = self.timer
         batch = build_input_batch(sched, self.block_size)
+        timer.lap("prepare_inputs")
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
         else:
             ctx = self._make_context(batch)
             hidden = self.model(self._to_device(batch.input_ids), self._to_device(batch.positions),
                                 ctx)
+        timer.lap("launch_forward")
         sampled: list[int | None] = [None] * len(sched.requests)
         if not batch.sample_rows:
             return StepResult(sampled)
@@ -164,7 +169,9 @@ class ModelRunner:
         meta = build_sampling_metadata(sample_reqs, self.vocab_size, self.device,
                                        pin_memory=self.is_cuda)
         out = self.sampler(logits, meta)
+        timer.lap("launch_sampling")
         token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
+        timer.lap("wait_gpu")
         for row, tok in zip(batch.sample_rows, token_ids):
             sampled[row] = tok
         logprobs = None
