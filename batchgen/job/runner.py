@@ -212,22 +212,13 @@ class JobRun:
             return self._done(EXIT_OK)
         self.writer.remove_stale_tmp(self._todo_parts())
         self._prefill_short_parts()
-        llm = self.make_engine(self.job)
-        try:
-            self.renderer = PromptRenderer(llm.tokenizer, prompt_column=self.job.prompt_column,
-                                           template=self.job.template, system=self.job.system,
-                                           chat=self.job.chat)
-        except PromptTemplateError as e:
-            raise JobConfigError(str(e)) from None
-        self.llm, self.engine = llm, llm.engine
-        self.base_params = _base_params(self.job, llm)
-        self.window = 2 * _max_num_seqs(self.engine, self.job)
-        self.queue: queue.Queue = queue.Queue(maxsize=max(2, 2 * self.window // _QUEUE_BATCH + 1))
         self.t0 = time.monotonic()
-        self._install_signals()
-        producer = threading.Thread(target=self._produce, name="batchgen-tokenizer", daemon=True)
-        self.reporter.start(m)
+        self._install_signals()  # before loading the model: a stop then exits 75 right after
         try:
+            self._start_engine()
+            producer = threading.Thread(target=self._produce, name="batchgen-tokenizer",
+                                        daemon=True)
+            self.reporter.start(m)
             producer.start()
             is_done = self._loop()
         finally:
@@ -241,6 +232,19 @@ class JobRun:
             return self._done(EXIT_OK)
         m.status = f"interrupted ({self.stop_reason}): re-run to resume"
         return self._done(EXIT_INTERRUPTED)
+
+    def _start_engine(self) -> None:
+        llm = self.make_engine(self.job)
+        try:
+            self.renderer = PromptRenderer(llm.tokenizer, prompt_column=self.job.prompt_column,
+                                           template=self.job.template, system=self.job.system,
+                                           chat=self.job.chat)
+        except PromptTemplateError as e:
+            raise JobConfigError(str(e)) from None
+        self.llm, self.engine = llm, llm.engine
+        self.base_params = _base_params(self.job, llm)
+        self.window = 2 * _max_num_seqs(self.engine, self.job)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(2, 2 * self.window // _QUEUE_BATCH + 1))
 
     def _todo_parts(self) -> list[int]:
         stop = self.selection.stop
