@@ -18,8 +18,12 @@ EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
 _KW = inspect.Parameter.KEYWORD_ONLY
 
 
+_FLAG_OF: dict[str, str] = {}  # option name -> its long flag
+
+
 def _opt(name: str, kind: Any, flags: tuple[str, ...], help: str, default: Any = None,
          **extra: Any) -> inspect.Parameter:
+    _FLAG_OF[name] = flags[0].split("/")[0]
     return inspect.Parameter(name, _KW, default=default, annotation=Annotated[
         kind, typer.Option(*flags, help=help, show_default=default is not None, **extra)])
 
@@ -172,9 +176,9 @@ def run_argv_from(opts: dict[str, Any], drop: tuple[str, ...] = ()) -> list[str]
     argv: list[str] = []
     for param in JOB_OPTIONS:
         name, value = param.name, opts.get(param.name)
-        if name in drop or value is None or value is False:
+        if name in drop or value is None or (value is False and name != "chat"):
             continue
-        flag = param.annotation.__metadata__[0].param_decls[0]
+        flag = _FLAG_OF[name]
         if name == "chat":
             argv.append("--chat" if value else "--no-chat")
         elif value is True:

@@ -1,0 +1,113 @@
+"""The `batchgen` command on the fake engine: run / status / verify / export / slurm, help,
+config errors (exit 2, one line), shards."""
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from batchgen.cli import build_app, parse_shard, run_argv_from, ConfigError
+from batchgen.job.writer import list_parts
+from fake_engine import fake_engine_factory
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = build_app(make_engine=fake_engine_factory())
+CLI = CliRunner()
+
+
+def invoke(*args):
+    return CLI.invoke(APP, [str(a) for a in args])
+
+
+@pytest.fixture
+def src(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "text": "t"}) + "\n" for i in range(7)))
+    return path
+
+
+@pytest.mark.parametrize("command", ["run", "status", "verify", "export", "slurm"])
+def test_every_command_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_run_then_status_verify_export(tmp_path, src):
+    out = tmp_path / "out"
+    result = invoke("run", "-i", src, "-o", out, "--rows-per-part", "3", "-q",
+                    "--metrics-json", tmp_path / "m.json")
+    assert result.exit_code == 0, result.output
+    assert sorted(list_parts(out)) == [0, 1, 2]
+    assert json.loads((tmp_path / "m.json").read_text())["num_rows"] == 7
+    status = invoke("status", out, "--json")
+    assert status.exit_code == 0 and json.loads(status.output)["num_rows_done"] == 7
+    assert invoke("verify", out).exit_code == 0
+    assert invoke("export", out, tmp_path / "all.parquet").exit_code == 0
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp_path / "all.parquet")
+    assert table.column("row").to_pylist() == list(range(7))
+    assert "input_text" in table.column_names
+    again = invoke("run", "-i", src, "-o", out, "--rows-per-part", "3", "-q")
+    assert again.exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "missing.jsonl"], "input not found"),
+    (["--prompt-column", "nope"], "prompt column 'nope'"),
+    (["--model", "/no/such/model"], "unknown model"),
+    (["--recipe", "missing.yaml"], "recipe not found"),
+    (["--set", "output.rows_per_parts=3"], "unknown key 'output.rows_per_parts'"),
+    (["--format", "csv"], "format must be one of"),
+    (["--input", "s3://bucket/data.jsonl"], "not supported"),
+    (["--tensor-parallel-size", "2"], "not supported"),
+    (["--shard", "3/3"], "--shard must be I/N"),
+    (["--template", "{{ broken"], "prompt template"),
+])
+def test_configuration_errors_exit_2_with_one_line(tmp_path, src, args, message):
+    base = ["run", "-o", tmp_path / "out", "-q"]
+    if "--input" not in args:
+        base += ["-i", src]
+    result = invoke(*base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not list_parts(tmp_path / "out")
+
+
+def test_bad_recipe_key_is_named(tmp_path, src):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prompt:\n  templte: 'x {{ prompt }}'\n")
+    result = invoke("run", "-i", src, "-o", tmp_path / "out", "-r", recipe)
+    assert result.exit_code == 2 and "prompt.templte" in result.output
+
+
+def test_flags_override_the_recipe(tmp_path, src):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output: {rows_per_part: 2, format: jsonl}\nsampling: {max_tokens: 3}\n")
+    result = invoke("run", "-i", src, "-o", tmp_path / "out", "-r", recipe, "--rows-per-part", "4",
+                    "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in list_parts(tmp_path / "out").values()) == [
+        "part-00000.jsonl", "part-00001.jsonl"]
+
+
+def test_shard_from_flag_and_from_slurm_env():
+    assert parse_shard("1/4") == (1, 4)
+    assert parse_shard(None, env={}) == (0, 1)
+    assert parse_shard(None, env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 3)
+    with pytest.raises(ConfigError):
+        parse_shard("4/2")
+
+
+def test_slurm_prints_a_script_with_the_run_options(tmp_path, src):
+    result = invoke("slurm", "-i", src, "-o", tmp_path / "out", "--array", "3",
+                    "--gpus-per-task", "1", "--time", "01:00:00", "--max-tokens", "5")
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH" in result.output and "--array=0-2" in result.output
+    assert "--max-tokens" in result.output
+
+
+def test_run_argv_round_trips_the_options():
+    argv = run_argv_from({"input": "a.jsonl", "output": Path("o"), "chat": False, "set_": ["x=1"],
+                          "overwrite": True, "max_tokens": 5}, drop=("overwrite",))
+    assert argv == ["--input", "a.jsonl", "--output", "o", "--no-chat", "--max-tokens", "5",
+                    "--set", "x=1"]

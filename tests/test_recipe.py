@@ -1,0 +1,75 @@
+"""Recipes and prompt rendering."""
+from pathlib import Path
+
+import pytest
+
+from batchgen.job.config import JobConfig
+from batchgen.recipe import (PromptRenderer, PromptTemplateError, RecipeError, RowError,
+                             apply_overrides, compile_template, flatten_recipe, load_recipe)
+from fake_engine import FakeTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_shipped_recipes_make_valid_jobs(name):
+    fields = load_recipe(ROOT / "recipes" / name)
+    input_name = "openai_batch.jsonl" if "openai" in name else "reviews.jsonl"
+    JobConfig(input=str(ROOT / "samples" / input_name), output_dir=Path("/tmp/unused"), **fields)
+
+
+def test_at_least_the_three_recipes_ship():
+    names = {p.stem for p in (ROOT / "recipes").glob("*.yaml")}
+    assert {"sentiment", "summarise", "openai_batch"} <= names
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(RecipeError, match="'output.rows'"):
+        flatten_recipe({"output": {"rows": 3}})
+    with pytest.raises(RecipeError, match="'sampling.temprature'"):
+        flatten_recipe({"sampling": {"temprature": 0}})
+    with pytest.raises(RecipeError, match="'modle'"):
+        flatten_recipe({"modle": "x"})
+
+
+def test_recipe_maps_sections_and_set_overrides(tmp_path):
+    fields = flatten_recipe({"model": "m", "prompt": {"template": "{{ a }}", "chat": False},
+                             "sampling": {"temperature": 0, "seed": 3},
+                             "output": {"keep": ["a"], "parse_json": {"x": "string"}}})
+    assert fields == {"model": "m", "template": "{{ a }}", "chat": False, "seed": 3,
+                      "sampling": {"temperature": 0}, "keep": ["a"], "parse_json": {"x": "string"}}
+    apply_overrides(fields, ["sampling.top_k=20", "output.rows_per_part=50", "prompt.system=Be brief"])
+    assert fields["sampling"]["top_k"] == 20 and fields["rows_per_part"] == 50
+    assert fields["system"] == "Be brief"
+    with pytest.raises(RecipeError, match="key=value"):
+        apply_overrides(fields, ["novalue"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(bad)
+
+
+def test_templates_are_sandboxed():
+    renderer = PromptRenderer(FakeTokenizer(), template="{{ x.__class__.__mro__ }}", chat=False)
+    with pytest.raises(RowError):
+        renderer.prompt_text({"x": "s"})
+    with pytest.raises(PromptTemplateError):
+        compile_template("{% for %}")
+
+
+def test_renderer_row_errors_and_chat():
+    renderer = PromptRenderer(FakeTokenizer(), template="Q: {{ q }} ({{ n }})", system="Sys")
+    assert renderer.prompt_text({"q": "hi", "n": 3}) == "Q: hi (3)"
+    for fields, message in (({"n": 1}, "missing field 'q'"), ({"q": None, "n": 1}, "is null"),
+                            ({"q": " ", "n": ""}, None)):
+        if message:
+            with pytest.raises(RowError, match=message):
+                renderer.prompt_text(fields)
+    ids = renderer.encode_row({"q": "hi", "n": 3})
+    assert FakeTokenizer().decode(ids) == "<system>Sys</><user>Q: hi (3)</><assistant>"
+    plain = PromptRenderer(FakeTokenizer(), prompt_column="p", chat=False)
+    with pytest.raises(RowError, match="not a string"):
+        plain.encode_row({"p": 5})
+    with pytest.raises(RowError, match="empty prompt"):
+        plain.encode_row({"p": "  "})
+    assert plain.encode_row({"p": "a"})[0] == 1  # plain prompts keep the tokenizer's BOS
