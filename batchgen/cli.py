@@ -5,7 +5,6 @@ options (JOB_OPTIONS), declared once. Exit codes: 0 done (or nothing left to do)
 1 internal error, 2 configuration error, 75 interrupted (re-run to resume).
 """
 import inspect
-import json
 import os
 import sys
 import traceback
@@ -255,7 +254,7 @@ def _guard(fn: Callable[[], int]) -> int:
 
 def _run(opts: dict[str, Any], make_engine: Optional[Callable]) -> int:
     from batchgen.job.progress import ProgressReporter
-    from batchgen.job.runner import default_make_engine, prepare_job, run_job
+    from batchgen.job.runner import default_make_engine, run_job
 
     try:
         job = build_job(opts)
