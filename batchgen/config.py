@@ -40,6 +40,8 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy" (seeded random weights from config.json)
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # no CUDA graphs
+    # Schedule and launch step n+1 while the device runs step n (None: on for CUDA).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:

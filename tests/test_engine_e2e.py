@@ -53,6 +53,8 @@ CONFIGS = {
     # 28 blocks of 16 tokens: the 323-token prompt alone needs 22, so others get preempted.
     "preemption": {"num_kv_blocks": 28},
     "no_prefix_cache": {"enable_prefix_caching": False},
+    # Overlapped steps (the CUDA default) with chunks and preemption on top.
+    "overlap": {"async_scheduling": True, "num_kv_blocks": 28, "max_num_batched_tokens": 64},
 }
 
 
@@ -65,7 +67,7 @@ def test_greedy_matches_transformers(smol_model_dir, reference, name):
     for i, (out, exp) in enumerate(zip(outs, expected)):
         assert out.outputs[0].token_ids == exp, f"prompt {i} differs in config {name}"
     stats = llm.engine.stats()
-    if name == "preemption":
+    if name in ("preemption", "overlap"):
         assert stats.num_preemptions > 0
     if name == "default":
         # The three chat prompts share the system prompt: the later ones hit the cache.
@@ -119,8 +121,9 @@ def test_seeded_sampling_is_batch_independent_and_n(smol_model_dir):
         assert all(tok in entry for tok, entry in zip(c.token_ids, c.logprobs))
 
 
-def test_stop_strings(smol_model_dir):
-    llm = LLM(str(smol_model_dir), device="cpu")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_strings(smol_model_dir, overlap):
+    llm = LLM(str(smol_model_dir), device="cpu", async_scheduling=overlap)
     base = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12),
                         use_tqdm=False)[0].outputs[0].text
     word = base.split()[1] if len(base.split()) > 1 else base.strip()[:3]

@@ -64,7 +64,9 @@ class DecodeGraphs:
         return batch.is_decode_only and batch.num_reqs <= self.max_bs \
             and batch.block_tables.shape[1] <= self.max_blocks
 
-    def run(self, batch) -> torch.Tensor:
+    def run(self, batch, fixup=None) -> torch.Tensor:
+        """fixup: (token indices, token ids) already on the device, written into input_ids
+        after the copy (the previous step's sampled tokens, overlapped steps)."""
         n = batch.num_reqs
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         nb = batch.block_tables.shape[1]
@@ -86,6 +88,8 @@ class DecodeGraphs:
         self.slot_mapping[:bs].copy_(dev[2 * bs:3 * bs])
         self.seq_lens[:bs].copy_(dev[3 * bs:4 * bs])
         self.block_tables[:bs].copy_(dev[4 * bs:].view(bs, self.max_blocks))
+        if fixup is not None:
+            self.input_ids[fixup[0]] = fixup[1]
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 

@@ -13,6 +13,8 @@ from batchgen.config import EngineConfig
 from batchgen.engine.detokenizer import IncrementalDetokenizer, decode_output
 from batchgen.engine.model_runner import ModelRunner
 from batchgen.engine.output_processor import build_request_output, merge_fanout
+from batchgen.engine.overlap import (PendingStep, fill_placeholders, is_stop_token,
+                                     placeholder_tokens, record_placeholders, stop_after)
 from batchgen.engine.request import Request, RequestStatus
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig
 from batchgen.models import loader
@@ -98,6 +100,11 @@ class Engine:
         self._num_generated_tokens = 0
         self._num_steps = 0
         self._num_preemptions = 0
+        self._num_penalized = 0  # live requests with penalties (they need real tokens)
+        self._inflight: PendingStep | None = None
+        # Overlap host and device work where the device runs asynchronously.
+        self.overlap = config.async_scheduling if config.async_scheduling is not None \
+            else self.device.type == "cuda"
         self.reset_peak_stats()
         self.startup_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: %d KV blocks (%d tokens), max_model_len %d",
@@ -130,6 +137,7 @@ class Engine:
             self._finish_output(req, prompt)
             return
         req.max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
+        self._num_penalized += params.has_penalties
         if params.stop and self.tokenizer is not None:
             self._detokenizers[request_id] = IncrementalDetokenizer(
                 self.tokenizer, params, prompt_token_ids)
@@ -154,47 +162,105 @@ class Engine:
     def abort(self, request_id: str) -> None:
         ids = [f"{request_id}#{i}" for i in range(self._fanout[request_id][0])] \
             if request_id in self._fanout else [request_id]
+        for rid in ids:
+            req = self.scheduler.get_request(rid)
+            if req is not None:
+                self._num_penalized -= req.sampling_params.has_penalties
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for rid in ids:
             self._detokenizers.pop(rid, None)
         self._fanout.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return bool(self._pending) or self.scheduler.has_unfinished_requests()
+        return bool(self._pending) or self._inflight is not None \
+            or self.scheduler.has_unfinished_requests()
 
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the requests that finished (with overlapped steps, those whose
+        last token became known during this call)."""
         outputs, self._pending = self._pending, []
         timer = self.runner.timer
         timer.start()
+        prev, self._inflight = self._inflight, None
+        if prev is not None and self._num_penalized:
+            # penalties count output tokens on the host: no placeholders allowed
+            outputs += self._resolve(prev)
+            prev = None
         sched = self.scheduler.schedule()
         timer.lap("schedule")
         self._num_preemptions += len(sched.preempted)
         if sched.is_empty:
-            finished = self.scheduler.update_from_output(sched, [])
-            done = (self._finish_output(r, r.prompt_text, emit=False) for r in finished)
-            return outputs + [o for o in done if o is not None]
+            outputs += self._emit(self.scheduler.update_from_output(sched, []))
+            if prev is not None:
+                outputs += self._resolve(prev)
+            return outputs
         self._num_steps += 1
-        result = self.runner.execute(sched)
-        if result.logprobs is not None:
-            for req, lp in zip(sched.requests, result.logprobs):
-                if lp is not None and req.sampling_params.logprobs is not None:
-                    req.logprobs.append(lp)
         self._num_prompt_tokens += sum(
             n for req, n, before in zip(sched.requests, sched.num_scheduled_tokens,
                                         sched.num_computed_before)
             if before < req.num_prompt_tokens)
+        launched = self.runner.launch(sched, prev.launch if prev is not None else None)
+        if self.overlap:
+            finished = self.scheduler.update_from_output(sched, placeholder_tokens(sched))
+            self._inflight = PendingStep(sched, launched, record_placeholders(sched), finished)
+            self._track_peaks()
+            timer.lap("update_outputs")
+            if prev is not None:
+                outputs += self._resolve(prev)
+            return outputs
+        result = self.runner.collect(launched)
+        if result.logprobs is not None:
+            for req, lp in zip(sched.requests, result.logprobs):
+                if lp is not None and req.sampling_params.logprobs is not None:
+                    req.logprobs.append(lp)
         finished = self.scheduler.update_from_output(sched, result.sampled_token_ids)
         self._num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
         self._track_peaks()
         finished = finished + self._check_stop_strings(sched, result.sampled_token_ids, finished)
-        for req in finished:
-            out = self._finish_output(req, req.prompt_text, emit=False)
-            if out is not None:
-                outputs.append(out)
+        outputs += self._emit(finished)
         timer.lap("update_outputs")
         return outputs
+
+    def _resolve(self, pending: PendingStep) -> list[RequestOutput]:
+        """Wait for an overlapped step, put its real tokens in place, finish on stop tokens and
+        stop strings, and emit what finished."""
+        result = self.runner.collect(pending.launch)
+        tokens, lps = {}, None
+        for req, tok in zip(pending.sched.requests, result.sampled_token_ids):
+            if tok is not None:
+                tokens[id(req)] = tok
+        if result.logprobs is not None:
+            lps = {id(req): lp for req, lp in zip(pending.sched.requests, result.logprobs)
+                   if lp is not None}
+        truncated = {id(req) for req, index in pending.placeholders
+                     if index >= len(req.output_token_ids)}
+        finished = [r for r in pending.finished
+                    if id(r) not in truncated and r.status != RequestStatus.FINISHED_ABORTED]
+        filled = fill_placeholders(pending, tokens, lps)
+        self._num_generated_tokens += len(filled)
+        for req, token, index in filled:
+            if req.status == RequestStatus.FINISHED_ABORTED:
+                continue
+            reason = token if is_stop_token(req, token, index + 1) else None
+            detok = self._detokenizers.get(req.request_id)
+            if detok is not None:
+                hit = detok.update([token])
+                reason = hit if hit is not None else reason
+            if reason is None:
+                continue
+            was_finished = req.is_finished
+            stop_after(req, index, reason)
+            if not was_finished:
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                finished.append(req)
+        self.runner.timer.lap("update_outputs")
+        return self._emit(finished)
+
+    def _emit(self, finished: list[Request]) -> list[RequestOutput]:
+        done = (self._finish_output(r, r.prompt_text, emit=False) for r in finished)
+        return [o for o in done if o is not None]
 
     def _check_stop_strings(self, sched, sampled, already: list[Request]) -> list[Request]:
         """Feed each new token to its request's detokenizer; a stop string finishes the request
@@ -219,6 +285,8 @@ class Engine:
         return stopped
 
     def _finish_output(self, req: Request, prompt: str | None, emit: bool = True):
+        if req.status != RequestStatus.FINISHED_ERROR:
+            self._num_penalized -= req.sampling_params.has_penalties
         detok = self._detokenizers.pop(req.request_id, None)
         if detok is not None:
             text = detok.output_text

@@ -21,6 +21,10 @@ class InputBatch:
     sample_rows: list[int]  # [S] which of the B requests sample
     max_query_len: int
     max_seq_len: int
+    # Tokens still on the device (overlapped steps): input_ids[placeholder_index] comes from
+    # the previous step's sampled tensor at row placeholder_prev_row.
+    placeholder_index: np.ndarray | None = None  # [P] int64
+    placeholder_prev_row: np.ndarray | None = None  # [P] int64
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +64,15 @@ def build_input_batch(sched, block_size: int) -> InputBatch:
         block_tables[i, :len(row)] = row
     input_ids = np.asarray(ids, dtype=np.int64)
     assert input_ids.shape[0] == num_tokens
+    placeholder_index = np.nonzero(input_ids < 0)[0]
+    placeholder_prev_row = None
+    if placeholder_index.size:
+        owners = np.searchsorted(cu[1:], placeholder_index, side="right")
+        placeholder_prev_row = np.asarray([reqs[r].pending_sample_row for r in owners.tolist()],
+                                          dtype=np.int64)
+        input_ids[placeholder_index] = 0
+    else:
+        placeholder_index = None
 
     # positions: start of each request + offset inside its chunk.
     req_of_token = np.repeat(np.arange(num_reqs), q_lens)
@@ -74,4 +87,5 @@ def build_input_batch(sched, block_size: int) -> InputBatch:
         query_start_loc=cu.astype(np.int32), seq_lens=seq_lens.astype(np.int32),
         block_tables=block_tables, logits_indices=np.asarray(logits_indices, dtype=np.int64),
         sample_rows=sample_rows, max_query_len=int(q_lens.max()) if num_reqs else 0,
-        max_seq_len=int(seq_lens.max()) if num_reqs else 0)
+        max_seq_len=int(seq_lens.max()) if num_reqs else 0,
+        placeholder_index=placeholder_index, placeholder_prev_row=placeholder_prev_row)

@@ -28,6 +28,14 @@ class StepResult:
     logprobs: list[tuple[float, list[int], list[float]] | None] | None = None
 
 
+@dataclass
+class LaunchedStep:
+    sample_rows: list[int]  # which scheduled requests sample, in sampled-tensor order
+    sampled: torch.Tensor | None  # [S] int64 on the device
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    num_scheduled: int = 0
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, max_model_len: int,
                  device: torch.device, dtype: torch.dtype):
@@ -148,36 +156,60 @@ class ModelRunner:
             query_start_loc_host=batch.query_start_loc.tolist(),
             seq_lens_host=batch.seq_lens.tolist())
 
-    @torch.inference_mode()
     def execute(self, sched) -> StepResult:
+        """One step, synchronous: launch it and wait for its tokens."""
+        return self.collect(self.launch(sched, None))
+
+    @torch.inference_mode()
+    def launch(self, sched, prev: LaunchedStep | None) -> LaunchedStep:
+        """Enqueue one step's forward and sampling on the device; no host sync. Placeholder
+        tokens in the batch are read from `prev`'s sampled tensor on the device."""
         timer = self.timer
         batch = build_input_batch(sched, self.block_size)
+        fixup = None
+        if batch.placeholder_index is not None:
+            assert prev is not None and prev.sampled is not None, "placeholder with no step before"
+            fixup = (self._to_device(batch.placeholder_index),
+                     prev.sampled[self._to_device(batch.placeholder_prev_row)])
         timer.lap("prepare_inputs")
         if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
+            hidden = self.graphs.run(batch, fixup)
         else:
             ctx = self._make_context(batch)
-            hidden = self.model(self._to_device(batch.input_ids), self._to_device(batch.positions),
-                                ctx)
+            input_ids = self._to_device(batch.input_ids)
+            if fixup is not None:
+                input_ids[fixup[0]] = fixup[1]
+            hidden = self.model(input_ids, self._to_device(batch.positions), ctx)
         timer.lap("launch_forward")
-        sampled: list[int | None] = [None] * len(sched.requests)
         if not batch.sample_rows:
-            return StepResult(sampled)
+            return LaunchedStep(batch.sample_rows, None, None, len(sched.requests))
         logits_idx = self._to_device(batch.logits_indices)
         logits = self.model.compute_logits(hidden[logits_idx]).float()
         sample_reqs = [sched.requests[i] for i in batch.sample_rows]
+        for j, req in enumerate(sample_reqs):
+            req.pending_sample_row = j
         meta = build_sampling_metadata(sample_reqs, self.vocab_size, self.device,
                                        pin_memory=self.is_cuda)
         out = self.sampler(logits, meta)
         timer.lap("launch_sampling")
-        token_ids = out.sampled_token_ids.tolist()  # the step's one host sync
-        timer.lap("wait_gpu")
-        for row, tok in zip(batch.sample_rows, token_ids):
+        return LaunchedStep(batch.sample_rows, out.sampled_token_ids, out.logprobs,
+                            len(sched.requests))
+
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step and bring its tokens to the host, aligned with its
+        SchedulerOutput's requests (None where a request did not sample)."""
+        num = launched.num_scheduled
+        sampled: list[int | None] = [None] * num
+        if launched.sampled is None:
+            return StepResult(sampled)
+        token_ids = launched.sampled.tolist()  # the step's one host sync
+        self.timer.lap("wait_gpu")
+        for row, tok in zip(launched.sample_rows, token_ids):
             sampled[row] = tok
         logprobs = None
-        if out.logprobs is not None:
-            logprobs = [None] * len(sched.requests)
-            lp, top_ids, top_lps = (x.tolist() for x in out.logprobs)
-            for j, row in enumerate(batch.sample_rows):
+        if launched.logprobs is not None:
+            logprobs = [None] * num
+            lp, top_ids, top_lps = (x.tolist() for x in launched.logprobs)
+            for j, row in enumerate(launched.sample_rows):
                 logprobs[row] = (lp[j], top_ids[j], top_lps[j])
         return StepResult(sampled, logprobs)

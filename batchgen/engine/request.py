@@ -60,8 +60,8 @@ class Request:
     error: str | None = None
     # Per generated token: (sampled logprob, top ids, top logprobs) when logprobs were asked.
     logprobs: list[tuple[float, list[int], list[float]]] = field(default_factory=list)
-    # Text cut at a stop string (set by the output processor), else None.
-    stop_text_len: int | None = None
+    # Row of this request's token in the previous step's sampled tensor (overlapped steps).
+    pending_sample_row: int = -1
 
     @property
     def num_prompt_tokens(self) -> int:
