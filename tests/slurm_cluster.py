@@ -61,6 +61,17 @@ class SlurmCluster:
         self._wait_for(self._is_node_idle, timeout, "slurmd (node idle)")
 
     def stop(self) -> None:
+        """Cancel what is still queued (so no job outlives the cluster), then stop the
+        daemons by pid: slurmd, slurmctld, munged."""
+        if self._is_alive("slurmctld") and self._is_alive("slurmd"):
+            try:
+                jobs = self._run("squeue", "-h", "-o", "%A").stdout.split()
+                if jobs:
+                    self._run("scancel", *sorted(set(jobs)))
+                    self._wait_for(lambda: not self._run("squeue", "-h").stdout.strip(), 30,
+                                   "the queue to empty")
+            except (RuntimeError, TimeoutError, subprocess.SubprocessError):
+                pass
         for name in reversed(list(self.processes)):
             process = self.processes.pop(name)
             if process.poll() is None:
@@ -92,12 +103,14 @@ class SlurmCluster:
         return result.stdout.strip().split(";")[0]
 
     def states(self, job_id: str) -> dict[str, str]:
-        """{'<job>_<task>': state} of the tasks still known to squeue (pending ones may show
-        as one '<job>_[0-2]' entry)."""
-        result = self._run("squeue", "-h", "-r", "-j", job_id, "-o", "%i %T")
+        """{'<job>_<task>': state} of the tasks of `job_id` still in the queue (pending
+        tasks may show together as '<job>_[0-2]')."""
+        result = self._run("squeue", "-h", "-r", "-o", "%i %T")
         if result.returncode != 0:
-            return {}  # an unknown job id once every task has left the queue
-        return dict(line.split() for line in result.stdout.splitlines() if line.strip())
+            raise RuntimeError(f"squeue failed: {result.stderr.strip()}")
+        pairs = (line.split() for line in result.stdout.splitlines() if line.strip())
+        return {task: state for task, state in pairs
+                if task == job_id or task.startswith(f"{job_id}_")}
 
     def wait_until_done(self, job_id: str, timeout: float) -> None:
         self._wait_for(lambda: not self.states(job_id), timeout, f"job {job_id} to finish")
@@ -141,6 +154,9 @@ class SlurmCluster:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+
+    def _is_alive(self, name: str) -> bool:
+        return name in self.processes and self.processes[name].poll() is None
 
     def _is_node_idle(self) -> bool:
         result = self._run("sinfo", "-h", "-n", self.node, "-o", "%T")

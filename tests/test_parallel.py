@@ -130,3 +130,116 @@ def test_worker_argv_and_exit_codes():
     assert combined_exit_code([0, -9]) == 1
     assert combined_exit_code([2, 2]) == 2
     assert combined_exit_code([2, 1]) == 1
+
+
+# ---- the real CLI on the small model ---------------------------------------------------
+# A tiny job: 18 rows, 8 tokens each, 2 rows per part (9 parts), on CPU. The reference is one
+# plain single-process run, made once per session (test_slurm.py compares against it too).
+
+NUM_ROWS = 18
+NUM_PARTS = 9
+
+
+def write_tiny_input(path: Path) -> Path:
+    with open(path, "w") as f:
+        for i in range(NUM_ROWS):
+            f.write(json.dumps({"prompt": f"Name a fruit, then the number {i}.", "id": i}) + "\n")
+    return path
+
+
+def tiny_job_argv(model_dir: Path, input_path: Path, out: Path) -> list[str]:
+    return ["--input", str(input_path), "--output", str(out), "--model", str(model_dir),
+            "--max-tokens", "8", "--rows-per-part", "2", "--device", "cpu", "--format", "jsonl"]
+
+
+def cli(*args: str, timeout: float = 180, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batchgen.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, **popen)
+
+
+def output_rows(out: Path) -> list[tuple[int, str | None, str | None]]:
+    from batchgen.job.writer import read_part
+    rows = [(r["row"], r["text"], r["error"]) for part in sorted(out.glob("part-*.jsonl"))
+            for r in read_part(part)]
+    return sorted(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(smol_model_dir, tmp_path_factory) -> list[tuple[int, str | None, str | None]]:
+    cached = tmp_path_factory.getbasetemp() / "tiny-reference.json"
+    if cached.exists():  # made by the other test module's copy of this fixture
+        return [tuple(r) for r in json.loads(cached.read_text())]
+    root = tmp_path_factory.mktemp("tiny-reference")
+    data = write_tiny_input(root / "data.jsonl")
+    result = cli("run", *tiny_job_argv(smol_model_dir, data, root / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = output_rows(root / "out")
+    assert [r[0] for r in rows] == list(range(NUM_ROWS)) and all(r[1] for r in rows)
+    cached.write_text(json.dumps(rows))
+    return rows
+
+
+@pytest.mark.slow
+def test_data_parallel_2_equals_data_parallel_1(smol_model_dir, tiny_reference, tmp_path):
+    data = write_tiny_input(tmp_path / "data.jsonl")
+    out = tmp_path / "dp2"
+    result = cli("run", *tiny_job_argv(smol_model_dir, data, out), "--data-parallel", "2",
+                 env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "all 2 workers done" in result.stderr
+    assert (out / "_shard-0-of-2.json").exists() and (out / "_shard-1-of-2.json").exists()
+    for i in range(2):
+        assert (out / "_logs" / f"data-parallel-{i}-of-2.log").exists()
+    assert output_rows(out) == tiny_reference
+    assert not list(out.glob("_lock-*"))
+    verify = cli("verify", str(out))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_concurrent_runs_of_one_shard_and_a_killed_runs_lock(smol_model_dir, tiny_reference,
+                                                            tmp_path):
+    data = write_tiny_input(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "batchgen.cli", "run", *tiny_job_argv(smol_model_dir, data, out)]
+    lock = out / "_lock-0-of-1.json"
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lock.exists, 120, "the first run to take the lock")
+        assert json.loads(lock.read_text())["pid"] == first.pid
+
+        second = cli("run", *tiny_job_argv(smol_model_dir, data, out))
+        assert second.returncode == 0
+        assert "already running" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the second run did not disturb the first
+
+        _wait_for(lambda: list(out.glob("part-*.jsonl")) or first.poll() is not None, 120,
+                  "the first run's first part")
+        first.kill()  # kill -9: no chance to clean up
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    committed = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.jsonl")}
+    assert lock.exists() and json.loads(lock.read_text())["pid"] == first.pid  # left behind
+
+    third = cli("run", *tiny_job_argv(smol_model_dir, data, out))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "already running" not in third.stderr
+    assert not lock.exists()
+    assert output_rows(out) == tiny_reference
+    for name, mtime in committed.items():  # resumed: the killed run's parts were kept
+        assert (out / name).stat().st_mtime_ns == mtime
+
+    again = cli("run", *tiny_job_argv(smol_model_dir, data, out))  # a finished job: no-op
+    assert again.returncode == 0
+    assert output_rows(out) == tiny_reference

@@ -18,6 +18,8 @@ from batchgen.job.slurm import detect_slurm_shard, render_sbatch_script
 
 sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import SlurmCluster, missing_programs  # noqa: E402
+from test_parallel import (cli, output_rows, tiny_job_argv, tiny_reference,  # noqa: E402,F401
+                           write_tiny_input)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,8 @@ def test_command_line_quotes_odd_arguments_and_passes_the_shard():
 def test_script_forwards_usr1_and_requeues_on_75():
     script = _render()
     assert "trap " in script and "USR1" in script.split("trap ", 1)[1].splitlines()[0]
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert 'scontrol requeue "$task"' in script
+    assert 'task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' in script
     assert '-eq 75' in script
     assert script.rstrip().endswith('exit "$status"')
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
@@ -93,7 +96,7 @@ def test_script_runs_under_bash_and_requeues_only_after_an_interrupt(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="1",
-               SLURM_JOB_ID="4242")
+               SLURM_JOB_ID="4242", SLURM_ARRAY_JOB_ID="4240")
     for quick in (True, False):
         script = tmp_path / "job.sh"
         script.write_text(_render(run_argv=["--quick"] if quick else [], launcher=["fakebg"],
@@ -114,7 +117,7 @@ def test_script_runs_under_bash_and_requeues_only_after_an_interrupt(tmp_path):
             assert not (tmp_path / "scontrol.args").exists()
         else:
             assert shell.returncode == 75
-            assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+            assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4240_1"]
 
 
 def test_bad_options_are_refused():
@@ -149,3 +152,135 @@ def test_detect_slurm_shard():
         detect_slurm_shard({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"})
     with pytest.raises(ValueError, match="--shard"):
         detect_slurm_shard({"SLURM_ARRAY_TASK_ID": "3"})
+
+
+# ---- a real Slurm ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"Slurm is not installed (no {', '.join(missing)}): "
+                    "run .ci/slurm-setup.sh (apt-get install slurm-wlm munge) as root")
+    if os.geteuid() != 0:
+        pytest.skip("the one-node Slurm test cluster must be started as root")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+# Stands in for batchgen in the script: logs each start and signal to <output>/shard-I.log;
+# shards named by --hold wait (until a signal: exit 75) on their first start only.
+STAND_IN = textwrap.dedent("""
+    import os, signal, sys, time
+    argv = sys.argv[1:]
+    out, hold = argv[argv.index("--output") + 1], argv[argv.index("--hold") + 1].split(",")
+    index = argv[argv.index("--shard") + 1].split("/")[0]
+    log = os.path.join(out, f"shard-{index}.log")
+    def note(what):
+        with open(log, "a") as f:
+            f.write(what + "\\n")
+    def stop(signum, frame):
+        note(f"signal {signum}")
+        sys.exit(75)
+    signal.signal(signal.SIGUSR1, stop)
+    signal.signal(signal.SIGTERM, stop)
+    is_first = not os.path.exists(log)
+    note("start")
+    if is_first and index in hold:
+        time.sleep(120)
+""")
+
+
+def _wait(predicate, timeout: float, what: str, cluster: SlurmCluster) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slurm
+def test_slurm_requeues_on_the_warning_and_a_cancelled_task_can_be_resubmitted(slurm, tmp_path):
+    out = tmp_path / "out"
+    (out / "_logs").mkdir(parents=True)
+    stand_in = tmp_path / "stand_in.py"
+    stand_in.write_text(STAND_IN)
+    script = tmp_path / "job.sh"
+    script.write_text(render_sbatch_script(
+        ["--output", str(out), "--hold", "0,2"], array=3, gpus_per_task=0, time=None,
+        partition=None, account=None, cpus_per_task=None, mem=None, job_name="standin",
+        output_dir=out, launcher=[sys.executable, str(stand_in)], workdir=tmp_path))
+    job = slurm.sbatch(script)
+    shard_log = lambda i: out / f"shard-{i}.log"  # noqa: E731
+    _wait(lambda: shard_log(0).exists() and shard_log(2).exists(), 60, "tasks 0 and 2", slurm)
+
+    # the time-limit warning (USR1 to the batch shell) -> batchgen exits 75 -> requeued.
+    # Task 2 is the one whose job id is also the array's: only it may be requeued.
+    slurm.scancel(f"{job}_2", "--signal=USR1", "--batch")
+    _wait(lambda: all(s in slurm.job_info(f"{job}_2") for s in ("Restarts=1", "PENDING")),
+          60, "task 2 requeued", slurm)
+    # Slurm holds a requeued job back for two minutes (BeginTime); let it start sooner (not
+    # at once: slurmd refuses a relaunch while the last run's credential is still revoked)
+    subprocess.run(["scontrol", "update", f"JobId={job}_2", "StartTime=now+5"], env=slurm.env,
+                   check=True, capture_output=True)
+    assert "Restarts=0" in slurm.job_info(f"{job}_0")  # untouched by task 2's requeue
+
+    # scancel: SIGTERM, the task ends cancelled (no requeue); resubmit it alone
+    slurm.scancel(f"{job}_0")
+    _wait(lambda: f"{job}_0" not in slurm.states(job), 60, "task 0 cancelled", slurm)
+    again = slurm.sbatch(script, "--array=0")
+    slurm.wait_until_done(job, 120)
+    slurm.wait_until_done(again, 60)
+
+    assert shard_log(0).read_text().split("\n")[:3] == ["start", "signal 15", "start"]
+    assert shard_log(2).read_text().split("\n")[:3] == ["start", "signal 10", "start"]
+    assert shard_log(1).read_text() == "start\n"
+    assert "REQUEUE" not in (out / "_logs" / f"standin-{job}_0.out").read_text()
+    task_log = (out / "_logs" / f"standin-{job}_2.out").read_text()
+    assert "requeueing" in task_log and task_log.count("batchgen: task 2 of 3") == 2
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_array_of_the_real_cli_survives_cancel_and_requeue(slurm, smol_model_dir,
+                                                                 tiny_reference, tmp_path):
+    """`batchgen slurm` -> sbatch a 3-task CPU array on the small model; the time warning
+    (USR1) requeues task 2, scancel stops task 1, which is resubmitted alone; then `verify`
+    passes and the rows equal a single-process run's."""
+    data = write_tiny_input(tmp_path / "data.jsonl")
+    out = tmp_path / "out"
+    made = cli("slurm", *tiny_job_argv(smol_model_dir, data, out), "--array", "3",
+               "--gpus-per-task", "0", "--job-name", "tiny", "--script-out", "job.sh",
+               cwd=tmp_path, env=slurm.env)
+    assert made.returncode == 0, made.stderr
+    script = tmp_path / "job.sh"
+    assert "--array=0-2" in script.read_text() and (out / "_logs").is_dir()
+
+    job = slurm.sbatch(script)
+    # Each signal comes once batchgen holds its shard's lock (its stop handlers are then in
+    # place) and is loading the model: the task stops with none of its parts done.
+    _wait((out / "_lock-1-of-3.json").exists, 180, "task 1 to start batchgen", slurm)
+    time.sleep(0.5)
+    slurm.scancel(f"{job}_1")  # SIGTERM: batchgen exits 75, the task ends cancelled
+    _wait((out / "_lock-2-of-3.json").exists, 180, "task 2 to start batchgen", slurm)
+    time.sleep(0.5)
+    slurm.scancel(f"{job}_2", "--signal=USR1", "--batch")  # the time-limit warning
+    _wait(lambda: all(s in slurm.job_info(f"{job}_2") for s in ("Restarts=1", "PENDING")),
+          60, "task 2 requeued", slurm)
+    subprocess.run(["scontrol", "update", f"JobId={job}_2", "StartTime=now+5"],
+                   env=slurm.env, check=True, capture_output=True)
+    _wait(lambda: f"{job}_1" not in slurm.states(job), 60, "task 1 to end", slurm)
+    again = slurm.sbatch(script, "--array=1")
+    slurm.wait_until_done(job, 240)
+    slurm.wait_until_done(again, 120)
+
+    logs = {p.name: p.read_text() for p in (out / "_logs").glob("tiny-*.out")}
+    task1, task2 = logs[f"tiny-{job}_1.out"], logs[f"tiny-{job}_2.out"]
+    assert "CANCELLED" in task1 and "requeueing" not in task1
+    assert "requeueing" in task2 and task2.count("batchgen: task 2 of 3") == 2
+    assert "REQUEUE" not in logs[f"tiny-{job}_0.out"]  # task 2's requeue was its own
+    assert f"tiny-{again}_1.out" in logs  # the resubmitted shard 1
+    verify = cli("verify", str(out))
+    assert verify.returncode == 0, verify.stdout + verify.stderr + "\n".join(logs.values())
+    assert output_rows(out) == tiny_reference
+    assert not list(out.glob("_lock-*"))

@@ -99,7 +99,8 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     progress = DataParallelProgress(output_dir, stream or sys.stderr)
 
     workers: list[Worker] = []
-    previous = _forward_signals(workers)
+    forwarded: set[int] = set()
+    previous = _forward_signals(workers, forwarded)
     try:
         for i, argv in enumerate(argvs):
             log_path = log_dir / f"data-parallel-{i}-of-{num_workers}.log"
@@ -109,6 +110,10 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
             for worker in workers:
                 if worker.is_running and worker.process.poll() is not None:
                     worker.returncode = worker.process.returncode
+                    if -worker.returncode in forwarded:
+                        # it died of a stop signal we passed on (e.g. while exiting, with
+                        # its handlers gone): its parts are committed, so: interrupted
+                        worker.returncode = EXIT_INTERRUPTED
                     progress.worker_exited(worker.index, worker.returncode, worker.log_path)
             progress.update()
             if any(w.is_running for w in workers):
@@ -161,10 +166,11 @@ def _die_with_parent() -> None:
             pass
 
 
-def _forward_signals(workers: list[Worker]) -> dict[int, object]:
-    """Install handlers that pass SIGINT/SIGTERM/SIGUSR1 on to the live workers (main thread
-    only; elsewhere nothing is installed)."""
+def _forward_signals(workers: list[Worker], forwarded: set[int]) -> dict[int, object]:
+    """Install handlers that pass SIGINT/SIGTERM/SIGUSR1 on to the live workers, noting each
+    in `forwarded` (main thread only; elsewhere nothing is installed)."""
     def forward(signum: int, _frame: object) -> None:
+        forwarded.add(signum)
         for worker in workers:
             if worker.process.poll() is None:
                 try:
