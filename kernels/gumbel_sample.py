@@ -16,6 +16,7 @@ MIX_A = 0x7FEB352D
 MIX_B = 0x5BD1E995
 MIX_C = 0x2C1B3C6D
 TOKEN_STRIDE = 0x9E3779B1  # golden-ratio step between the counters of adjacent tokens
+POSITION_SALT = 0x27D4EB2F
 
 
 def mix32_(x: torch.Tensor, num_rounds: int = 3) -> torch.Tensor:
@@ -24,6 +25,16 @@ def mix32_(x: torch.Tensor, num_rounds: int = 3) -> torch.Tensor:
         x ^= x >> shift
         x.mul_(multiplier).bitwise_and_(MASK32)
     return x
+
+
+def row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hash(seed, position) -> [R] int64 in [0, 2^32): the key of a row's noise. Cheap enough
+    to compute on the host, where the seeds and positions are known."""
+    low, high = seeds & MASK32, (seeds >> 32) & MASK32
+    key = mix32_((positions * POSITION_SALT + 1) & MASK32)
+    key = mix32_(key ^ high)
+    key = mix32_(key ^ low)
+    return key ^ (key >> 16)
 
 
 def token_noise_ref(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -146,6 +146,22 @@ def _prefill_attention_kernel(
              mask=is_row[:, None])
 
 
+def _tile_map(query_start_loc: torch.Tensor, num_tokens: int, num_reqs: int, group: int,
+              block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile -> (request, first row), built on the device without a sync. Request b has
+    cdiv(q_len_b * group, block_m) tiles; the grid's bound covers every split.
+    -> (tile_reqs [N] int32 (num_reqs past the end), tile_first_rows [N] int32)."""
+    starts = query_start_loc.long()
+    tiles_per_req = ((starts[1:] - starts[:-1]) * group + block_m - 1) // block_m  # [B]
+    tile_ends = torch.cumsum(tiles_per_req, 0)
+    num_tiles = -(-num_tokens * group // block_m) + num_reqs
+    tiles = torch.arange(num_tiles, device=query_start_loc.device)
+    tile_reqs = torch.searchsorted(tile_ends, tiles, right=True)
+    tile_firsts = tile_ends - tiles_per_req
+    tile_first_rows = (tiles - tile_firsts[tile_reqs.clamp(max=max(num_reqs - 1, 0))]) * block_m
+    return tile_reqs.to(torch.int32), tile_first_rows.to(torch.int32)
+
+
 def check_paged_attention_args(op: str, q: torch.Tensor, key_cache: torch.Tensor,
                                value_cache: torch.Tensor, block_tables: torch.Tensor,
                                seq_lens: torch.Tensor) -> None:
@@ -198,34 +214,33 @@ def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int]:
 def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                      max_seq_len: int) -> torch.Tensor:
+                      max_seq_len: int, plan_cache: dict | None = None) -> torch.Tensor:
+    """plan_cache: a dict that lives for one step (every layer passes the same one): the
+    argument checks and the tile map are then done once per step, not once per layer."""
     op = "prefill_attention"
-    check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
-    num_reqs = seq_lens.shape[0]
-    if query_start_loc.shape != (num_reqs + 1,):
-        raise ValueError(f"{op}: query_start_loc must be [{num_reqs + 1}], got "
-                         f"{tuple(query_start_loc.shape)}")
-    check_same_device(op, q=q, query_start_loc=query_start_loc)
-    out = torch.empty_like(q)
     num_tokens, num_heads, head_dim = q.shape
-    if num_tokens == 0 or num_reqs == 0:
-        return out
+    num_reqs = seq_lens.shape[0]
     group = num_heads // key_cache.shape[2]
     block_m, block_n, num_warps, num_stages = _tile_sizes(head_dim, max_query_len * group)
-    # Tile -> (request, first row), built on device without a sync. Request b has
-    # cdiv(q_len_b * group, block_m) tiles; the grid's bound covers every split.
-    starts = query_start_loc.long()
-    tiles_per_req = ((starts[1:] - starts[:-1]) * group + block_m - 1) // block_m  # [B]
-    tile_ends = torch.cumsum(tiles_per_req, 0)
-    num_tiles = -(-num_tokens * group // block_m) + num_reqs
-    tiles = torch.arange(num_tiles, device=q.device)
-    tile_reqs = torch.searchsorted(tile_ends, tiles, right=True)  # num_reqs past the end
-    tile_firsts = tile_ends - tiles_per_req
-    tile_first_rows = (tiles - tile_firsts[tile_reqs.clamp(max=num_reqs - 1)]) * block_m
-    grid = (num_tiles, key_cache.shape[2])
+    plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape))
+    plan = plan_cache.get(plan_key) if plan_cache is not None else None
+    if plan is None:
+        check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
+        if query_start_loc.shape != (num_reqs + 1,):
+            raise ValueError(f"{op}: query_start_loc must be [{num_reqs + 1}], got "
+                             f"{tuple(query_start_loc.shape)}")
+        check_same_device(op, q=q, query_start_loc=query_start_loc)
+        plan = _tile_map(query_start_loc, num_tokens, num_reqs, group, block_m)
+        if plan_cache is not None:
+            plan_cache[plan_key] = plan
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    tile_reqs, tile_first_rows = plan
+    grid = (tile_reqs.shape[0], key_cache.shape[2])
     _prefill_attention_kernel[grid](
         q, key_cache, value_cache, out, block_tables, query_start_loc, seq_lens,
-        tile_reqs.to(torch.int32), tile_first_rows.to(torch.int32), scale * math.log2(math.e),
+        tile_reqs, tile_first_rows, scale * math.log2(math.e),
         num_reqs, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m,

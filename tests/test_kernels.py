@@ -304,3 +304,14 @@ def test_references_import_and_run_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@needs_triton
+def test_prefill_attention_plan_cache_is_shared_across_layers(poisoned_empty):
+    # Two "layers" of one step: same layout, other q and caches; one plan, built once.
+    plans: dict = {}
+    for seed in range(2):
+        torch.manual_seed(seed)
+        batch = _paged_batch(QUERY_LENS, PREFIX_LENS, 8, 2, 64, 16, torch.float32)
+        _assert_close(prefill_attention(**batch, plan_cache=plans), prefill_attention_ref(**batch))
+        assert len(plans) == 1

@@ -29,9 +29,6 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((self.max_bs, self.max_blocks), dtype=torch.int32, device=dev)
-        # One host staging buffer (pinned) for all per-step inputs: a single H2D copy.
-        self.staging = torch.zeros(self.max_bs * (4 + self.max_blocks), dtype=torch.int64,
-                                   pin_memory=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -70,9 +67,13 @@ class DecodeGraphs:
         n = batch.num_reqs
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         nb = batch.block_tables.shape[1]
-        # staging layout: ids | positions | slots | seq_lens | block table rows (bs x max_blocks)
-        host = self.staging.numpy()
-        host[:4 * bs] = 0
+        # One pinned staging tensor for all inputs, one H2D copy. A fresh one from torch's
+        # caching host allocator each step: it is not reused before its copy has run, which
+        # matters when the host runs a step ahead of the device (overlapped steps).
+        # layout: ids | positions | slots | seq_lens | block table rows (bs x max_blocks)
+        staging = torch.empty(bs * (4 + self.max_blocks), dtype=torch.int64, pin_memory=True)
+        host = staging.numpy()
+        host[:2 * bs] = 0
         host[0:n] = batch.input_ids
         host[bs:bs + n] = batch.positions
         host[2 * bs:2 * bs + n] = batch.slot_mapping
@@ -82,7 +83,7 @@ class DecodeGraphs:
         table = host[4 * bs:4 * bs + bs * self.max_blocks].reshape(bs, self.max_blocks)
         table[:] = 0
         table[:n, :nb] = batch.block_tables
-        dev = self.staging[:4 * bs + bs * self.max_blocks].to(self.device, non_blocking=True)
+        dev = staging.to(self.device, non_blocking=True)
         self.input_ids[:bs].copy_(dev[0:bs])
         self.positions[:bs].copy_(dev[bs:2 * bs])
         self.slot_mapping[:bs].copy_(dev[2 * bs:3 * bs])

@@ -106,7 +106,8 @@ class ModelRunner:
             logits_indices=np.zeros(0, dtype=np.int64), sample_rows=[],
             max_query_len=seq, max_seq_len=seq)
         ctx = self._make_context(batch, caches)
-        hidden = self.model(self._to_device(batch.input_ids), self._to_device(batch.positions), ctx)
+        input_ids, positions = self._send(batch.input_ids, batch.positions)
+        hidden = self.model(input_ids, positions, ctx)
         rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows]).float()
         # The sampler's noise, sort and softmax temporaries: measured at 7-9x the fp32 logits.
@@ -138,24 +139,36 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self.is_cuda:
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+    def _send(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """Arrays of one dtype -> device tensors through ONE pinned buffer and one copy (a
+        fresh buffer from torch's caching host allocator: never reused before its copy ran)."""
+        if not self.is_cuda:
+            return [torch.from_numpy(a) for a in arrays]
+        sizes = [a.size for a in arrays]
+        host = torch.empty(sum(sizes), dtype=torch.from_numpy(arrays[0][:0]).dtype,
+                           pin_memory=True)
+        flat = host.numpy()
+        offsets = np.cumsum([0] + sizes)
+        for a, start, end in zip(arrays, offsets[:-1], offsets[1:]):
+            flat[start:end] = a.ravel()
+        dev = host.to(self.device, non_blocking=True)
+        return [dev[start:end].view(a.shape)
+                for a, start, end in zip(arrays, offsets[:-1], offsets[1:])]
 
     def _make_context(self, batch: InputBatch, caches=None) -> ForwardContext:
+        query_start_loc, seq_lens, block_tables = self._send(
+            batch.query_start_loc, batch.seq_lens, batch.block_tables)
+        (slot_mapping,) = self._send(batch.slot_mapping)
         return ForwardContext(
-            query_start_loc=self._to_device(batch.query_start_loc),
-            seq_lens=self._to_device(batch.seq_lens),
-            block_tables=self._to_device(batch.block_tables),
-            slot_mapping=self._to_device(batch.slot_mapping),
+            query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
+            slot_mapping=slot_mapping,
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
             is_decode_only=batch.is_decode_only,
             query_start_loc_host=batch.query_start_loc.tolist(),
             seq_lens_host=batch.seq_lens.tolist())
 
+    @torch.inference_mode()
     def execute(self, sched) -> StepResult:
         """One step, synchronous: launch it and wait for its tokens."""
         return self.collect(self.launch(sched, None))
@@ -169,22 +182,29 @@ class ModelRunner:
         fixup = None
         if batch.placeholder_index is not None:
             assert prev is not None and prev.sampled is not None, "placeholder with no step before"
-            fixup = (self._to_device(batch.placeholder_index),
-                     prev.sampled[self._to_device(batch.placeholder_prev_row)])
+            index, prev_row = self._send(batch.placeholder_index, batch.placeholder_prev_row)
+            fixup = (index, prev.sampled[prev_row])
         timer.lap("prepare_inputs")
+        logits_idx = None
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch, fixup)
         else:
             ctx = self._make_context(batch)
-            input_ids = self._to_device(batch.input_ids)
+            input_ids, positions, logits_idx = self._send(
+                batch.input_ids, batch.positions, batch.logits_indices)
             if fixup is not None:
                 input_ids[fixup[0]] = fixup[1]
-            hidden = self.model(input_ids, self._to_device(batch.positions), ctx)
+            hidden = self.model(input_ids, positions, ctx)
         timer.lap("launch_forward")
         if not batch.sample_rows:
             return LaunchedStep(batch.sample_rows, None, None, len(sched.requests))
-        logits_idx = self._to_device(batch.logits_indices)
-        logits = self.model.compute_logits(hidden[logits_idx]).float()
+        if batch.is_decode_only and len(batch.sample_rows) == batch.num_reqs:
+            rows = hidden  # one token per request, every one samples
+        else:
+            if logits_idx is None:
+                (logits_idx,) = self._send(batch.logits_indices)
+            rows = hidden[logits_idx]
+        logits = self.model.compute_logits(rows).float()
         sample_reqs = [sched.requests[i] for i in batch.sample_rows]
         for j, req in enumerate(sample_reqs):
             req.pending_sample_row = j

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.engine.sampling_metadata import PenaltyMetadata, SamplingMetadata
-from batchgen.kernels.gumbel_sample import MASK32 as _MASK32
-from batchgen.kernels.gumbel_sample import gumbel_sample, gumbel_sample_ref, mix32_, token_noise_ref
+from batchgen.kernels.gumbel_sample import gumbel_sample, gumbel_sample_ref, row_keys, token_noise_ref
 
-_POSITION_SALT = 0x27D4EB2F
 
 
 @dataclass
@@ -76,7 +74,7 @@ class Sampler:
         if meta.min_p is not None:
             x = apply_min_p(x, pick(meta.min_p))
         # argmax softmax(x) / E = argmax x - log E: one fused pass on CUDA.
-        keys = _row_key(pick(meta.seeds), pick(meta.positions))
+        keys = pick(meta.keys)
         sampled = gumbel_sample(x, keys) if x.is_cuda else gumbel_sample_ref(x, keys)
         if rows is None:
             return sampled
@@ -86,16 +84,7 @@ class Sampler:
                           vocab_size: int) -> torch.Tensor:
         """E[r, v] = -log(u(seeds[r], positions[r], v)) ~ Exp(1), i.i.d. across (seed,
         position, v): [R, V] fp32 (the noise the fused sampling kernel draws)."""
-        return token_noise_ref(_row_key(seeds, positions), vocab_size)
-
-
-def _row_key(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """hash(seed, position) -> [R] int64 in [0, 2^32)."""
-    low, high = seeds & _MASK32, (seeds >> 32) & _MASK32
-    key = mix32_((positions * _POSITION_SALT + 1) & _MASK32)
-    key = mix32_(key ^ high)
-    key = mix32_(key ^ low)
-    return key ^ (key >> 16)
+        return token_noise_ref(row_keys(seeds, positions), vocab_size)
 
 
 def apply_penalties(logits: torch.Tensor, pen: PenaltyMetadata) -> torch.Tensor:

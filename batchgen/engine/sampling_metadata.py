@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from batchgen.engine.request import Request
+from batchgen.kernels.gumbel_sample import row_keys
 
 # Below this temperature a request is sampled greedily (dividing by it would overflow).
 MIN_TEMPERATURE = 1e-5
@@ -44,6 +45,7 @@ class SamplingMetadata:
     # The counter-based noise of row b depends on (seeds[b], positions[b]) only.
     seeds: torch.Tensor  # [B] int64
     positions: torch.Tensor  # [B] int64: index of the output token being sampled
+    keys: torch.Tensor  # [B] int64: row_keys(seeds, positions), computed on the host
     penalties: PenaltyMetadata | None
     # Logits to set to -inf (EOS / stop tokens before min_tokens): pairs (row, token id).
     min_tokens_rows: torch.Tensor | None  # [N] int64
@@ -144,8 +146,11 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device,
 
     ints, floats = _HostPacker(torch.int64), _HostPacker(torch.float32)
     floats.add("temperature", temperature)
-    ints.add("seeds", [_as_int64(req.seed) for req in requests])
-    ints.add("positions", [req.num_output_tokens for req in requests])
+    seeds = torch.tensor([_as_int64(req.seed) for req in requests], dtype=torch.int64)
+    positions = torch.tensor([req.num_output_tokens for req in requests], dtype=torch.int64)
+    ints.add("seeds", seeds)
+    ints.add("positions", positions)
+    ints.add("keys", row_keys(seeds, positions))
     if 0 < num_random < num_reqs:
         ints.add("random_rows", random_rows)
     if use_top_k:
@@ -169,7 +174,7 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device,
         temperature=f["temperature"], all_greedy=num_random == 0,
         all_random=num_random == num_reqs, random_rows=i.get("random_rows"),
         top_k=i.get("top_k"), top_p=f.get("top_p"), min_p=f.get("min_p"),
-        seeds=i["seeds"], positions=i["positions"], penalties=penalties,
+        seeds=i["seeds"], positions=i["positions"], keys=i["keys"], penalties=penalties,
         min_tokens_rows=i.get("min_tokens_rows"),
         min_tokens_token_ids=i.get("min_tokens_token_ids"),
         max_num_logprobs=max(logprobs) if logprobs else None, vocab_size=vocab_size)

@@ -38,5 +38,9 @@ class Attention(nn.Module):
                           self.scale, ctx.max_seq_len)
         prefill = (prefill_attention.prefill_attention if is_cuda
                    else prefill_attention.prefill_attention_ref)
+        if is_cuda:
+            return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
+                           ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len,
+                           plan_cache=ctx.attn_plans)
         return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
                        ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len)

@@ -2,7 +2,7 @@
 model runner; the model passes it down; no globals)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class ForwardContext:
     # Host copies for the torch reference path (CPU): avoid .tolist() syncs.
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
+    # Per-step plans the attention kernels share across layers (tile maps, checked args).
+    attn_plans: dict = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
