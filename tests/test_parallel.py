@@ -213,7 +213,11 @@ def test_concurrent_runs_of_one_shard_and_a_killed_runs_lock(smol_model_dir, tin
     lock = out / "_lock-0-of-1.json"
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lock.exists, 120, "the first run to take the lock")
+        _wait_for(lambda: list(out.glob("part-*.jsonl")) or first.poll() is not None, 120,
+                  "the first run's first part")
+        # Frozen mid-job (SIGSTOP): alive and holding the lock however fast this machine is.
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the tiny job finished before it could be frozen"
         assert json.loads(lock.read_text())["pid"] == first.pid
 
         second = cli("run", *tiny_job_argv(smol_model_dir, data, out))
@@ -221,8 +225,6 @@ def test_concurrent_runs_of_one_shard_and_a_killed_runs_lock(smol_model_dir, tin
         assert "already running" in second.stderr and f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the second run did not disturb the first
 
-        _wait_for(lambda: list(out.glob("part-*.jsonl")) or first.poll() is not None, 120,
-                  "the first run's first part")
         first.kill()  # kill -9: no chance to clean up
         first.wait()
     finally:
