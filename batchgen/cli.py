@@ -74,6 +74,13 @@ JOB_OPTIONS = [
     _opt("max_model_len", Optional[int], ("--max-model-len",),
          "Longest prompt + output in tokens (default: the model's)."),
     _opt("max_num_seqs", Optional[int], ("--max-num-seqs",), "Most sequences in one batch."),
+    _opt("max_num_batched_tokens", Optional[int], ("--max-num-batched-tokens",),
+         "Token budget of one engine step (default: 16384 on CUDA, 2048 on CPU)."),
+    _opt("gpu_memory_utilization", Optional[float], ("--gpu-memory-utilization",),
+         "Share of the GPU memory the engine may take (default: 0.9; --data-parallel "
+         "divides it among workers that share a GPU)."),
+    _opt("tokenizer", Optional[str], ("--tokenizer",),
+         "Tokenizer folder when the model has none (e.g. --load-format dummy)."),
     _opt("load_format", Optional[str], ("--load-format",),
          "auto | dummy (random weights, for benchmarks) (default: auto)."),
     _opt("tensor_parallel_size", Optional[int], ("--tensor-parallel-size",),
@@ -96,6 +103,8 @@ _FLAG_FIELDS = {  # option -> JobConfig field (sampling options go to JobConfig.
     "seed": "seed", "rows_per_part": "rows_per_part", "format": "format", "limit": "limit",
     "device": "device", "dtype": "dtype", "max_model_len": "max_model_len",
     "max_num_seqs": "max_num_seqs", "load_format": "load_format",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "gpu_memory_utilization": "gpu_memory_utilization", "tokenizer": "tokenizer",
     "tensor_parallel_size": "tensor_parallel_size", "metrics_json": "metrics_json",
     "overwrite": "overwrite",
 }

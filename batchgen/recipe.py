@@ -8,7 +8,8 @@ dotted name. `--set key=value` uses the same dotted names (`--set sampling.top_k
     prompt:   {template, system, chat}
     sampling: {temperature, top_p, top_k, max_tokens, seed, stop, ...}   # SamplingParams
     output:   {format, keep, rows_per_part, parse_json}
-    engine:   {device, dtype, max_model_len, max_num_seqs, load_format, tensor_parallel_size}
+    engine:   {device, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
+               gpu_memory_utilization, tokenizer, load_format, tensor_parallel_size}
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ RECIPE_KEYS = {
     "engine.dtype": "dtype",
     "engine.max_model_len": "max_model_len",
     "engine.max_num_seqs": "max_num_seqs",
+    "engine.max_num_batched_tokens": "max_num_batched_tokens",
+    "engine.gpu_memory_utilization": "gpu_memory_utilization",
+    "engine.tokenizer": "tokenizer",
     "engine.load_format": "load_format",
     "engine.tensor_parallel_size": "tensor_parallel_size",
     "sampling.seed": "seed",

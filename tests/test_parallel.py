@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.job.parallel import (combined_exit_code, run_data_parallel, visible_gpus,
-                                   worker_argv, worker_env)
+from batchgen.job.parallel import (combined_exit_code, run_data_parallel, share_gpu_memory,
+                                   visible_gpus, worker_argv, worker_env)
 
 # A stand-in for `batchgen.cli`: records what it was given, then behaves as asked by --act.
 FAKE_WORKER = textwrap.dedent("""
@@ -115,6 +115,16 @@ def test_gpus_are_assigned_one_per_worker_round_robin():
     cpu = worker_env(1, 2, [], {})
     assert "CUDA_VISIBLE_DEVICES" not in cpu and int(cpu["OMP_NUM_THREADS"]) >= 1
     assert worker_env(0, 2, [], {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
+
+
+def test_workers_sharing_a_gpu_split_its_memory():
+    argv = ["--input", "x.jsonl"]
+    assert share_gpu_memory(argv, 2, 2) == argv  # one GPU each: the default stands
+    assert share_gpu_memory(argv, 1, 0) == argv  # CPU
+    assert share_gpu_memory(argv, 2, 1)[-2:] == ["--gpu-memory-utilization", "0.450"]
+    assert share_gpu_memory(argv, 3, 2)[-1] == "0.450"  # two workers on the first GPU
+    mine = [*argv, "--gpu-memory-utilization", "0.3"]
+    assert share_gpu_memory(mine, 4, 1) == mine
 
 
 def test_worker_argv_and_exit_codes():

@@ -69,7 +69,7 @@ def fingerprint_fields(job: JobConfig, model: dict[str, Any],
         "max_tokens": job.sampling_params().max_tokens, "seed": job.seed,
         "rows_per_part": job.rows_per_part, "format": job.output_format, "keep": job.keep,
         "parse_json": job.parse_json, "load_format": job.load_format,
-        "dtype": job.dtype, "max_model_len": job.max_model_len,
+        "dtype": job.dtype, "max_model_len": job.max_model_len, "tokenizer": job.tokenizer,
     }
 
 

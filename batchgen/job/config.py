@@ -56,6 +56,9 @@ class JobConfig:
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9  # lower it when workers share a GPU
+    tokenizer: str | None = None  # None: the model's (a dummy-weights folder may have none)
     load_format: str = "auto"
     tensor_parallel_size: int = 1
     # seconds a stop signal waits for in-flight rows of completable parts
@@ -109,7 +112,11 @@ class JobConfig:
         for name in ("rows_per_part", "num_shards"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise JobConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("limit", "max_model_len", "max_num_seqs"):
+        if not isinstance(self.gpu_memory_utilization, (int, float)) \
+                or not 0 < self.gpu_memory_utilization <= 1:
+            raise JobConfigError("gpu_memory_utilization must be in (0, 1], "
+                                 f"got {self.gpu_memory_utilization!r}")
+        for name in ("limit", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise JobConfigError(f"{name} must be an integer >= 1, got {value!r}")

@@ -69,6 +69,16 @@ def worker_env(index: int, num_workers: int, gpus: list[str],
     return child
 
 
+def share_gpu_memory(run_argv: list[str], num_workers: int, num_gpus: int) -> list[str]:
+    """Workers sharing a GPU split its memory: each asks for 0.9 / (workers per GPU) unless
+    the user set --gpu-memory-utilization."""
+    per_gpu = -(-num_workers // num_gpus) if num_gpus else 1
+    if per_gpu <= 1 or any(a == "--gpu-memory-utilization"
+                           or a.startswith("--gpu-memory-utilization=") for a in run_argv):
+        return run_argv
+    return [*run_argv, "--gpu-memory-utilization", f"{0.9 / per_gpu:.3f}"]
+
+
 def worker_argv(run_argv: list[str], index: int, num_workers: int,
                 launcher: list[str] | None = None) -> list[str]:
     for arg in run_argv:
@@ -93,8 +103,9 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     output_dir = Path(output_dir)
     log_dir = output_dir / LOG_DIR_NAME
     log_dir.mkdir(parents=True, exist_ok=True)
-    argvs = [worker_argv(run_argv, i, num_workers, launcher) for i in range(num_workers)]
     gpus = visible_gpus(env)
+    run_argv = share_gpu_memory(run_argv, num_workers, len(gpus))
+    argvs = [worker_argv(run_argv, i, num_workers, launcher) for i in range(num_workers)]
     assigned = [gpus[i % len(gpus)] for i in range(num_workers)] if gpus else None
     progress = DataParallelProgress(output_dir, stream or sys.stderr)
 

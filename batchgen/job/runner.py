@@ -63,8 +63,10 @@ class PreparedJob:
 def default_make_engine(job: JobConfig):
     from batchgen.llm import LLM
     return LLM(model=job.model, device=job.device, dtype=job.dtype,
-               max_model_len=job.max_model_len, max_num_seqs=job.max_num_seqs, seed=job.seed,
-               load_format=job.load_format)
+               max_model_len=job.max_model_len, max_num_seqs=job.max_num_seqs,
+               max_num_batched_tokens=job.max_num_batched_tokens,
+               gpu_memory_utilization=job.gpu_memory_utilization, tokenizer=job.tokenizer,
+               seed=job.seed, load_format=job.load_format)
 
 
 def row_seed(job_seed: int, row: int) -> int:
