@@ -82,8 +82,7 @@ def _context(prompt_lens: list[int], query_lens: list[int], kv_caches, block_siz
         seq_lens=torch.tensor(prompt_lens, dtype=torch.int32, device=device),
         block_tables=tables.to(device), slot_mapping=slots.to(device), kv_caches=kv_caches,
         max_query_len=max(query_lens), max_seq_len=max(prompt_lens),
-        is_decode_only=max(query_lens) == 1, query_start_loc_host=cu,
-        seq_lens_host=list(prompt_lens))
+        is_decode_only=max(query_lens) == 1)
     return ctx, positions.to(device)
 
 

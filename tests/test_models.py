@@ -103,8 +103,7 @@ class PagedKV:
             block_tables=torch.tensor(table, dtype=torch.int32, **on_device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, **on_device),
             kv_caches=self.kv_caches, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            is_decode_only=all(n == 1 for n in query_lens),
-            query_start_loc_host=starts, seq_lens_host=seq_lens)
+            is_decode_only=all(n == 1 for n in query_lens))
         return (torch.tensor(input_ids, dtype=torch.int64, **on_device),
                 torch.tensor(positions, dtype=torch.int64, **on_device), ctx)
 

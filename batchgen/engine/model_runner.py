@@ -164,9 +164,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            is_decode_only=batch.is_decode_only,
-            query_start_loc_host=batch.query_start_loc.tolist(),
-            seq_lens_host=batch.seq_lens.tolist())
+            is_decode_only=batch.is_decode_only)
 
     @torch.inference_mode()
     def execute(self, sched) -> StepResult:

@@ -24,9 +24,6 @@ class ForwardContext:
     max_seq_len: int
     # True when every request has exactly one query token (a pure decode step).
     is_decode_only: bool = False
-    # Host copies for the torch reference path (CPU): avoid .tolist() syncs.
-    query_start_loc_host: list[int] | None = None
-    seq_lens_host: list[int] | None = None
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
 
