@@ -253,3 +253,35 @@ def test_a_million_row_parquet_streams_with_flat_memory(tmp_path):
     last = pq.read_table(tmp_path / "out" / "part-00039.parquet")
     assert last.column("row").to_pylist() == list(range(975_000, 1_000_000))
     assert last.column("k").to_pylist()[-1] == 999_999
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_while_the_lock_is_released_does_not_kill_the_run(tmp_path, signum):
+    # The signal is sent from inside ShardLock.release, so it arrives (no race) while the lock
+    # is still on disk: the stop handlers must still be installed then, or the process dies
+    # of the signal and leaves the lock behind.
+    src = write_jsonl(tmp_path / "in.jsonl", [f"prompt {i}" for i in range(10)])
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from fake_engine import fake_engine_factory
+        from batchgen.job import lock
+        from batchgen.job.config import JobConfig
+        from batchgen.job.progress import ProgressReporter
+        from batchgen.job.runner import run_job
+        release = lock.ShardLock.release
+        def release_under_fire(self):
+            os.kill(os.getpid(), {int(signum)})
+            release(self)
+        lock.ShardLock.release = release_under_fire
+        job = JobConfig(input={str(src)!r}, output_dir={str(tmp_path / 'out')!r},
+                        rows_per_part=4, format="jsonl")
+        m = run_job(job, make_engine=fake_engine_factory(), reporter=ProgressReporter(enabled=False))
+        print(m.exit_code, m.num_rows)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["0", "10"]
+    assert not list((tmp_path / "out").glob("_lock-*"))
+    assert len(rows_of(tmp_path / "out")) == 10

@@ -1,0 +1,66 @@
+"""prepare_job: open the input, check the prompt columns and the model, build the job record
+(fingerprint included) — every configuration mistake is found here, before any work."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from batchgen.job import checkpoint as ckpt
+from batchgen.job.config import JobConfig, JobConfigError
+from batchgen.job.reader import JsonlReader, Reader, open_reader
+from batchgen.job.writer import OutputSchema
+from batchgen.recipe import template_variables
+
+
+@dataclass
+class PreparedJob:
+    """Everything checked before any work: the reader, output schema and job record."""
+    job: JobConfig
+    reader: Reader
+    schema: OutputSchema | None  # None: OpenAI batch output lines
+    record: ckpt.JobRecord
+
+
+def is_openai_sample(records: list[dict[str, Any]]) -> bool:
+    return bool(records) and all("custom_id" in r and "body" in r for r in records[:10])
+
+
+def prepare_job(job: JobConfig) -> PreparedJob:
+    """Open the input and check the columns and the model; JobConfigError on a mistake."""
+    model = ckpt.model_identity(job.model)
+    reader = open_reader(job)
+    sample = reader.sample()
+    if job.input_format == "auto" and isinstance(reader, JsonlReader) and is_openai_sample(sample):
+        job = dataclasses.replace(job, input_format="openai")
+    if job.is_openai_batch:
+        if not any("custom_id" in r for r in sample):
+            raise JobConfigError(f"{job.input}: no OpenAI batch request lines (custom_id, body) "
+                                 "in its first records")
+        schema = None
+    else:
+        _check_prompt_columns(job, reader)
+        try:
+            schema = OutputSchema(reader.schema, job.keep, job.parse_json)
+        except ValueError as e:
+            raise JobConfigError(str(e)) from None
+    fields = ckpt.fingerprint_fields(job, model, reader.identity())
+    record = ckpt.JobRecord(ckpt.fingerprint(fields), fields, job.rows_per_part, job.output_format,
+                            reader.num_rows, job.is_openai_batch)
+    return PreparedJob(job, reader, schema, record)
+
+
+def _check_prompt_columns(job: JobConfig, reader: Reader) -> None:
+    where = "the first 100 records" if isinstance(reader, JsonlReader) else "the schema"
+    columns = ", ".join(reader.columns) or "none"
+    if job.template is not None:
+        missing = sorted(template_variables(job.template) - set(reader.columns))
+        if missing:
+            raise JobConfigError(f"the template uses {', '.join(missing)}, not in {where} "
+                                 f"of {job.input} (columns: {columns})")
+        return
+    column = job.prompt_column or "prompt"
+    if column not in reader.columns:
+        hint = "" if job.prompt_column else " (pass --prompt-column or --template)"
+        raise JobConfigError(f"prompt column {column!r} is not in {where} of {job.input} "
+                             f"(columns: {columns}){hint}")
