@@ -130,6 +130,9 @@ class Engine:
         req = Request(request_id=request_id, prompt_token_ids=prompt_token_ids,
                       sampling_params=params, eos_token_ids=self.eos_token_ids, seed=seed,
                       prompt_text=prompt)
+        # Counted for every request, uncounted once when its output is built or it is aborted
+        # (also a request the scheduler fails later, e.g. one that can never fit).
+        self._num_penalized += params.has_penalties
         error = self._check_request(prompt_token_ids, params)
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
@@ -137,7 +140,6 @@ class Engine:
             self._finish_output(req, prompt)
             return
         req.max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
-        self._num_penalized += params.has_penalties
         if params.stop and self.tokenizer is not None:
             self._detokenizers[request_id] = IncrementalDetokenizer(
                 self.tokenizer, params, prompt_token_ids)
@@ -160,16 +162,25 @@ class Engine:
         return None
 
     def abort(self, request_id: str) -> None:
+        """Drop a request (all n of a fan-out): it is never emitted, also when it already
+        finished but its output was not returned yet (overlapped steps emit one step late)."""
         ids = [f"{request_id}#{i}" for i in range(self._fanout[request_id][0])] \
             if request_id in self._fanout else [request_id]
+        unemitted = self._inflight.finished if self._inflight is not None else []
         for rid in ids:
             req = self.scheduler.get_request(rid)
-            if req is not None:
-                self._num_penalized -= req.sampling_params.has_penalties
+            if req is None:
+                req = next((r for r in unemitted if r.request_id == rid), None)
+                if req is None:
+                    continue  # unknown, or already emitted
+                unemitted.remove(req)
+                req.status = RequestStatus.FINISHED_ABORTED
+            self._num_penalized -= req.sampling_params.has_penalties
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for rid in ids:
             self._detokenizers.pop(rid, None)
         self._fanout.pop(request_id, None)
+        self._pending = [o for o in self._pending if o.request_id != request_id]
 
     def has_unfinished(self) -> bool:
         return bool(self._pending) or self._inflight is not None \
@@ -192,9 +203,10 @@ class Engine:
         timer.lap("schedule")
         self._num_preemptions += len(sched.preempted)
         if sched.is_empty:
-            outputs += self._emit(self.scheduler.update_from_output(sched, []))
+            # prev first: a request the scheduler finished here may wait for its last token
             if prev is not None:
                 outputs += self._resolve(prev)
+            outputs += self._emit(self.scheduler.update_from_output(sched, []))
             return outputs
         self._num_steps += 1
         self._num_prompt_tokens += sum(
@@ -234,20 +246,17 @@ class Engine:
         if result.logprobs is not None:
             lps = {id(req): lp for req, lp in zip(pending.sched.requests, result.logprobs)
                    if lp is not None}
-        truncated = {id(req) for req, index in pending.placeholders
-                     if index >= len(req.output_token_ids)}
-        finished = [r for r in pending.finished
-                    if id(r) not in truncated and r.status != RequestStatus.FINISHED_ABORTED]
+        # Finished by length at placeholder time (a stop found since moved them out of the
+        # list and emitted them; an abort dropped them).
+        finished = list(pending.finished)
+        # Finished by the step launched after this one, still to be resolved.
+        later = self._inflight.finished if self._inflight is not None else []
         filled = fill_placeholders(pending, tokens, lps)
         self._num_generated_tokens += len(filled)
         for req, token, index in filled:
             if req.status == RequestStatus.FINISHED_ABORTED:
                 continue
-            reason = token if is_stop_token(req, token, index + 1) else None
-            detok = self._detokenizers.get(req.request_id)
-            if detok is not None:
-                hit = detok.update([token])
-                reason = hit if hit is not None else reason
+            reason = self._stop_reason(req, token, index)
             if reason is None:
                 continue
             was_finished = req.is_finished
@@ -255,8 +264,23 @@ class Engine:
             if not was_finished:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
                 finished.append(req)
+            elif req in later:
+                # The later step finished it by length with a token now dropped: its output
+                # is complete here, and that step must not emit it again.
+                later.remove(req)
+                finished.append(req)
         self.runner.timer.lap("update_outputs")
         return self._emit(finished)
+
+    def _stop_reason(self, req: Request, token: int, index: int) -> int | str | None:
+        """Why req stops at its output `token` (index `index`): a stop token, or the stop
+        string this token completes; None if it goes on."""
+        reason = token if is_stop_token(req, token, index + 1) else None
+        detok = self._detokenizers.get(req.request_id)
+        if detok is not None:
+            hit = detok.update([token])
+            reason = hit if hit is not None else reason
+        return reason
 
     def _emit(self, finished: list[Request]) -> list[RequestOutput]:
         done = (self._finish_output(r, r.prompt_text, emit=False) for r in finished)
@@ -285,8 +309,7 @@ class Engine:
         return stopped
 
     def _finish_output(self, req: Request, prompt: str | None, emit: bool = True):
-        if req.status != RequestStatus.FINISHED_ERROR:
-            self._num_penalized -= req.sampling_params.has_penalties
+        self._num_penalized -= req.sampling_params.has_penalties
         detok = self._detokenizers.pop(req.request_id, None)
         if detok is not None:
             text = detok.output_text

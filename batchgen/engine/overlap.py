@@ -20,7 +20,8 @@ class PendingStep:
     launch: object  # model_runner.LaunchedStep
     # (request, index in its output_token_ids) of every placeholder this step appended
     placeholders: list[tuple[Request, int]] = field(default_factory=list)
-    # finished by length at placeholder time: emitted once their last token is known
+    # finished by length at placeholder time: emitted once their last token is known (by the
+    # step before's resolution if that one stops them; an abort drops them from the list)
     finished: list[Request] = field(default_factory=list)
 
 
