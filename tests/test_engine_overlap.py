@@ -131,6 +131,7 @@ def _mixed(prompts):
         # (e) stop strings (hit two before max_tokens too), stop tokens, min_tokens
         "stop_str": (r1, SamplingParams(stop=["answer"], max_tokens=16, **greedy)),
         "stop_str_max7": (r1, SamplingParams(stop=["answer"], max_tokens=7, **greedy)),
+        "stop_str_max6": (r1, SamplingParams(stop=["answer"], max_tokens=6, **greedy)),
         "stop_str_incl": (r4, SamplingParams(stop=[" 7,"], include_stop_str_in_output=True,
                                              max_tokens=16, **greedy)),
         "stop_tok_max4": (r4, SamplingParams(stop_token_ids=[COMMA], max_tokens=4, **greedy)),
@@ -179,10 +180,10 @@ def test_logprobs(mixed):
 
 
 def test_stops(mixed):
-    assert _reasons(mixed, "stop_str", "stop_str_max7", "stop_str_incl", "stop_tok_max4",
-                    "min_tokens_eos") == [
-        ("stop", "answer"), ("stop", "answer"), ("stop", " 7,"), ("stop", COMMA),
-        ("length", None)]
+    assert _reasons(mixed, "stop_str", "stop_str_max7", "stop_str_max6", "stop_str_incl",
+                    "stop_tok_max4", "min_tokens_eos") == [
+        ("stop", "answer"), ("stop", "answer"), ("stop", "answer"), ("stop", " 7,"),
+        ("stop", COMMA), ("length", None)]
     assert mixed["stop_str"].outputs[0].text == " Paris.\n\nThe "
     assert mixed["stop_str_incl"].outputs[0].text.endswith(" 7,")
     assert COMMA not in mixed["stop_tok_min"].outputs[0].token_ids[:5]
@@ -222,8 +223,9 @@ def test_preemption_and_chunked_prefill(smol_model_dir, prompts):
 
 # ---- abort through the Engine API -------------------------------------------------------
 
-def _run_engine(engine, requests, abort_at: dict[int, list[str]]):
-    """requests: (id, prompt ids, params); abort_at: step number -> ids to abort after it."""
+def _run_engine(engine, requests, abort_at: dict[int, list[str]], add_at: dict[int, list]):
+    """requests: (id, prompt ids, params); abort_at / add_at: step number -> ids to abort /
+    requests to add after it."""
     for rid, ids, sp in requests:
         engine.add_request(rid, ids, sp)
     outs, num_steps = {}, 0
@@ -234,6 +236,8 @@ def _run_engine(engine, requests, abort_at: dict[int, list[str]]):
         num_steps += 1
         for rid in abort_at.get(num_steps, []):
             engine.abort(rid)
+        for rid, ids, sp in add_at.get(num_steps, []):
+            engine.add_request(rid, ids, sp)
     return outs
 
 
@@ -247,10 +251,13 @@ def test_abort_mid_run(llms, prompts):
         ("drop_n2", c2, SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=16)),
         ("drop_pen", r4, SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=16)),
     ]
+    # added while a step is in flight: its penalty needs the in-flight tokens first
+    late = ("late_pen", r3, SamplingParams(temperature=0, frequency_penalty=0.5, max_tokens=4))
     results = {}
     for overlap, llm in llms.items():
-        outs = _run_engine(llm.engine, requests, {2: ["drop_pen"], 4: ["drop", "drop_n2"]})
-        assert sorted(outs) == ["keep_eos", "keep_greedy", "keep_seeded"], overlap
+        outs = _run_engine(llm.engine, requests, {2: ["drop_pen"], 4: ["drop", "drop_n2"]},
+                           {5: [late]})
+        assert sorted(outs) == ["keep_eos", "keep_greedy", "keep_seeded", "late_pen"], overlap
         _check_idle(llm, 0, outs.values())
         results[overlap] = outs
     for rid, sync in results[False].items():
