@@ -303,9 +303,6 @@ def test_stats_back_to_idle(llms, prompts):
     assert generated[True] == generated[False] == 8 + 3
 
 
-@pytest.mark.xfail(strict=True, reason="Scheduler._record hashes a block whose last token is "
-                   "still a placeholder (KVCacheManager.cache_blocks): with overlap, blocks "
-                   "filled by decode steps never hit the prefix cache; fix in scheduler.py")
 def test_decoded_blocks_hit_prefix_cache(llms, prompts):
     r1 = prompts[3]
     hits = {}

@@ -207,7 +207,11 @@ class Scheduler:
         # layer writes the whole step's K/V before any request reads the cache, so a request
         # admitted later in this same step can already share them (a common system prompt
         # across one batch is computed once).
-        self.kv_cache_manager.cache_blocks(request, before + num_new)
+        # With overlapped steps the last token may still be a placeholder (its value is on
+        # the device): a block is hashed only once all its tokens are known.
+        ids = request.output_token_ids
+        num_known = request.num_tokens - (1 if ids and ids[-1] < 0 else 0)
+        self.kv_cache_manager.cache_blocks(request, min(before + num_new, num_known))
         out.requests.append(request)
         out.num_scheduled_tokens.append(num_new)
         out.num_computed_before.append(before)
