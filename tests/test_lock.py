@@ -100,6 +100,20 @@ def test_stale_by_old_heartbeat_is_taken_over(tmp_path):
     lock.release()
 
 
+def test_a_requeued_slurm_task_takes_over_its_earlier_runs_lock(tmp_path):
+    # The task's earlier run died with its node: fresh heartbeat, other host, same job id.
+    path = tmp_path / "_lock-1-of-3.json"
+    _write_lock(path, host="dead-node", pid=1, shard="1/3", slurm_job_id="901")
+    other_job = {"SLURM_JOB_ID": "902", "SLURM_ARRAY_JOB_ID": "900", "SLURM_ARRAY_TASK_ID": "1"}
+    assert not ShardLock(tmp_path, 1, 3, env=other_job).acquire()  # another job: a rival
+    assert not ShardLock(tmp_path, 1, 3, env={}).acquire()  # outside Slurm: a rival too
+    same_job = {"SLURM_JOB_ID": "901", "SLURM_ARRAY_JOB_ID": "900", "SLURM_ARRAY_TASK_ID": "1"}
+    lock = ShardLock(tmp_path, 1, 3, env=same_job)
+    assert lock.acquire()
+    assert json.loads(path.read_text())["host"] == socket.gethostname()
+    lock.release()
+
+
 def test_unreadable_lock_is_held_until_old(tmp_path):
     path = tmp_path / "_lock-0-of-1.json"
     path.write_text("")  # a holder that died between create and write

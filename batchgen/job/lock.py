@@ -7,7 +7,8 @@ create, rename, unlink), so it works on the shared filesystems of a cluster wher
 is often missing or local to one node.
 
 A lock is stale when its holder is on this host and its pid is dead (or reused by another
-process), or when its heartbeat is older than `stale_after` seconds (the holder's node died).
+process), when its heartbeat is older than `stale_after` seconds (the holder's node died), or
+when it was written by our own Slurm job id (a requeued task meeting its earlier run's lock).
 Taking a stale lock over is a compare-and-swap: the taker first creates, exclusively, a
 claim file named after the exact stale content it saw (holder token + heartbeat), checks
 that the lock still holds that content, and only then removes it and creates its own. Two
@@ -177,7 +178,10 @@ class ShardLock:
             return True
         if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
             return not _is_process_alive(info["pid"], info.get("pid_start"))
-        return False
+        # Slurm never runs one job id twice at once: a lock from our own job id is an earlier
+        # run of this very task (requeued onto another node after a failure), not a rival.
+        job_id = self._env.get("SLURM_JOB_ID")
+        return bool(job_id) and info.get("slurm_job_id") == job_id
 
     def _tmp_path(self) -> Path:
         return self.path.with_name(f"{self.path.stem}.tmp-{self._token}")
