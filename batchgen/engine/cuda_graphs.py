@@ -67,30 +67,38 @@ class DecodeGraphs:
         n = batch.num_reqs
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         nb = batch.block_tables.shape[1]
-        # One pinned staging tensor for all inputs, one H2D copy. A fresh one from torch's
-        # caching host allocator each step: it is not reused before its copy has run, which
-        # matters when the host runs a step ahead of the device (overlapped steps).
-        # layout: ids | positions | slots | seq_lens | block table rows (bs x max_blocks)
-        staging = torch.empty(bs * (4 + self.max_blocks), dtype=torch.int64, pin_memory=True)
-        host = staging.numpy()
-        host[:2 * bs] = 0
-        host[0:n] = batch.input_ids
-        host[bs:bs + n] = batch.positions
-        host[2 * bs:2 * bs + n] = batch.slot_mapping
-        host[2 * bs + n:3 * bs] = -1  # padding rows write nothing
-        host[3 * bs:3 * bs + n] = batch.seq_lens
-        host[3 * bs + n:4 * bs] = 1
-        table = host[4 * bs:4 * bs + bs * self.max_blocks].reshape(bs, self.max_blocks)
-        table[:] = 0
-        table[:n, :nb] = batch.block_tables
+        # One pinned staging tensor, one H2D copy. A fresh one from torch's caching host
+        # allocator each step: it is not reused before its copy has run, which matters when
+        # the host runs a step ahead of the device (overlapped steps).
+        staging = torch.empty(bs * (4 + nb), dtype=torch.int64, pin_memory=True)
+        stage_decode_inputs(batch, bs, staging.numpy())
         dev = staging.to(self.device, non_blocking=True)
         self.input_ids[:bs].copy_(dev[0:bs])
         self.positions[:bs].copy_(dev[bs:2 * bs])
         self.slot_mapping[:bs].copy_(dev[2 * bs:3 * bs])
         self.seq_lens[:bs].copy_(dev[3 * bs:4 * bs])
-        self.block_tables[:bs].copy_(dev[4 * bs:].view(bs, self.max_blocks))
+        # Only the batch's widest row: the kernels read no block past a sequence's length, so
+        # the stale columns beyond are never touched (a full max_model_len-wide table would
+        # be 67 MB a step for a 128k-context model).
+        self.block_tables[:bs, :nb].copy_(dev[4 * bs:].view(bs, nb))
         if fixup is not None:
             self.input_ids[fixup[0]] = fixup[1]
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 
+
+def stage_decode_inputs(batch, bs: int, host) -> None:
+    """Fill `host` ([bs * (4 + nb)] int64) for a decode batch of n <= bs requests padded to bs:
+    ids | positions | slots | seq_lens | block table rows [bs, nb]. Padding rows write no KV
+    (slot -1) and attend to one key of block 0."""
+    n, nb = batch.num_reqs, batch.block_tables.shape[1]
+    host[:2 * bs] = 0
+    host[0:n] = batch.input_ids
+    host[bs:bs + n] = batch.positions
+    host[2 * bs:2 * bs + n] = batch.slot_mapping
+    host[2 * bs + n:3 * bs] = -1
+    host[3 * bs:3 * bs + n] = batch.seq_lens
+    host[3 * bs + n:4 * bs] = 1
+    table = host[4 * bs:4 * bs + bs * nb].reshape(bs, nb)
+    table[:n] = batch.block_tables
+    table[n:] = 0
