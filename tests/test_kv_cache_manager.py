@@ -167,3 +167,20 @@ def test_reset_prefix_cache_and_double_free():
     assert kv.num_used_blocks == 0
     assert kv.reset_prefix_cache() is True
     assert kv.get_computed_blocks(make_request("b", range(9))) == ([], 0)
+
+
+def test_fast_slots_only_when_no_block_is_needed_and_none_becomes_full():
+    for caching in (True, False):
+        kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=caching)
+        a = make_request("a", range(6))  # 2 blocks, the second half full
+        assert kv.fast_slots("a", 6, 6) is None  # holds no blocks yet
+        admit(kv, a)
+        compute(kv, a, 6)
+        assert kv.fast_slots("a", 7, 7) is kv.get_block_ids(a)  # fits, nothing new full
+        # Token 8 fills block 2: with caching it must be registered (general path).
+        assert (kv.fast_slots("a", 8, 8) is None) == caching
+        assert kv.fast_slots("a", 8, 7) is kv.get_block_ids(a)  # last token not known yet
+        assert kv.fast_slots("a", 9, 8 if not caching else 7) is None  # needs a third block
+        assert kv.get_block_ids(a) == [1, 2] and kv.num_used_blocks == 2  # nothing changed
+        kv.free(a)
+        assert kv.fast_slots("a", 6, 6) is None

@@ -14,6 +14,18 @@ from batchgen.engine.block_pool import BlockHash, BlockPool, KVBlock, hash_full_
 from batchgen.engine.request import Request
 
 
+class _ReqBlocks:
+    """One request's KV state: its blocks, their ids (the list the runner reads, by
+    reference, so no per-step copy of block tables) and how many of its blocks are
+    registered in the prefix cache. One object per request: one dict lookup per step."""
+    __slots__ = ("blocks", "block_ids", "num_cached")
+
+    def __init__(self, num_cached: int) -> None:
+        self.blocks: list[KVBlock] = []
+        self.block_ids: list[int] = []
+        self.num_cached = num_cached
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if not isinstance(block_size, int) or block_size < 1:
@@ -21,14 +33,11 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        # request_id -> its blocks / their ids (kept in step; the id list is what the runner
-        # reads, by reference, so no per-step copy of block tables).
-        self._req_blocks: dict[str, list[KVBlock]] = {}
-        self._req_block_ids: dict[str, list[int]] = {}
+        # request_id -> its blocks, block ids and number of prefix-cached blocks.
+        self._reqs: dict[str, _ReqBlocks] = {}
         # request_id -> chained hashes of its full blocks computed so far (never recomputed
-        # per step), and how many of its blocks are registered in the prefix cache.
+        # per step; filled at admission lookup, before the request holds any block).
         self._req_hashes: dict[str, list[BlockHash]] = {}
-        self._req_num_cached_blocks: dict[str, int] = {}
         # Prefix-cache stats, counted once per admission (allocate_slots of a new request).
         self.num_cached_tokens_queried = 0
         self.num_cached_tokens_hit = 0
@@ -64,7 +73,25 @@ class KVCacheManager:
     # ---- per-request ---------------------------------------------------------------------
     def get_block_ids(self, request: Request) -> list[int]:
         """The request's block table (a live reference: read it, do not mutate it)."""
-        return self._req_block_ids.get(request.request_id, [])
+        state = self._reqs.get(request.request_id)
+        return state.block_ids if state is not None else []
+
+    def fast_slots(self, request_id: str, num_tokens: int,
+                   num_cache_tokens: int) -> list[int] | None:
+        """Fast path of allocate_slots + cache_blocks + get_block_ids for a running request
+        (the common decode step): when it already holds blocks for its first `num_tokens`
+        tokens and no block becomes full within its first `num_cache_tokens`
+        (<= num_tokens), nothing is to be done: return its block table. Otherwise None
+        (nothing changed): take the general path."""
+        state = self._reqs.get(request_id)
+        if state is None:
+            return None
+        bs = self.block_size
+        if num_tokens > len(state.blocks) * bs:
+            return None
+        if self.enable_prefix_caching and num_cache_tokens // bs > state.num_cached:
+            return None
+        return state.block_ids
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest chain of cached full blocks at the start of the request's tokens, capped
@@ -89,25 +116,24 @@ class KVCacheManager:
         the prefix-hit blocks, for a request being admitted). Returns the newly allocated
         blocks, or None when they do not fit (nothing changes then)."""
         rid = request.request_id
-        blocks = self._req_blocks.get(rid)
-        num_held = len(blocks) if blocks is not None else 0
+        state = self._reqs.get(rid)
+        num_held = len(state.blocks) if state is not None else 0
         num_hit = len(new_computed_blocks)
         num_tokens = request.num_computed_tokens + num_hit * self.block_size + num_new_tokens
         num_new_blocks = -(-num_tokens // self.block_size) - num_held - num_hit
-        if num_new_blocks <= 0 and blocks is not None and not num_hit:
+        if num_new_blocks <= 0 and state is not None and not num_hit:
             return []  # the common decode step: the token fits the last block
         # Hit blocks with ref_cnt 0 sit in the free queue: touching them takes them out.
         num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if max(num_new_blocks, 0) + num_free_hits > self.pool.num_free_blocks:
             return None
-        if blocks is None:
-            blocks = self._req_blocks[rid] = []
-            self._req_block_ids[rid] = []
-            self._req_num_cached_blocks[rid] = num_hit
+        if state is None:
+            state = self._reqs[rid] = _ReqBlocks(num_hit)
             if self.enable_prefix_caching:
                 self.num_cached_tokens_queried += request.num_tokens
                 self.num_cached_tokens_hit += num_hit * self.block_size
-        block_ids = self._req_block_ids[rid]
+        blocks = state.blocks
+        block_ids = state.block_ids
         if num_hit:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
@@ -125,28 +151,26 @@ class KVCacheManager:
         the count after that chunk: the K/V are written in the step, before any read."""
         if not self.enable_prefix_caching:
             return
-        rid = request.request_id
-        blocks = self._req_blocks.get(rid)
-        if blocks is None:
+        state = self._reqs.get(request.request_id)
+        if state is None:
             return
+        blocks = state.blocks
         num_full = min(num_computed_tokens // self.block_size, len(blocks))
-        num_cached = self._req_num_cached_blocks[rid]
+        num_cached = state.num_cached
         if num_full <= num_cached:
-            return
+            return  # no block became full: the common decode step
         hashes = self._hashes_upto(request, num_full)
         self.pool.cache_full_blocks(blocks, hashes, num_cached, num_full)
-        self._req_num_cached_blocks[rid] = num_full
+        state.num_cached = num_full
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first (its tail is evicted before its prefix,
         which other requests are likelier to share). Safe to call twice."""
         rid = request.request_id
-        blocks = self._req_blocks.pop(rid, None)
-        self._req_block_ids.pop(rid, None)
+        state = self._reqs.pop(rid, None)
         self._req_hashes.pop(rid, None)
-        self._req_num_cached_blocks.pop(rid, None)
-        if blocks:
-            self.pool.free_blocks(reversed(blocks))
+        if state is not None and state.blocks:
+            self.pool.free_blocks(reversed(state.blocks))
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes; only when no block is in use (returns False otherwise)."""

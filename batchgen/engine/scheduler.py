@@ -137,32 +137,57 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        # The hot loop of a large decode batch: _record and the KV manager's three calls are
+        # inlined here as one fast_slots call (no new block, no block newly full); anything
+        # else takes the general path below, with the same effect.
         kv = self.kv_cache_manager
+        fast_slots = kv.fast_slots
         threshold = self.config.long_prefill_token_threshold
+        running = self.running  # mutated in place (pop) only, never rebound in this loop
+        add_request = out.requests.append
+        add_num_new = out.num_scheduled_tokens.append
+        add_before = out.num_computed_before.append
+        add_block_ids = out.block_ids.append
+        add_needs_sample = out.needs_sample.append
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_tokens = request.num_tokens
-            num_new = num_tokens - request.num_computed_tokens
+        while i < len(running) and budget > 0:
+            request = running[i]
+            output_ids = request.output_token_ids
+            num_tokens = len(request.prompt_token_ids) + len(output_ids)
+            before = request.num_computed_tokens
+            num_new = num_tokens - before
             if 0 < threshold < num_new:
                 num_new = threshold
-            num_new = min(num_new, budget)
+            if num_new > budget:
+                num_new = budget
             if num_new <= 0:  # waiting for a token the runner did not give (defensive)
                 i += 1
                 continue
-            while kv.allocate_slots(request, num_new) is None:
-                if len(self.running) == 1:
-                    # Alone with the whole pool and still no room: it can never grow.
-                    self.running.pop()
-                    self._finish(request, RequestStatus.FINISHED_LENGTH)
-                    out.finished.append(request)
-                    return budget
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is request:
-                    return budget
-            self._record(out, request, num_new, num_tokens)
+            end = before + num_new
+            # Blocks this chunk fills are registered now (see _record); with overlapped steps
+            # the last token may still be a placeholder: hash a block only once all is known.
+            num_known = num_tokens - 1 if output_ids and output_ids[-1] < 0 else num_tokens
+            block_ids = fast_slots(request.request_id, end, end if end < num_known else num_known)
+            if block_ids is None:
+                while kv.allocate_slots(request, num_new) is None:
+                    if len(running) == 1:
+                        # Alone with the whole pool and still no room: it can never grow.
+                        running.pop()
+                        self._finish(request, RequestStatus.FINISHED_LENGTH)
+                        out.finished.append(request)
+                        return budget
+                    victim = running.pop()
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    if victim is request:
+                        return budget
+                kv.cache_blocks(request, end if end < num_known else num_known)
+                block_ids = kv.get_block_ids(request)
+            add_request(request)
+            add_num_new(num_new)
+            add_before(before)
+            add_block_ids(block_ids)
+            add_needs_sample(end == num_tokens)
             budget -= num_new
             i += 1
         return budget
@@ -258,34 +283,36 @@ class Scheduler:
         finished = list(out.finished)
         num_finished_here = 0
         now = None
+        running_status = RequestStatus.RUNNING
+        max_model_len = self.config.max_model_len
+        # _check_stop inlined: this loop runs once per scheduled request per step.
         for request, num_new, needs_sample, token in zip(
                 out.requests, out.num_scheduled_tokens, out.needs_sample, sampled_token_ids):
-            if request.status != RequestStatus.RUNNING:
+            if request.status != running_status:
                 continue  # finished or preempted from outside since schedule()
             request.num_computed_tokens += num_new
             if not needs_sample or token is None:
                 continue
-            request.append_output_token(token)
+            output_ids = request.output_token_ids
+            output_ids.append(token)
             if request.first_token_time is None:
                 now = now or time.monotonic()
                 request.first_token_time = now
-            status = self._check_stop(request, token)
-            if status is not None:
-                self._finish(request, status)
-                finished.append(request)
-                num_finished_here += 1
+            num_output = len(output_ids)
+            params = request.sampling_params
+            if num_output >= params.min_tokens \
+                    and ((token in request.eos_token_ids and not params.ignore_eos)
+                         or token in params.stop_token_ids):
+                request.stop_reason = token
+                status = RequestStatus.FINISHED_STOPPED
+            elif num_output >= request.max_tokens \
+                    or num_output + len(request.prompt_token_ids) >= max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            else:
+                continue
+            self._finish(request, status)
+            finished.append(request)
+            num_finished_here += 1
         if num_finished_here:
             self.running = [r for r in self.running if not r.status.is_finished]
         return finished
-
-    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if (token in request.eos_token_ids and not params.ignore_eos) \
-                    or token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens \
-                or request.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
