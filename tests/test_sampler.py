@@ -266,6 +266,73 @@ def test_metadata_fast_paths_and_fields():
     assert meta.max_num_logprobs == 3
 
 
+def _metadata_fields(meta) -> dict:
+    out = {}
+    for name, value in vars(meta).items():
+        if name == "penalties" and value is not None:
+            value = {k: v for k, v in vars(value).items()}
+        out[name] = value
+    return out
+
+
+def _assert_same_metadata(a, b) -> None:
+    fa, fb = _metadata_fields(a), _metadata_fields(b)
+    assert fa.keys() == fb.keys()
+    for name in fa:
+        x, y = fa[name], fb[name]
+        if isinstance(x, dict):
+            _assert_same_metadata_dict(x, y, name)
+        elif isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype, name
+            assert torch.equal(x, y), name
+        else:
+            assert x == y, name
+
+
+def _assert_same_metadata_dict(x: dict, y: dict, where: str) -> None:
+    assert y is not None and x.keys() == y.keys(), where
+    for k in x:
+        if x[k] is None or y[k] is None:
+            assert x[k] is None and y[k] is None, (where, k)
+        else:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (where, k)
+
+
+def test_shared_params_object_gives_the_same_metadata_as_copies():
+    # Rows sharing one SamplingParams object (the job layer, LLM.generate) take the per-params
+    # fast path; the metadata must equal that of rows with equal but distinct objects.
+    kinds = [dict(temperature=0.7, top_p=0.9, seed=3),
+             dict(temperature=0.0, min_tokens=4, stop_token_ids=[7, 5000]),
+             dict(temperature=1.0, top_k=20, min_p=0.05, logprobs=2),
+             dict(temperature=0.9, repetition_penalty=1.3, frequency_penalty=0.2, min_tokens=2),
+             dict(temperature=1e-7, presence_penalty=0.5)]
+    seeds = [0, 2**63 + 5, -3, 2**64 - 1, 12345, 2**70 + 9]
+    vocab = 64
+    for pattern in ([0] * 9, [1] * 9, [3] * 9, [0, 0, 1, 1, 2, 3, 3, 4, 0], [4, 2, 1, 0, 3, 2]):
+        shared = [SamplingParams(max_tokens=16, **kind) for kind in kinds]
+        reqs_shared, reqs_copies = [], []
+        for row, k in enumerate(pattern):
+            common = dict(request_id=f"r{row}", prompt_token_ids=[1, 3, row % vocab],
+                          eos_token_ids=(EOS,), seed=seeds[row % len(seeds)])
+            output = [row % 5] * (row % 4)
+            a = Request(sampling_params=shared[k], **common)
+            b = Request(sampling_params=SamplingParams(max_tokens=16, **kinds[k]), **common)
+            a.output_token_ids, b.output_token_ids = list(output), list(output)
+            reqs_shared.append(a)
+            reqs_copies.append(b)
+        _assert_same_metadata(build_sampling_metadata(reqs_shared, vocab, "cpu"),
+                              build_sampling_metadata(reqs_copies, vocab, "cpu"))
+    # The min_tokens rows and seeds wrap are the per-request values.
+    sp = SamplingParams(max_tokens=16, min_tokens=2, stop_token_ids=[9])
+    reqs = [Request(request_id=str(i), prompt_token_ids=[1], sampling_params=sp,
+                    eos_token_ids=(EOS,), seed=s) for i, s in enumerate([-1, 2**64 + 7, 5])]
+    reqs[1].output_token_ids = [4, 4]
+    meta = build_sampling_metadata(reqs, vocab, "cpu")
+    assert meta.seeds.tolist() == [-1, 7, 5]
+    assert meta.min_tokens_rows.tolist() == [0, 0, 2, 2]
+    assert meta.min_tokens_token_ids.tolist() == [EOS, 9, EOS, 9]
+
+
 # ---- GPU --------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

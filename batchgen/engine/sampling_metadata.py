@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -63,23 +64,28 @@ class _HostPacker:
     """Concatenates named host segments of one dtype; `send` copies them to the device at
     once and hands back device views by name."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, np_dtype) -> None:
         self.dtype = dtype
-        self._parts: list[torch.Tensor] = []
+        self.np_dtype = np_dtype
+        self._parts: list[np.ndarray] = []
         self._spans: dict[str, tuple[int, int]] = {}
         self._size = 0
 
     def add(self, name: str, values) -> None:
-        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=self.dtype)
-        self._parts.append(t.to(self.dtype))
-        self._spans[name] = (self._size, self._size + t.numel())
-        self._size += t.numel()
+        if isinstance(values, torch.Tensor):
+            values = values.numpy()
+        a = np.asarray(values, dtype=self.np_dtype).reshape(-1)
+        self._parts.append(a)
+        self._spans[name] = (self._size, self._size + a.size)
+        self._size += a.size
 
     def send(self, device, pin_memory: bool) -> dict[str, torch.Tensor]:
-        host = torch.cat(self._parts) if self._parts else torch.empty(0, dtype=self.dtype)
-        if torch.device(device).type != "cpu":
-            if pin_memory:
-                host = host.pin_memory()
+        on_cpu = torch.device(device).type == "cpu"
+        # Concatenate straight into the (pinned) staging buffer: one host copy, one transfer.
+        host = torch.empty(self._size, dtype=self.dtype, pin_memory=pin_memory and not on_cpu)
+        if self._parts:
+            np.concatenate(self._parts, out=host.numpy())
+        if not on_cpu:
             host = host.to(device, non_blocking=True)
         return {name: host[a:b] for name, (a, b) in self._spans.items()}
 
@@ -87,6 +93,21 @@ class _HostPacker:
 def _as_int64(seed: int) -> int:
     seed %= _INT64_MOD
     return seed - _INT64_MOD if seed >= _INT64_MOD // 2 else seed
+
+
+_get_seed = attrgetter("seed")
+_get_output = attrgetter("output_token_ids")
+_get_params = attrgetter("sampling_params")
+
+
+def _seeds_array(requests: list[Request]) -> np.ndarray:
+    """The requests' seeds wrapped to int64 (two's complement), as _as_int64 does."""
+    n = len(requests)
+    try:
+        # Seeds already in int64 range (the usual case) are their own wrap.
+        return np.fromiter(map(_get_seed, requests), dtype=np.int64, count=n)
+    except OverflowError:
+        return np.fromiter((_as_int64(r.seed) for r in requests), dtype=np.int64, count=n)
 
 
 def _flat_token_index(token_lists: list[list[int]], vocab_size: int) -> torch.Tensor:
@@ -98,10 +119,13 @@ def _flat_token_index(token_lists: list[list[int]], vocab_size: int) -> torch.Te
     return torch.from_numpy(tokens)
 
 
-def _min_tokens_pairs(requests: list[Request], vocab_size: int) -> tuple[list[int], list[int]]:
+def _min_tokens_pairs(requests: list[Request], vocab_size: int,
+                      candidates) -> tuple[list[int], list[int]]:
+    """(row, token) pairs to ban; only the rows in `candidates` may have min_tokens > 0."""
     rows: list[int] = []
     ids: list[int] = []
-    for b, req in enumerate(requests):
+    for b in candidates:
+        req = requests[b]
         sp = req.sampling_params
         if req.num_output_tokens >= sp.min_tokens:
             continue
@@ -115,56 +139,95 @@ def _min_tokens_pairs(requests: list[Request], vocab_size: int) -> tuple[list[in
     return rows, ids
 
 
+def _params_groups(requests: list[Request]) -> tuple[list, np.ndarray | None]:
+    """The distinct SamplingParams objects of the batch (by identity) and each row's index
+    into them; None when every row shares one object (the job layer and LLM.generate give
+    every row the same one)."""
+    params = list(map(_get_params, requests))
+    first = params[0]
+    ids = np.fromiter(map(id, params), dtype=np.uint64, count=len(params))
+    if (ids == ids[0]).all():
+        return [first], None
+    _, first_rows, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    return [params[i] for i in first_rows], inverse
+
+
 def build_sampling_metadata(requests: list[Request], vocab_size: int, device,
                             pin_memory: bool = False) -> SamplingMetadata:
     num_reqs = len(requests)
     assert num_reqs > 0, "a sampling step needs at least one request"
-    temperature, top_k, top_p, min_p = [], [], [], []
-    random_rows, penalty_rows, logprobs = [], [], []
-    for b, req in enumerate(requests):
-        sp = req.sampling_params
+    # Per-params values are computed once per distinct SamplingParams object, then spread
+    # over the rows with numpy: no per-request Python branches.
+    distinct, inverse = _params_groups(requests)
+    num_params = len(distinct)
+    greedy = np.empty(num_params, dtype=bool)
+    temperature_p = np.empty(num_params, dtype=np.float64)
+    top_k_p = np.empty(num_params, dtype=np.int64)
+    top_p_p = np.empty(num_params, dtype=np.float64)
+    min_p_p = np.empty(num_params, dtype=np.float64)
+    penalized = np.empty(num_params, dtype=bool)
+    logprobs = []
+    uses_min_tokens = False
+    for j, sp in enumerate(distinct):
         is_greedy = sp.temperature < MIN_TEMPERATURE or sp.top_k == 1
+        greedy[j] = is_greedy
         if is_greedy:
-            temperature.append(0.0)
-            top_k.append(vocab_size)
-            top_p.append(1.0)
-            min_p.append(0.0)
+            temperature_p[j], top_k_p[j], top_p_p[j], min_p_p[j] = 0.0, vocab_size, 1.0, 0.0
         else:
-            random_rows.append(b)
-            temperature.append(float(sp.temperature))
-            top_k.append(min(sp.top_k, vocab_size) if sp.top_k > 0 else vocab_size)
-            top_p.append(float(sp.top_p))
-            min_p.append(float(sp.min_p))
-        if sp.has_penalties:
-            penalty_rows.append(b)
+            temperature_p[j] = float(sp.temperature)
+            top_k_p[j] = min(sp.top_k, vocab_size) if sp.top_k > 0 else vocab_size
+            top_p_p[j] = float(sp.top_p)
+            min_p_p[j] = float(sp.min_p)
+        penalized[j] = sp.has_penalties
         if sp.logprobs is not None:
             logprobs.append(min(sp.logprobs, vocab_size))
-    num_random = len(random_rows)
-    use_top_k = any(k < vocab_size for k in top_k)
-    use_top_p = any(p < 1.0 for p in top_p)
-    use_min_p = any(p > 0.0 for p in min_p)
+        uses_min_tokens = uses_min_tokens or sp.min_tokens > 0
 
-    ints, floats = _HostPacker(torch.int64), _HostPacker(torch.float32)
-    floats.add("temperature", temperature)
-    seeds = torch.tensor([_as_int64(req.seed) for req in requests], dtype=torch.int64)
-    positions = torch.tensor([req.num_output_tokens for req in requests], dtype=torch.int64)
+    def per_row(values: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(values, (num_reqs,)) if inverse is None else values[inverse]
+
+    num_random_params = num_params - int(greedy.sum())
+    if num_random_params == 0:
+        num_random = 0
+    elif num_random_params == num_params:
+        num_random = num_reqs
+    else:
+        random_rows = np.flatnonzero(~per_row(greedy))
+        num_random = random_rows.size
+    use_top_k = bool((top_k_p < vocab_size).any())
+    use_top_p = bool((top_p_p < 1.0).any())
+    use_min_p = bool((min_p_p > 0.0).any())
+
+    ints = _HostPacker(torch.int64, np.int64)
+    floats = _HostPacker(torch.float32, np.float32)
+    floats.add("temperature", per_row(temperature_p))
+    seeds = torch.from_numpy(_seeds_array(requests))
+    positions = torch.from_numpy(np.fromiter(map(len, map(_get_output, requests)),
+                                             dtype=np.int64, count=num_reqs))
     ints.add("seeds", seeds)
     ints.add("positions", positions)
     ints.add("keys", row_keys(seeds, positions))
     if 0 < num_random < num_reqs:
         ints.add("random_rows", random_rows)
     if use_top_k:
-        ints.add("top_k", top_k)
+        ints.add("top_k", per_row(top_k_p))
     if use_top_p:
-        floats.add("top_p", top_p)
+        floats.add("top_p", per_row(top_p_p))
     if use_min_p:
-        floats.add("min_p", min_p)
+        floats.add("min_p", per_row(min_p_p))
+    penalty_rows: list[int] = []
+    if penalized.any():
+        penalty_rows = np.flatnonzero(per_row(penalized)).tolist()
     use_repetition = _add_penalties(ints, floats, [requests[b] for b in penalty_rows],
                                     penalty_rows, vocab_size)
-    mt_rows, mt_ids = _min_tokens_pairs(requests, vocab_size)
-    if mt_rows:
-        ints.add("min_tokens_rows", mt_rows)
-        ints.add("min_tokens_token_ids", mt_ids)
+    if uses_min_tokens:
+        min_tokens_p = np.fromiter((sp.min_tokens > 0 for sp in distinct), dtype=bool,
+                                   count=num_params)
+        candidates = np.flatnonzero(per_row(min_tokens_p)).tolist()
+        mt_rows, mt_ids = _min_tokens_pairs(requests, vocab_size, candidates)
+        if mt_rows:
+            ints.add("min_tokens_rows", mt_rows)
+            ints.add("min_tokens_token_ids", mt_ids)
 
     i, f = ints.send(device, pin_memory), floats.send(device, pin_memory)
     penalties = None
