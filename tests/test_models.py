@@ -201,35 +201,15 @@ def test_unsupported_rope_type_is_a_clear_error():
         compute_inv_freq({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, 16)
 
 
-def test_smollm2_matches_transformers(smol_model_dir):
+def _smollm2_prefill_decode(model_dir, dtype: torch.dtype, device: str):
+    """SmolLM2 through batchgen (a 14-token prefill, then one decode step) and transformers'
+    fp32 logits of the same 15 tokens -> (model, prefill, decode, want), logits as fp32 on CPU."""
     from batchgen.models.loader import load_hf_config, load_model
 
-    config = load_hf_config(smol_model_dir)
-    model = load_model(smol_model_dir, config, dtype=torch.float32, device=torch.device("cpu"))
+    config = load_hf_config(model_dir)
+    model = load_model(model_dir, config, dtype=dtype, device=torch.device(device))
     hf_model = transformers.LlamaForCausalLM.from_pretrained(
-        smol_model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    tokens = [1, 504, 3458, 282, 4649, 314, 2, 28, 1073, 421, 9, 260, 3624, 30, 216]
-    want = hf_logits(hf_model, tokens)
-    kv = PagedKV(model, num_blocks=8)
-    input_ids, positions, ctx = kv.step({0: tokens[:-1]})
-    with torch.no_grad():
-        prefill = model.compute_logits(model(input_ids, positions, ctx))
-        input_ids, positions, ctx = kv.step({0: tokens[-1:]})
-        decode = model.compute_logits(model(input_ids, positions, ctx))
-    torch.testing.assert_close(prefill, want[:-1], atol=2e-4, rtol=1e-5)
-    torch.testing.assert_close(decode, want[-1:], atol=2e-4, rtol=1e-5)
-    assert (model.num_layers, model.num_kv_heads, model.head_dim, model.vocab_size) == (
-        30, 3, 64, 49152)
-
-
-@pytest.mark.gpu
-def test_smollm2_on_gpu_in_bf16_tracks_transformers(smol_model_dir):
-    from batchgen.models.loader import load_hf_config, load_model
-
-    config = load_hf_config(smol_model_dir)
-    model = load_model(smol_model_dir, config, dtype=torch.bfloat16, device=torch.device("cuda"))
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(
-        smol_model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     tokens = [1, 504, 3458, 282, 4649, 314, 2, 28, 1073, 421, 9, 260, 3624, 30, 216]
     want = hf_logits(hf_model, tokens)
     kv = PagedKV(model, num_blocks=8)
@@ -238,6 +218,20 @@ def test_smollm2_on_gpu_in_bf16_tracks_transformers(smol_model_dir):
         prefill = model.compute_logits(model(input_ids, positions, ctx)).float().cpu()
         input_ids, positions, ctx = kv.step({0: tokens[-1:]})
         decode = model.compute_logits(model(input_ids, positions, ctx)).float().cpu()
+    return model, prefill, decode, want
+
+
+def test_smollm2_matches_transformers(smol_model_dir):
+    model, prefill, decode, want = _smollm2_prefill_decode(smol_model_dir, torch.float32, "cpu")
+    torch.testing.assert_close(prefill, want[:-1], atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(decode, want[-1:], atol=2e-4, rtol=1e-5)
+    assert (model.num_layers, model.num_kv_heads, model.head_dim, model.vocab_size) == (
+        30, 3, 64, 49152)
+
+
+@pytest.mark.gpu
+def test_smollm2_on_gpu_in_bf16_tracks_transformers(smol_model_dir):
+    _, prefill, decode, want = _smollm2_prefill_decode(smol_model_dir, torch.bfloat16, "cuda")
     got = torch.cat([prefill, decode])
     # bf16 through 30 layers: compare shapes of the distributions, not exact values.
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
