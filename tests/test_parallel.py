@@ -206,12 +206,11 @@ def test_data_parallel_2_equals_data_parallel_1(smol_model_dir, tiny_reference, 
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def _lock_pid(lock: Path) -> int | None:
+    try:
+        return json.loads(lock.read_text())["pid"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
 
 
 @pytest.mark.slow
@@ -223,26 +222,31 @@ def test_concurrent_runs_of_one_shard_and_a_killed_runs_lock(smol_model_dir, tin
     lock = out / "_lock-0-of-1.json"
     first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: list(out.glob("part-*.jsonl")) or first.poll() is not None, 120,
-                  "the first run's first part")
-        # Frozen mid-job (SIGSTOP): alive and holding the lock however fast this machine is.
-        first.send_signal(signal.SIGSTOP)
-        assert first.poll() is None, "the tiny job finished before it could be frozen"
-        assert json.loads(lock.read_text())["pid"] == first.pid
+        # Frozen (SIGSTOP) at a moment it holds the lock: freeze, look, thaw and retry until the
+        # lock names it. Polling a live run instead races its end on a fast machine.
+        deadline = time.monotonic() + 120
+        while True:
+            first.send_signal(signal.SIGSTOP)
+            assert first.poll() is None, "the first run ended before it was seen holding the lock"
+            if _lock_pid(lock) == first.pid:
+                break
+            first.send_signal(signal.SIGCONT)
+            assert time.monotonic() < deadline, "timed out waiting for the first run's lock"
+            time.sleep(0.02)
 
         second = cli("run", *tiny_job_argv(smol_model_dir, data, out))
         assert second.returncode == 0
         assert "already running" in second.stderr and f"pid {first.pid}" in second.stderr
         assert first.poll() is None  # the second run did not disturb the first
 
-        first.kill()  # kill -9: no chance to clean up
+        first.kill()  # kill -9 while holding the lock: no chance to clean up
         first.wait()
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
     committed = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.jsonl")}
-    assert lock.exists() and json.loads(lock.read_text())["pid"] == first.pid  # left behind
+    assert _lock_pid(lock) == first.pid  # left behind
 
     third = cli("run", *tiny_job_argv(smol_model_dir, data, out))
     assert third.returncode == 0, third.stderr[-3000:]
