@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -15,44 +14,14 @@ from batchgen.engine.model_runner import ModelRunner
 from batchgen.engine.output_processor import build_request_output, merge_fanout
 from batchgen.engine.overlap import (PendingStep, fill_placeholders, is_stop_token,
                                      placeholder_tokens, record_placeholders, stop_after)
-from batchgen.engine.request import Request, RequestStatus
+from batchgen.engine.request import Request, RequestStatus, prompt_error
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig
+from batchgen.engine.stats import EngineStats, PeakTracker
 from batchgen.models import loader
 from batchgen.outputs import RequestOutput
 from batchgen.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_kv_blocks_used: int
-    num_kv_blocks_total: int
-    block_size: int
-    kv_pool_tokens: int
-    prefix_cache_hit_rate: float
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    num_preemptions: int
-    num_steps: int
-    peak_num_running: int
-    peak_kv_slots_allocated: int
-    peak_kv_tokens_held: int
-    startup_seconds: float
-    # Host seconds per phase of step() since the last reset (wait_gpu: blocked on the device).
-    step_seconds: dict[str, float]
-
-    @property
-    def kv_usage(self) -> float:
-        return self.num_kv_blocks_used / max(self.num_kv_blocks_total, 1)
-
-    @property
-    def peak_kv_waste(self) -> float:
-        if not self.peak_kv_slots_allocated:
-            return 0.0
-        return 1 - self.peak_kv_tokens_held / self.peak_kv_slots_allocated
 
 
 class Engine:
@@ -70,21 +39,7 @@ class Engine:
         self.model = loader.load_model(self.model_path, self.hf_config, dtype=self.dtype,
                                        device=self.device, load_format=config.load_format,
                                        seed=config.seed)
-        max_pos = getattr(self.hf_config, "max_position_embeddings", None) or 4096
-        if config.max_model_len is not None and config.max_model_len > max_pos:
-            raise ValueError(f"max_model_len={config.max_model_len} is longer than the model's "
-                             f"max_position_embeddings ({max_pos})")
-        self.max_model_len = config.max_model_len or max_pos
-        self.runner = ModelRunner(config, self.model, self.max_model_len, self.device, self.dtype)
-        num_blocks = self.runner.determine_num_blocks()
-        pool_tokens = (num_blocks - 1) * config.block_size
-        if pool_tokens < self.max_model_len:
-            if config.max_model_len is not None:
-                raise ValueError(
-                    f"max_model_len={config.max_model_len} does not fit the KV pool "
-                    f"({pool_tokens} tokens); lower it or give the pool more memory")
-            self.max_model_len = pool_tokens
-            self.runner.max_model_len = pool_tokens
+        num_blocks, pool_tokens = self._size_kv_pool()
         self.runner.initialize_kv_cache(num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
@@ -105,10 +60,31 @@ class Engine:
         # Overlap host and device work where the device runs asynchronously.
         self.overlap = config.async_scheduling if config.async_scheduling is not None \
             else self.device.type == "cuda"
-        self.reset_peak_stats()
+        self.peaks = PeakTracker(config.block_size)
         self.startup_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: %d KV blocks (%d tokens), max_model_len %d",
                  self.startup_seconds, num_blocks, pool_tokens, self.max_model_len)
+
+    def _size_kv_pool(self) -> tuple[int, int]:
+        """Build the model runner and size its KV pool; max_model_len shrinks to the pool when
+        the user left it at the model's default. Returns (blocks, tokens the pool holds)."""
+        config = self.config
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if config.max_model_len is not None and config.max_model_len > max_pos:
+            raise ValueError(f"max_model_len={config.max_model_len} is longer than the model's "
+                             f"max_position_embeddings ({max_pos})")
+        self.max_model_len = config.max_model_len or max_pos
+        self.runner = ModelRunner(config, self.model, self.max_model_len, self.device, self.dtype)
+        num_blocks = self.runner.determine_num_blocks()
+        pool_tokens = (num_blocks - 1) * config.block_size
+        if pool_tokens < self.max_model_len:
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len={config.max_model_len} does not fit the KV pool "
+                    f"({pool_tokens} tokens); lower it or give the pool more memory")
+            self.max_model_len = pool_tokens
+            self.runner.max_model_len = pool_tokens
+        return num_blocks, pool_tokens
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -133,7 +109,8 @@ class Engine:
         # Counted for every request, uncounted once when its output is built or it is aborted
         # (also a request the scheduler fails later, e.g. one that can never fit).
         self._num_penalized += params.has_penalties
-        error = self._check_request(prompt_token_ids, params)
+        error = prompt_error(prompt_token_ids, params, self.model.vocab_size,
+                             self.max_model_len, has_tokenizer=self.tokenizer is not None)
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
             req.error = error
@@ -144,22 +121,6 @@ class Engine:
             self._detokenizers[request_id] = IncrementalDetokenizer(
                 self.tokenizer, params, prompt_token_ids)
         self.scheduler.add_request(req)
-
-    def _check_request(self, ids: list[int], params: SamplingParams) -> str | None:
-        if not ids:
-            return "empty prompt: nothing to generate from"
-        vocab = self.model.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            return f"prompt has token ids outside the vocabulary [0, {vocab})"
-        if len(ids) >= self.max_model_len:
-            return (f"prompt is {len(ids)} tokens; the model allows at most "
-                    f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
-        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
-            return (f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                    f"max_model_len ({self.max_model_len})")
-        if params.stop and self.tokenizer is None:
-            return "stop strings need a tokenizer (skip_tokenizer_init is set)"
-        return None
 
     def abort(self, request_id: str) -> None:
         """Drop a request (all n of a fan-out): it is never emitted, also when it already
@@ -217,7 +178,7 @@ class Engine:
         if self.overlap:
             finished = self.scheduler.update_from_output(sched, placeholder_tokens(sched))
             self._inflight = PendingStep(sched, launched, record_placeholders(sched), finished)
-            self._track_peaks()
+            self.peaks.track(self.scheduler.kv_cache_manager, self.scheduler.running)
             timer.lap("update_outputs")
             if prev is not None:
                 outputs += self._resolve(prev)
@@ -229,7 +190,7 @@ class Engine:
                     req.logprobs.append(lp)
         finished = self.scheduler.update_from_output(sched, result.sampled_token_ids)
         self._num_generated_tokens += sum(t is not None for t in result.sampled_token_ids)
-        self._track_peaks()
+        self.peaks.track(self.scheduler.kv_cache_manager, self.scheduler.running)
         finished = finished + self._check_stop_strings(sched, result.sampled_token_ids, finished)
         outputs += self._emit(finished)
         timer.lap("update_outputs")
@@ -342,24 +303,9 @@ class Engine:
 
     # ---- stats ---------------------------------------------------------------------------
 
-    def _track_peaks(self) -> None:
-        kv = self.scheduler.kv_cache_manager
-        used = kv.num_used_blocks * self.config.block_size
-        running = self.scheduler.running
-        self._peak_running = max(self._peak_running, len(running))
-        if used > self._peak_slots:
-            self._peak_slots = used
-            # Slots held by tokens: each running request wastes only its last block's tail.
-            waste = sum(len(kv.get_block_ids(r)) * self.config.block_size - r.num_computed_tokens
-                        for r in running)
-            self._peak_held = used - max(waste, 0)
-
     def reset_peak_stats(self) -> None:
-        if hasattr(self, "runner"):
-            self.runner.timer.reset()
-        self._peak_running = 0
-        self._peak_slots = 0
-        self._peak_held = 0
+        self.runner.timer.reset()
+        self.peaks.reset()
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.kv_cache_manager.reset_prefix_cache()
@@ -375,6 +321,6 @@ class Engine:
             num_prompt_tokens=self._num_prompt_tokens,
             num_generated_tokens=self._num_generated_tokens,
             num_preemptions=self._num_preemptions, num_steps=self._num_steps,
-            peak_num_running=self._peak_running, peak_kv_slots_allocated=self._peak_slots,
-            peak_kv_tokens_held=self._peak_held, startup_seconds=self.startup_seconds,
+            peak_num_running=self.peaks.num_running, peak_kv_slots_allocated=self.peaks.num_slots,
+            peak_kv_tokens_held=self.peaks.num_held, startup_seconds=self.startup_seconds,
             step_seconds=dict(self.runner.timer.totals))

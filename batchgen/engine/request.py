@@ -94,3 +94,21 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+
+
+def prompt_error(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                 *, has_tokenizer: bool) -> str | None:
+    """Why this prompt cannot run (the request then finishes with this error), or None."""
+    if not ids:
+        return "empty prompt: nothing to generate from"
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        return f"prompt has token ids outside the vocabulary [0, {vocab_size})"
+    if len(ids) >= max_model_len:
+        return (f"prompt is {len(ids)} tokens; the model allows at most "
+                f"{max_model_len - 1} prompt tokens (max_model_len {max_model_len})")
+    if params.max_tokens is not None and len(ids) + params.max_tokens > max_model_len:
+        return (f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len ({max_model_len})")
+    if params.stop and not has_tokenizer:
+        return "stop strings need a tokenizer (skip_tokenizer_init is set)"
+    return None
