@@ -171,6 +171,17 @@ def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | No
     return fig
 
 
+def profile_workload(llm, requests) -> dict:
+    """The workload once more (prefix cache emptied) under torch.profiler: device time by
+    kernel category and the device's idle share of the wall."""
+    from kernel_profile import profile_generate
+
+    llm.reset_prefix_cache()
+    prof = profile_generate(llm, lambda: generate(llm, requests), len(requests))
+    print(prof.summary())
+    return prof.as_dict()
+
+
 def print_workload(name: str, f: dict) -> None:
     print(f"  {name}: {f['num_requests']} requests, wall {f['wall_s']:.2f} s, "
           f"{f['output_tok_per_s']:,.0f} output tok/s, {f['total_tok_per_s']:,.0f} total tok/s, "
@@ -248,12 +259,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--profile", default="",
+                   help="comma list of workloads to run once more under torch.profiler")
+    p.add_argument("--profile-requests", type=int, default=None,
+                   help="profile only the first N requests (a shorter trace)")
     p.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     bad = [w for w in args.workloads if w not in WORKLOAD_NAMES]
     if bad:
         p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOAD_NAMES)}")
+    args.profile = [w for w in args.profile.split(",") if w]
+    not_run = sorted(set(args.profile) - set(args.workloads))
+    if not_run:
+        p.error(f"--profile names workloads that are not run: {not_run}")
     return args
 
 
@@ -332,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                                REFERENCES[name] if is_as_published else None)
             results["workloads"][name] = fig
             print_workload(name, fig)
+        if name in args.profile:
+            with run.section(f"profile {name}"):
+                fig["profile"] = profile_workload(llm, requests[:args.profile_requests])
 
     if base_requests is not None and llm is not None and "baseline" in results:
         with run.section("baseline batchgen"):

@@ -7,9 +7,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for step in "${@:-8b}"; do
   case "$step" in
     8b) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
-          --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
+          --profile reviews --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
-          --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
+          --profile small --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
     tests) python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -8 ;;
   esac
 done

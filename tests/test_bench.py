@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCH))
 import baseline_hf  # noqa: E402
 import check_numerics  # noqa: E402
 import floor  # noqa: E402
+import kernel_profile  # noqa: E402
 import shapes  # noqa: E402
 import workloads  # noqa: E402
 
@@ -223,10 +224,35 @@ def test_baseline_generate_batch_one_call_per_output_length():
 # ---- bench.py end to end -------------------------------------------------------------------
 
 @pytest.mark.timeout(180)
+def test_kernel_profile_busy_time_is_the_union_of_intervals():
+    iv = kernel_profile.Interval
+    assert kernel_profile.busy_seconds([iv(0, 2e6), iv(1e6, 3e6), iv(5e6, 6e6), iv(5.5e6, 5.6e6)]) == 4
+    assert kernel_profile.busy_seconds([]) == 0
+
+
+def test_kernel_profile_categories():
+    cat, iv = kernel_profile.categorize, kernel_profile.Interval
+    assert cat("_prefill_attention_kernel") == "attention_prefill"
+    assert cat("_combine_splits_kernel") == "attention_decode"
+    assert cat("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_NNT") == "gemm"
+    assert cat("aten::addmm") == "gemm" and cat("aten::addmm_backward") != "gemm"
+    assert cat("Memcpy HtoD (Pinned -> Device)") == "copy"
+    assert cat("_gumbel_sample_kernel") == "sampling"
+    assert cat("void at::native::vectorized_elementwise_kernel<4, add>") == "other"
+    prof = kernel_profile.summarize(
+        [("nvjet_a", iv(0, 1e6)), ("_rms_norm_kernel", iv(1e6, 1.5e6)), ("nvjet_a", iv(2e6, 3e6))],
+        device="cuda", num_requests=1, num_steps=2, wall_s=4.0, is_cuda=True)
+    assert prof.device_busy_s == 2.5 and prof.device_idle_fraction == 0.375
+    assert prof.by_category["gemm"] == {"seconds": 2.0, "count": 2, "share": 0.8}
+    assert prof.top_kernels[0] == ("nvjet_a", 2.0, 2)
+    assert "gemm" in prof.summary()
+
+
 def test_bench_smoke_tiny_cpu(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(BENCH / "bench.py"), "--shape", "tiny", "--workloads",
-           "reviews,decode", "--limit", "3", "--max-output-tokens", "12", "--out", str(out)]
+           "reviews,decode", "--limit", "3", "--max-output-tokens", "12", "--profile", "decode",
+           "--profile-requests", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -241,6 +267,11 @@ def test_bench_smoke_tiny_cpu(tmp_path):
         assert f["floor"]["floor_s"] > 0 and f["floor_fraction"] > 0
         assert f["kv_pool_tokens"] > 0 and 1 <= f["peak_num_running"] <= 3
         assert "vllm_s" not in f  # a cut workload is not the published one
+    prof = results["workloads"]["decode"]["profile"]
+    assert prof["num_requests"] == 2 and prof["num_steps"] >= 12 and prof["num_kernels"] > 0
+    assert prof["by_category"]["gemm"]["seconds"] > 0
+    assert 0 < prof["device_busy_s"] and abs(sum(
+        c["share"] for c in prof["by_category"].values()) - 1) < 1e-6
     # The shared 256-token instruction is served from the cache for requests 2 and 3.
     assert results["workloads"]["reviews"]["prefix_cache_hit_rate"] > 0
     # The table comes last, so the device tool's tail shows it.
