@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import get_shape  # noqa: E402
 
-from batchgen.job.checkpoint import job_status, verify_job  # noqa: E402
+from batchgen.job.status import job_status  # noqa: E402
+from batchgen.job.verification import verify_job  # noqa: E402
 from batchgen.job.writer import list_parts, read_part  # noqa: E402
 
 

@@ -6,8 +6,11 @@ import pytest
 
 from batchgen.job import checkpoint as ckpt
 from batchgen.job.config import JobConfig
+from batchgen.job.fingerprint import fingerprint, fingerprint_fields
 from batchgen.job.progress import ProgressReporter, print_verify
 from batchgen.job.runner import run_job
+from batchgen.job.status import job_status
+from batchgen.job.verification import verify_job
 from fake_engine import fake_engine_factory
 
 
@@ -26,17 +29,17 @@ def run(job):
 def test_fingerprint_ignores_limit_and_shards_but_not_prompt_or_sampling(tmp_path):
     model = {"m": 1}
     ident = {"path": "x"}
-    base = ckpt.fingerprint(ckpt.fingerprint_fields(make_job(tmp_path), model, ident))
+    base = fingerprint(fingerprint_fields(make_job(tmp_path), model, ident))
     same = [make_job(tmp_path, limit=4), make_job(tmp_path, shard_index=1, num_shards=2),
             make_job(tmp_path, max_num_seqs=3)]
     for job in same:
-        assert ckpt.fingerprint(ckpt.fingerprint_fields(job, model, ident)) == base
+        assert fingerprint(fingerprint_fields(job, model, ident)) == base
     different = [make_job(tmp_path, system="s"), make_job(tmp_path, sampling={"temperature": 0.5}),
                  make_job(tmp_path, seed=1), make_job(tmp_path, rows_per_part=4),
                  make_job(tmp_path, format="jsonl")]
     for job in different:
-        assert ckpt.fingerprint(ckpt.fingerprint_fields(job, model, ident)) != base
-    assert ckpt.fingerprint(ckpt.fingerprint_fields(make_job(tmp_path), model, {"path": "y"})) != base
+        assert fingerprint(fingerprint_fields(job, model, ident)) != base
+    assert fingerprint(fingerprint_fields(make_job(tmp_path), model, {"path": "y"})) != base
 
 
 def test_job_file_is_written_once_and_compared(tmp_path):
@@ -53,20 +56,20 @@ def test_job_file_is_written_once_and_compared(tmp_path):
 
 def test_status_and_verify_on_a_complete_job(tmp_path, capsys):
     run(make_job(tmp_path))
-    status = ckpt.job_status(tmp_path / "out")
+    status = job_status(tmp_path / "out")
     assert (status.num_parts_committed, status.num_parts_total) == (4, 4)
     assert (status.num_rows_done, status.num_rows_total, status.num_errors) == (10, 10, 0)
     assert status.is_complete and status.rows_per_s > 0
-    assert ckpt.verify_job(tmp_path / "out").is_ok
+    assert verify_job(tmp_path / "out").is_ok
     assert print_verify(tmp_path / "out") == 0
 
 
 def test_status_and_verify_on_a_partial_job(tmp_path):
     run(make_job(tmp_path, limit=5))
-    status = ckpt.job_status(tmp_path / "out")
+    status = job_status(tmp_path / "out")
     assert (status.num_parts_committed, status.num_rows_done, status.num_rows_total) == (2, 5, 10)
     assert not status.is_complete
-    report = ckpt.verify_job(tmp_path / "out")
+    report = verify_job(tmp_path / "out")
     assert not report.problems
     assert report.gaps == ["rows 5..5 (part-00001.parquet is short)",
                            "parts 2..3 missing (rows 6..9)"]
@@ -81,13 +84,13 @@ def test_verify_finds_tampered_parts(tmp_path):
     part1.write_text("\n".join([lines[0], lines[0], lines[2]]) + "\n")  # a duplicated row
     (out / "part-00002.jsonl").write_text("{truncated")  # unreadable
     os.unlink(out / "part-00003.jsonl")  # missing
-    report = ckpt.verify_job(out)
+    report = verify_job(out)
     assert any("part-00001.jsonl: duplicate rows" in p for p in report.problems)
     assert any("part-00002.jsonl: unreadable" in p for p in report.problems)
     assert report.gaps == ["part 3 missing (rows 9..9)"]
     # a resumed run redoes the missing part and the unreadable short one
     assert run(make_job(tmp_path, format="jsonl")).num_rows == 4
-    assert ckpt.verify_job(out).problems == ["part-00001.jsonl: duplicate rows"]
+    assert verify_job(out).problems == ["part-00001.jsonl: duplicate rows"]
 
 
 def test_plan_selection_resumes_a_short_part(tmp_path):

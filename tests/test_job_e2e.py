@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.job.checkpoint import verify_job
+from batchgen.job.verification import verify_job
 from batchgen.job.writer import list_parts, read_part
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.job.config import JobConfig, JobConfigError
-from batchgen.job.reader import (HFDatasetReader, JsonlReader, ParquetReader, RowSelection,
-                                 count_lines, detect_format, open_reader, parse_jsonl_line)
+from batchgen.job.hf_dataset_reader import HFDatasetReader
+from batchgen.job.input_format import detect_format, open_reader
+from batchgen.job.jsonl_reader import JsonlReader, count_lines, parse_jsonl_line
+from batchgen.job.parquet_reader import ParquetReader
+from batchgen.job.row_selection import RowSelection
 
 
 def write_lines(path, lines: list[bytes], newline_at_end=True):

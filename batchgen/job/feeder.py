@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from batchgen.job.config import JobConfig
 from batchgen.job.openai_batch import BatchRequest, custom_id_of, parse_request
-from batchgen.job.reader import Reader, Row, RowSelection
+from batchgen.job.reader import Reader, Row
+from batchgen.job.row_selection import RowSelection
 from batchgen.job.writer import OutputSchema
 from batchgen.recipe import PromptRenderer, RowError
 from batchgen.sampling_params import SamplingParams

@@ -289,7 +289,7 @@ class DataParallelProgress:
     def _poll(self) -> tuple[int, int | None, int, int | None] | None:
         """(parts committed, parts in all, rows done, rows in all); None before the first
         worker has written the job's record."""
-        from batchgen.job.checkpoint import job_status
+        from batchgen.job.status import job_status
         try:
             status = job_status(self.output_dir)
         except Exception:

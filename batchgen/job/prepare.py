@@ -8,7 +8,10 @@ from typing import Any
 
 from batchgen.job import checkpoint as ckpt
 from batchgen.job.config import JobConfig, JobConfigError
-from batchgen.job.reader import JsonlReader, Reader, open_reader
+from batchgen.job.fingerprint import fingerprint, fingerprint_fields, model_identity
+from batchgen.job.input_format import open_reader
+from batchgen.job.jsonl_reader import JsonlReader
+from batchgen.job.reader import Reader
 from batchgen.job.writer import OutputSchema
 from batchgen.recipe import template_variables
 
@@ -28,7 +31,7 @@ def is_openai_sample(records: list[dict[str, Any]]) -> bool:
 
 def prepare_job(job: JobConfig) -> PreparedJob:
     """Open the input and check the columns and the model; JobConfigError on a mistake."""
-    model = ckpt.model_identity(job.model)
+    model = model_identity(job.model)
     reader = open_reader(job)
     sample = reader.sample()
     if job.input_format == "auto" and isinstance(reader, JsonlReader) and is_openai_sample(sample):
@@ -44,8 +47,8 @@ def prepare_job(job: JobConfig) -> PreparedJob:
             schema = OutputSchema(reader.schema, job.keep, job.parse_json)
         except ValueError as e:
             raise JobConfigError(str(e)) from None
-    fields = ckpt.fingerprint_fields(job, model, reader.identity())
-    record = ckpt.JobRecord(ckpt.fingerprint(fields), fields, job.rows_per_part, job.output_format,
+    fields = fingerprint_fields(job, model, reader.identity())
+    record = ckpt.JobRecord(fingerprint(fields), fields, job.rows_per_part, job.output_format,
                             reader.num_rows, job.is_openai_batch)
     return PreparedJob(job, reader, schema, record)
 

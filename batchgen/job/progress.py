@@ -161,7 +161,7 @@ def write_metrics_json(path: Path, metrics: JobMetrics) -> None:
 
 def print_status(out_dir: Path, *, as_json: bool = False, stream: TextIO | None = None) -> int:
     """`batchgen status DIR`; returns the exit code (0, or 2 when DIR is not a job)."""
-    from batchgen.job.checkpoint import job_status
+    from batchgen.job.status import job_status
     s = job_status(out_dir)
     stream = stream or sys.stdout
     info = {
@@ -195,7 +195,7 @@ def print_status(out_dir: Path, *, as_json: bool = False, stream: TextIO | None 
 
 def print_verify(out_dir: Path, *, stream: TextIO | None = None) -> int:
     """`batchgen verify DIR`: 0 when complete and intact, 1 otherwise (problems and gaps listed)."""
-    from batchgen.job.checkpoint import verify_job
+    from batchgen.job.verification import verify_job
     report = verify_job(out_dir)
     stream = stream or sys.stdout
     for problem in report.problems:

@@ -278,7 +278,7 @@ def export_job(out_dir: Path, file: Path, *, allow_partial: bool = False) -> int
     """Write the committed parts of `out_dir` as one file in input order (atomically);
     .parquet for a Parquet file, else JSONL. Returns the exit code."""
     import sys
-    from batchgen.job.checkpoint import verify_job
+    from batchgen.job.verification import verify_job
     out_dir, file = Path(out_dir), Path(file)
     report = verify_job(out_dir)
     if report.problems or (report.gaps and not allow_partial):
