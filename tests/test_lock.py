@@ -177,3 +177,125 @@ def test_bad_arguments_are_refused(tmp_path):
         ShardLock(tmp_path, 2, 2)
     with pytest.raises(ValueError, match="heartbeat_every"):
         ShardLock(tmp_path, 0, 1, stale_after=5, heartbeat_every=10)
+
+
+# ---- another Slurm job's lock: ask squeue -----------------------------------------------
+
+# Stands in for squeue: logs its arguments, then answers as FAKE_SQUEUE says: a state to
+# print, "gone" (squeue's answer for a job that left the queue), "hidden" (no output),
+# "down" (controller unreachable) or "hang". exec: a timeout kills the sleep itself.
+FAKE_SQUEUE = """#!/bin/bash
+echo "$@" >> "$FAKE_SQUEUE_LOG"
+case "$FAKE_SQUEUE" in
+  gone) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
+  hidden) exit 0 ;;
+  down) echo "slurm_load_jobs error: Unable to contact slurm controller (connect failure)" >&2
+        exit 1 ;;
+  hang) exec sleep 30 ;;
+  *) printf '%s\\n' $FAKE_SQUEUE ;;
+esac
+"""
+OUR_JOB = {"SLURM_JOB_ID": "951", "SLURM_ARRAY_JOB_ID": "950", "SLURM_ARRAY_TASK_ID": "1",
+           "SLURM_CLUSTER_NAME": "hpc"}
+
+
+@pytest.fixture
+def squeue(tmp_path, monkeypatch):
+    """Puts the fake squeue first on PATH; returns (set its answer, the calls it got)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(FAKE_SQUEUE)
+    (bin_dir / "squeue").chmod(0o755)
+    log = tmp_path / "squeue.log"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SQUEUE_LOG", str(log))
+
+    def calls() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+    return (lambda answer: monkeypatch.setenv("FAKE_SQUEUE", answer)), calls
+
+
+def _earlier_jobs_lock(out: Path, **fields) -> Path:
+    """The lock of job 901 (task 900_1) whose node died: fresh heartbeat, another host."""
+    path = out / "_lock-1-of-3.json"
+    out.mkdir(exist_ok=True)
+    _write_lock(path, **{"host": "dead-node", "pid": 1, "shard": "1/3", "uid": os.getuid(),
+                         "slurm_job_id": "901", "slurm_array_job_id": "900",
+                         "slurm_array_task_id": "1", "slurm_cluster_name": "hpc", **fields})
+    return path
+
+
+@pytest.mark.parametrize("answer", ["gone", "NODE_FAIL", "CANCELLED", "COMPLETED",
+                                    "TIMEOUT\nFAILED"])
+def test_another_jobs_lock_is_taken_at_once_when_slurm_says_that_job_is_over(
+        tmp_path, squeue, answer):
+    set_answer, calls = squeue
+    set_answer(answer)
+    path = _earlier_jobs_lock(tmp_path / "out")
+    lock = ShardLock(tmp_path / "out", 1, 3, env=OUR_JOB)
+    assert lock.acquire()
+    info = json.loads(path.read_text())
+    assert info["slurm_job_id"] == "951" and info["slurm_cluster_name"] == "hpc"
+    assert info["uid"] == os.getuid()
+    # the array task by name: an array's last task shares its job id with the whole array
+    assert calls() == ["--noheader --jobs=900_1 --states=all --format=%T"]
+    lock.release()
+
+
+@pytest.mark.parametrize("answer", ["RUNNING", "PENDING", "COMPLETING", "SUSPENDED",
+                                    "REQUEUED", "COMPLETED\nRUNNING"])
+def test_another_jobs_lock_is_held_while_slurm_says_that_job_is_not_over(
+        tmp_path, squeue, answer):
+    set_answer, calls = squeue
+    set_answer(answer)
+    _earlier_jobs_lock(tmp_path / "out")
+    lock = ShardLock(tmp_path / "out", 1, 3, env=OUR_JOB)
+    assert not lock.acquire()
+    assert "Slurm job 900_1" in lock.holder_description()
+    assert len(calls()) == 1
+
+
+@pytest.mark.parametrize("answer", ["down", "hang", "hidden", "no squeue"])
+def test_when_slurm_cannot_tell_the_heartbeat_decides(tmp_path, squeue, monkeypatch, answer):
+    set_answer, calls = squeue
+    set_answer(answer)
+    monkeypatch.setattr("batchgen.job.slurm.SQUEUE_TIMEOUT", 0.5)
+    if answer == "no squeue":
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = tmp_path / "out"
+    _earlier_jobs_lock(out)
+    started = time.monotonic()
+    assert not ShardLock(out, 1, 3, env=OUR_JOB).acquire()
+    assert time.monotonic() - started < 10  # a hung squeue costs the timeout, not its sleep
+    assert len(calls()) == (0 if answer == "no squeue" else 1)
+    _earlier_jobs_lock(out, heartbeat=time.time() - 5)  # now its heartbeat has aged
+    lock = ShardLock(out, 1, 3, env=OUR_JOB, stale_after=2, heartbeat_every=1)
+    assert lock.acquire()
+    lock.release()
+
+
+def test_slurm_is_asked_only_about_another_job_of_our_user_on_our_cluster(tmp_path, squeue):
+    set_answer, calls = squeue
+    set_answer("gone")
+    out = tmp_path / "out"
+    # Our own job id: an earlier run of this task, taken as before without asking.
+    _earlier_jobs_lock(out, slurm_job_id="951")
+    lock = ShardLock(out, 1, 3, env=OUR_JOB)
+    assert lock.acquire()
+    lock.release()
+    # Another cluster's ids, another user's job (PrivateData=jobs reads it as gone), a lock
+    # of an older batchgen (no cluster or uid), or we are no Slurm job: held, not asked.
+    for fields, env in [({"slurm_cluster_name": "other-hpc"}, OUR_JOB),
+                        ({"uid": os.getuid() + 1}, OUR_JOB),
+                        ({"slurm_cluster_name": None, "uid": None}, OUR_JOB),
+                        ({}, {k: v for k, v in OUR_JOB.items() if k != "SLURM_CLUSTER_NAME"}),
+                        ({}, {})]:
+        _earlier_jobs_lock(out, **fields)
+        assert not ShardLock(out, 1, 3, env=env).acquire(), fields
+    assert calls() == []
+    # A job outside any array is named by its job id.
+    _earlier_jobs_lock(out, slurm_array_job_id=None, slurm_array_task_id=None)
+    lock = ShardLock(out, 1, 3, env=OUR_JOB)
+    assert lock.acquire()
+    lock.release()
+    assert calls() == ["--noheader --jobs=901 --states=all --format=%T"]

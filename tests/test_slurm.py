@@ -284,3 +284,67 @@ def test_slurm_array_of_the_real_cli_survives_cancel_and_requeue(slurm, smol_mod
     assert verify.returncode == 0, verify.stdout + verify.stderr + "\n".join(logs.values())
     assert output_rows(out) == tiny_reference
     assert not list(out.glob("_lock-*"))
+
+
+# Runs in a job: tries shard locks 0/2 and 1/2 of the folder and reports what it met.
+LOCK_CHECKER = textwrap.dedent("""
+    import json, os, sys
+    import batchgen.job.slurm as slurm
+    from batchgen.job.lock import ShardLock
+    slurm.SQUEUE_TIMEOUT = 60.0  # on a loaded machine a slow answer must not read as none
+    out = sys.argv[1]
+    report = {}
+    for shard in (0, 1):
+        lock = ShardLock(out, shard, 2)
+        report[shard] = [lock.acquire(), lock.holder_description()]
+        lock.release()
+    with open(os.path.join(out, "report.json.tmp"), "w") as f:
+        json.dump(report, f)
+    os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
+""")
+
+
+@pytest.mark.slurm
+def test_slurm_a_new_job_takes_the_lock_of_an_ended_job_at_once(slurm, tmp_path):
+    """Locks that look alive (fresh heartbeat, another host) left by two tasks of an earlier
+    array: the one whose task has ended is taken at once by a task of a new job, the one
+    whose task still runs is left alone. The ended task is the array's last, whose job id
+    is also the array's: asking about that id would see the running task too."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = tmp_path / "earlier.sh"
+    earlier.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        env | grep ^SLURM_ > {out}/env-$SLURM_ARRAY_TASK_ID.tmp
+        mv {out}/env-$SLURM_ARRAY_TASK_ID.tmp {out}/env-$SLURM_ARRAY_TASK_ID
+        if [ "$SLURM_ARRAY_TASK_ID" = 0 ]; then sleep 300; fi
+        """))
+    job = slurm.sbatch(earlier, "--array=0-1", f"--output={tmp_path}/earlier-%a.out")
+    try:
+        _wait(lambda: (out / "env-0").exists() and (out / "env-1").exists()
+              and f"{job}_1" not in slurm.states(job), 60, "task 1 done, task 0 running", slurm)
+        assert slurm.states(job) == {f"{job}_0": "RUNNING"}
+        for shard, task in ((0, 1), (1, 0)):
+            env = dict(line.split("=", 1) for line in
+                       (out / f"env-{task}").read_text().splitlines())
+            (out / f"_lock-{shard}-of-2.json").write_text(json.dumps({
+                "host": "dead-node", "pid": 1, "pid_start": None, "uid": os.getuid(),
+                "token": f"task-{task}", "shard": f"{shard}/2", "start_time": time.time(),
+                "heartbeat": time.time(), "slurm_job_id": env["SLURM_JOB_ID"],
+                "slurm_array_job_id": env["SLURM_ARRAY_JOB_ID"],
+                "slurm_array_task_id": env["SLURM_ARRAY_TASK_ID"],
+                "slurm_cluster_name": env["SLURM_CLUSTER_NAME"]}))
+        checker = tmp_path / "checker.py"
+        checker.write_text(LOCK_CHECKER)
+        script = tmp_path / "check.sh"
+        script.write_text(f"#!/bin/bash\n{shlex.quote(sys.executable)} {checker} {out}\n")
+        again = slurm.sbatch(script, f"--output={tmp_path}/check.out")
+        slurm.wait_until_done(again, 60)
+        report_path = out / "report.json"
+        assert report_path.exists(), (tmp_path / "check.out").read_text()
+        report = json.loads(report_path.read_text())
+        assert report["0"][0] is True, report
+        assert report["1"][0] is False and f"Slurm job {job}_0" in report["1"][1], report
+        assert json.loads((out / "_lock-1-of-2.json").read_text())["token"] == "task-0"
+    finally:
+        slurm.scancel(job)

@@ -7,8 +7,13 @@ create, rename, unlink), so it works on the shared filesystems of a cluster wher
 is often missing or local to one node.
 
 A lock is stale when its holder is on this host and its pid is dead (or reused by another
-process), when its heartbeat is older than `stale_after` seconds (the holder's node died), or
-when it was written by our own Slurm job id (a requeued task meeting its earlier run's lock).
+process), when its heartbeat is older than `stale_after` seconds (the holder's node died),
+when it was written by our own Slurm job id (a requeued task meeting its earlier run's lock),
+or when it was written by another job of our user on our cluster that Slurm says is over
+(gone from the queue or in an ended state, `slurm.job_has_ended`): a task resubmitted after
+its node died need not wait for the heartbeat to age. When Slurm cannot be asked (no
+`squeue`, controller down, timeout) the heartbeat rule decides: a live job's lock is never
+taken on a guess.
 Taking a stale lock over is a compare-and-swap: the taker first creates, exclusively, a
 claim file named after the exact stale content it saw (holder token + heartbeat), checks
 that the lock still holds that content, and only then removes it and creates its own. Two
@@ -28,12 +33,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from batchgen.job.slurm import job_has_ended
+
 try:
     import psutil
 except ImportError:  # psutil is a dependency; fall back to kill(0) without it
     psutil = None
 
-_SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+_SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+               "SLURM_CLUSTER_NAME")
 # A claim file older than this is left over from a taker that died mid-takeover.
 _CLAIM_STALE_AFTER = 60.0
 
@@ -142,6 +150,7 @@ class ShardLock:
         pid = os.getpid()
         info: dict[str, Any] = {
             "host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
+            "uid": os.getuid(),
             "token": self._token, "shard": f"{self.shard_index}/{self.num_shards}",
             "start_time": self._start_time, "heartbeat": heartbeat,
         }
@@ -178,10 +187,26 @@ class ShardLock:
             return True
         if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
             return not _is_process_alive(info["pid"], info.get("pid_start"))
+        job_id, holder_job = self._env.get("SLURM_JOB_ID"), info.get("slurm_job_id")
+        if not job_id or not holder_job:
+            return False
         # Slurm never runs one job id twice at once: a lock from our own job id is an earlier
         # run of this very task (requeued onto another node after a failure), not a rival.
-        job_id = self._env.get("SLURM_JOB_ID")
-        return bool(job_id) and info.get("slurm_job_id") == job_id
+        return holder_job == job_id or self._holder_job_has_ended(info)
+
+    def _holder_job_has_ended(self, info: dict[str, Any]) -> bool:
+        """Another job's fresh-looking lock may be left by a node that died a moment ago:
+        Slurm knows. Asked only about our user's jobs on our cluster (job ids repeat across
+        clusters sharing a filesystem; PrivateData=jobs shows other users' live jobs as
+        unknown ids); a lock without those fields (an older batchgen's) is not asked about."""
+        cluster = self._env.get("SLURM_CLUSTER_NAME")
+        if not cluster or info.get("slurm_cluster_name") != cluster \
+                or info.get("uid") != os.getuid():
+            return False
+        array, task = info.get("slurm_array_job_id"), info.get("slurm_array_task_id")
+        # An array's last task shares its job id with the whole array: name the task itself.
+        job = f"{array}_{task}" if array and task else str(info["slurm_job_id"])
+        return job_has_ended(job) is True
 
     def _tmp_path(self) -> Path:
         return self.path.with_name(f"{self.path.stem}.tmp-{self._token}")

@@ -8,11 +8,16 @@ requeued task resumes from the committed parts. `scancel` (SIGTERM to every proc
 task) is not forwarded twice: batchgen gets it from Slurm directly, commits, and the task
 ends cancelled, not requeued. Every task passes `--shard $SLURM_ARRAY_TASK_ID/N` with N
 written in, so `sbatch --array=1 job.sh` re-runs exactly shard 1 of N.
+
+`job_has_ended` asks the controller (`squeue`) whether a job is over, for ShardLock: a lock
+left by a job whose node died is taken over at once instead of after its heartbeat ages.
 """
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -23,6 +28,16 @@ LOG_DIR_NAME = "_logs"
 
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^\d+-\d+$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
+_JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
+
+# States in which a job's processes are gone for good. Every other state counts as alive:
+# COMPLETING (its processes are still being killed and may be committing), SUSPENDED
+# (stopped, not dead), PENDING and REQUEUED (a requeued job resumes its shard itself).
+ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED",
+                          "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"})
+# Read at call time (tests shorten it). A loaded controller answers within a second or two;
+# past this we would rather wait for the heartbeat rule than stall the start of a task.
+SQUEUE_TIMEOUT = 5.0
 
 
 def default_launcher() -> list[str]:
@@ -102,6 +117,35 @@ def render_sbatch_script(run_argv: list[str], *, array: int, gpus_per_task: int,
         'exit "$status"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def job_has_ended(job_id: str) -> bool | None:
+    """Whether Slurm says job `job_id` (`123`, or `123_4` for an array task) is over.
+
+    True: the controller no longer knows it (squeue's "Invalid job id specified", once
+    MinJobAge has passed since it ended) or it is in one of ENDED_STATES. False: it is in
+    another state. None: Slurm could not be asked or gave no clear answer (no squeue on
+    PATH, controller unreachable, SQUEUE_TIMEOUT passed, the job hidden from us, odd id).
+    Ask only about your own user's jobs on your own cluster: with PrivateData=jobs another
+    user's running job also reads as an invalid id, and ids repeat across clusters.
+    """
+    squeue = shutil.which("squeue")
+    if squeue is None or not _JOB_ID_RE.match(str(job_id)):
+        return None
+    # --states=all: without it a job that ended recently is simply left out (rc 0, no
+    # output), which cannot be told apart from a job hidden from us.
+    argv = [squeue, "--noheader", f"--jobs={job_id}", "--states=all", "--format=%T"]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=SQUEUE_TIMEOUT)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    if result.returncode != 0:
+        return True if "Invalid job id specified" in result.stderr else None
+    states = result.stdout.split()
+    if not states:
+        return None
+    return all(state in ENDED_STATES for state in states)
 
 
 def detect_slurm_shard(env: Mapping[str, str]) -> tuple[int, int] | None:
