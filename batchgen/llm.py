@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchgen.config import EngineConfig
+from batchgen.engine.admission import admission_order
 from batchgen.engine.engine import Engine
 from batchgen.outputs import RequestOutput
 from batchgen.sampling_params import SamplingParams
@@ -124,12 +125,11 @@ class LLM:
         return texts, token_ids
 
     def _run(self, texts, token_ids, params, use_tqdm: bool) -> list[RequestOutput]:
-        ids = []
-        for text, toks, p in zip(texts, token_ids, params):
-            rid = str(self._counter)
-            self._counter += 1
-            ids.append(rid)
-            self.engine.add_request(rid, toks, p, prompt=text)
+        ids = [str(self._counter + i) for i in range(len(token_ids))]
+        self._counter += len(ids)
+        # All requests are known now: admit the longest outputs first (engine/admission.py).
+        for i in admission_order(token_ids, [p.max_tokens for p in params]):
+            self.engine.add_request(ids[i], token_ids[i], params[i], prompt=texts[i])
         results: dict[str, RequestOutput] = {}
         bar = _progress(len(ids)) if use_tqdm else None
         while self.engine.has_unfinished():

@@ -3,8 +3,9 @@ in admission order.
 
 The tokenizer thread reads the rows still to do, renders and tokenizes each prompt, and puts
 them on a bounded queue in batches of `_QUEUE_BATCH` (about 2 * `window` rows queued at most).
-`take()` gives the run up to `window` good rows at a time, sorted so that equal prompt
-prefixes and similar lengths are admitted together; bad rows go straight to `on_error`.
+`take()` gives the run up to `window` good rows at a time in admission order (the longest
+outputs first, then equal prompt prefixes and similar lengths together: engine/admission.py);
+bad rows go straight to `on_error`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from batchgen.engine.admission import admission_order
 from batchgen.job.config import JobConfig
 from batchgen.job.openai_batch import BatchRequest, custom_id_of, parse_request
 from batchgen.job.reader import Reader, Row
@@ -111,8 +113,9 @@ class Feeder:
                 end = got
                 break
             self.backlog.extend(got)
-        ready.sort(key=lambda it: (tuple(it.token_ids[:64]), len(it.token_ids)))
-        return ready, end
+        order = admission_order([it.token_ids for it in ready],
+                                [it.params.max_tokens for it in ready])
+        return [ready[i] for i in order], end
 
     # ---- the tokenizer thread -----------------------------------------------------------
 
