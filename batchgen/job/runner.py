@@ -1,8 +1,9 @@
 """run_job: reader -> prompts (tokenized in a background thread) -> engine -> parts.
 
 The engine is kept fed from a bounded look-ahead window: rows are taken in input order in
-chunks of `window` rows, each chunk is admitted sorted (equal prompt prefixes together,
-similar lengths together), and the writer restores input order per part. At most `window`
+chunks of `window` rows, each chunk is admitted in admission order (the most output tokens
+first, then equal prompt prefixes and similar lengths together: engine/admission.py), and the
+writer restores input order per part. At most `window`
 requests are in the engine and the tokenizer queue holds about 2 * `window` rows, so memory
 stays flat however large the input, and parts commit steadily.
 
