@@ -125,6 +125,26 @@ def test_window_bounds_the_engine_and_order_is_restored(tmp_path):
     assert all(prompts[r["row"]][-4:] in r["text"] for r in rows)
 
 
+def test_each_window_admits_the_longest_outputs_first(tmp_path):
+    caps = [3, 40, 7, 40, 12, 5, 3, 25, 9, 40, 6, 18]
+    src = tmp_path / "batch.jsonl"
+    src.write_text("".join(json.dumps({
+        "custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+        "body": {"prompt": f"p{i}", "max_tokens": cap, "temperature": 0}}) + "\n"
+        for i, cap in enumerate(caps)))
+    made = []
+    job = JobConfig(input=str(src), output_dir=tmp_path / "out", rows_per_part=4)
+    assert run_job(job, make_engine=fake_engine_factory(made, max_num_seqs=3,
+                                                         record_admissions=True),
+                   reporter=QUIET).exit_code == 0
+    order = [int(r) for r in made[0].engine.admission_order]
+    assert sorted(order) == list(range(12))
+    windows = [order[i:i + 6] for i in range(0, 12, 6)]  # window = 2 * max_num_seqs
+    for window in windows:  # the tied 40s: their prompts "p1" < "p3" sort as their rows
+        assert window == sorted(window, key=lambda i: (-caps[i], i)), window
+    assert [o["custom_id"] for o in rows_of(tmp_path / "out")] == [f"r{i}" for i in range(12)]
+
+
 def test_limit_then_a_run_without_it_continues_the_same_job(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(25)])
     kw = dict(input=str(src), output_dir=tmp_path / "out", rows_per_part=10, format="parquet",
