@@ -33,6 +33,7 @@ if importlib.util.find_spec("batchgen") is None:
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from floor import Ceilings, compute_floor, measure_ceilings
+from report import print_table, print_workload
 from shapes import SHAPES, Shape, get_shape
 from workloads import REFERENCES, WORKLOAD_NAMES, cap_outputs, draw_workload, fit_to_vocab
 
@@ -180,70 +181,6 @@ def profile_workload(llm, requests) -> dict:
     prof = profile_generate(llm, lambda: generate(llm, requests), len(requests))
     print(prof.summary())
     return prof.as_dict()
-
-
-def print_workload(name: str, f: dict) -> None:
-    print(f"  {name}: {f['num_requests']} requests, wall {f['wall_s']:.2f} s, "
-          f"{f['output_tok_per_s']:,.0f} output tok/s, {f['total_tok_per_s']:,.0f} total tok/s, "
-          f"{f['req_per_s']:.1f} req/s, wrong lengths {f['num_wrong_lengths']}")
-    if "floor" in f:
-        fl = f["floor"]
-        print(f"  floor {fl['floor_s']:.2f} s ({fl['bound_by']}; compute {fl['compute_s']:.2f} s, "
-              f"memory {fl['memory_s']:.2f} s), floor/measured {f['floor_fraction']:.1%}")
-    mem = f["peak_gpu_memory_gib"]
-    print(f"  peak GPU memory {mem:.1f} GiB" if mem is not None else "  peak GPU memory n/a",
-          f"| KV pool {f['kv_pool_tokens']:,} tokens | peak running {f['peak_num_running']} "
-          f"| peak KV slots {f['peak_kv_slots_allocated']:,} held {f['peak_kv_tokens_held']:,} "
-          f"(waste {f['peak_kv_waste']:.1%}) | prefix hits {f['prefix_cache_hit_rate']:.1%} "
-          f"| preemptions {f['num_preemptions']} | steps {f['num_steps']}")
-    print(f"  step profile (host s): {f['step_seconds']}")
-    if "vllm_s" in f:
-        print(f"  vLLM {f['vllm_s']:.1f} s: vLLM/ours {f['vllm_over_ours']:.2f}x; floor fraction "
-              f"ours {f.get('floor_fraction', float('nan')):.1%} vs vLLM "
-              f"{f['vllm_floor_fraction']:.1%}, bar {f['bar_floor_fraction']:.0%}")
-
-
-def print_table(results: dict) -> None:
-    print("\n" + "=" * 112)
-    env, ceil = results.get("environment", {}), results.get("ceilings", {})
-    print(f"{env.get('gpu') or env.get('device')} | torch {env.get('torch')} | triton "
-          f"{env.get('triton')} | transformers {env.get('transformers')} | git {env.get('git_sha')}")
-    if ceil:
-        print(f"ceilings: matmul {ceil['matmul_tflops']:.4g} TFLOP/s, copy "
-              f"{ceil['copy_tb_per_s']:.4g} TB/s | start-up {results.get('startup_s', float('nan')):.1f} s"
-              f" | job {results.get('job_s', float('nan')):.1f} s")
-    cols = [("workload", 10), ("wall s", 8), ("out tok/s", 11), ("tot tok/s", 11), ("req/s", 8),
-            ("floor s", 9), ("C / M s", 13), ("floor/m", 9), ("bar", 6), ("vLLM s", 8),
-            ("vLLM/us", 9), ("run", 6), ("waste", 7), ("hits", 7)]
-    print(cols[0][0].ljust(cols[0][1]) + "".join(name.rjust(w) for name, w in cols[1:]))
-    for name, f in results.get("workloads", {}).items():
-        fl = f.get("floor")
-        cells = [_fmt(f["wall_s"], ".2f"), _fmt(f["output_tok_per_s"], ",.0f"),
-                 _fmt(f["total_tok_per_s"], ",.0f"), _fmt(f["req_per_s"], ".1f"),
-                 _fmt(fl and fl["floor_s"], ".2f"),
-                 f"{fl['compute_s']:.2f} / {fl['memory_s']:.2f}" if fl else "-",
-                 _fmt(f.get("floor_fraction"), ".1%"), _fmt(f.get("bar_floor_fraction"), ".0%"),
-                 _fmt(f.get("vllm_s"), ".1f"), _fmt(f.get("vllm_over_ours"), ".2f"),
-                 str(f["peak_num_running"]), _fmt(f["peak_kv_waste"], ".1%"),
-                 _fmt(f["prefix_cache_hit_rate"], ".1%")]
-        print(name.ljust(cols[0][1]) + "".join(c.rjust(w) for c, (_, w) in zip(cells, cols[1:])))
-    base = results.get("baseline", {})
-    if "hf" in base and "batchgen" in base:
-        hf, bg = base["hf"], base["batchgen"]
-        print(f"baseline ({base['note']}): transformers {hf['total_tokens_per_s']:,.0f} tok/s "
-              f"({hf['seconds']:.1f} s), batchgen {bg['total_tok_per_s']:,.0f} tok/s "
-              f"({bg['wall_s']:.2f} s): baseline/batchgen time {base['baseline_over_batchgen']:.1f}x")
-    if "numerics" in results:
-        n = results["numerics"]
-        print(f"numerics ({n['shape']}): close={n['is_close']} prefill cos {n['prefill']['cosine']:.5f} "
-              f"rel {n['prefill']['relative_error']:.2e}, decode cos {n['decode']['cosine']:.5f} "
-              f"rel {n['decode']['relative_error']:.2e}")
-    for name, err in results["errors"].items():
-        print(f"FAILED {name}: {err}")
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
