@@ -28,6 +28,12 @@ def test_prefix_grouping_compares_token_ids_not_bytes():
     assert admission_order(prompts, [4, 4, 4]) == [1, 2, 0]
 
 
+def test_ids_outside_any_vocabulary_do_not_break_the_order():
+    # The engine gives these requests an error output; ordering must not raise first.
+    prompts = [[5, 6], [-1, 2], [2**40], [7]]
+    assert admission_order(prompts, [4, 4, 4, 9]) == [3, 2, 1, 0]  # b"" first, then by length
+
+
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="2 max_tokens for 3 prompts"):
         admission_order([[1], [2], [3]], [1, 2])
