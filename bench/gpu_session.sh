@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
+# (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "install failed"
@@ -10,6 +11,8 @@ for step in "${@:-8b}"; do
           --profile reviews --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
           --profile small --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
+    1b2k) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
+          --max-num-seqs 2048 --out "$OUT/llama-1b-2048.json" 2>&1 | tee "$OUT/llama-1b-2048.log" ;;
     tests) python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -8 ;;
   esac
 done
