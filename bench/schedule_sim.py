@@ -34,6 +34,8 @@ class Schedule:
     num_decode_steps: int
     mean_decode_batch: float
     mean_mixed_tokens: float
+    num_preemptions: int
+    peak_kv_tokens: int  # blocks in use at the peak x block size
 
 
 def simulate(requests: list[tuple[list[int], int]], order: list[int], *, max_num_seqs: int,
@@ -47,8 +49,11 @@ def simulate(requests: list[tuple[list[int], int]], order: list[int], *, max_num
                                   eos_token_ids=(), max_tokens=cap))
     decode_batches: list[int] = []
     mixed_tokens: list[int] = []
+    num_preemptions = peak_blocks = 0
     while sched.has_unfinished_requests():
         out = sched.schedule()
+        num_preemptions += len(out.preempted)
+        peak_blocks = max(peak_blocks, sched.kv_cache_manager.num_used_blocks)
         if not out.is_empty:
             is_decode = all(n == 1 and before >= r.num_prompt_tokens for r, n, before in
                             zip(out.requests, out.num_scheduled_tokens, out.num_computed_before))
@@ -59,7 +64,8 @@ def simulate(requests: list[tuple[list[int], int]], order: list[int], *, max_num
         sched.update_from_output(out, [7 if need else None for need in out.needs_sample])
     return Schedule(len(decode_batches) + len(mixed_tokens), len(mixed_tokens),
                     len(decode_batches), sum(decode_batches) / max(len(decode_batches), 1),
-                    sum(mixed_tokens) / max(len(mixed_tokens), 1))
+                    sum(mixed_tokens) / max(len(mixed_tokens), 1), num_preemptions,
+                    peak_blocks * BLOCK_SIZE)
 
 
 def main() -> int:
@@ -67,6 +73,8 @@ def main() -> int:
     ap.add_argument("--workloads", default="reviews,decode,prefill")
     ap.add_argument("--max-num-seqs", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--kv-pool-tokens", type=int, default=KV_POOL_TOKENS,
+                    help="llama3-8b's pool on the H200 was 840,048")
     args = ap.parse_args()
     results = {}
     for name in args.workloads.split(","):
@@ -76,12 +84,14 @@ def main() -> int:
         orders = {"fifo": list(range(len(requests))),
                   "admission_order": admission_order(*zip(*requests))}
         results[name] = {k: asdict(simulate(requests, order, max_num_seqs=args.max_num_seqs,
-                                            max_num_batched_tokens=args.max_num_batched_tokens))
+                                            max_num_batched_tokens=args.max_num_batched_tokens,
+                                            kv_pool_tokens=args.kv_pool_tokens))
                          for k, order in orders.items()}
         for k, s in results[name].items():
             print(f"{name:<8} {k:<16} {s['num_steps']:5d} steps: {s['num_mixed_steps']:4d} mixed "
                   f"(mean {s['mean_mixed_tokens']:,.0f} tokens), {s['num_decode_steps']:4d} "
-                  f"decode-only (mean batch {s['mean_decode_batch']:,.0f})")
+                  f"decode-only (mean batch {s['mean_decode_batch']:,.0f}), "
+                  f"{s['num_preemptions']} preemptions, peak KV {s['peak_kv_tokens']:,} tokens")
     print(json.dumps(results))
     return 0
 
