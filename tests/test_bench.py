@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from batchgen.engine.admission import admission_order
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -20,6 +22,7 @@ import baseline_hf  # noqa: E402
 import check_numerics  # noqa: E402
 import floor  # noqa: E402
 import kernel_profile  # noqa: E402
+import schedule_sim  # noqa: E402
 import shapes  # noqa: E402
 import workloads  # noqa: E402
 
@@ -224,6 +227,20 @@ def test_baseline_generate_batch_one_call_per_output_length():
 # ---- bench.py end to end -------------------------------------------------------------------
 
 @pytest.mark.timeout(180)
+def test_schedule_sim_counts_steps_of_the_real_scheduler():
+    requests = workloads.draw_workload("reviews", limit=200).requests
+    kw = dict(max_num_seqs=64, max_num_batched_tokens=4096, kv_pool_tokens=200_000)
+    fifo = schedule_sim.simulate(requests, list(range(200)), **kw)
+    ordered = schedule_sim.simulate(requests, admission_order(*zip(*requests)), **kw)
+    for s in (fifo, ordered):
+        assert s.num_steps == s.num_mixed_steps + s.num_decode_steps
+        assert s.num_preemptions == 0 and 0 < s.peak_kv_tokens <= 200_000
+        # a request's output tokens come one a step: the longest bounds the step count
+        assert s.num_steps >= max(n for _, n in requests)
+    assert ordered.num_steps < fifo.num_steps
+    assert ordered.mean_decode_batch > fifo.mean_decode_batch
+
+
 def test_kernel_profile_busy_time_is_the_union_of_intervals():
     iv = kernel_profile.Interval
     assert kernel_profile.busy_seconds([iv(0, 2e6), iv(1e6, 3e6), iv(5e6, 6e6), iv(5.5e6, 5.6e6)]) == 4
