@@ -305,3 +305,48 @@ def test_a_stop_signal_while_the_lock_is_released_does_not_kill_the_run(tmp_path
     assert done.stdout.split() == ["0", "10"]
     assert not list((tmp_path / "out").glob("_lock-*"))
     assert len(rows_of(tmp_path / "out")) == 10
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Hub dataset ids served from local JSON files through datasets' own streaming loader
+    (the hub itself is unreachable from tests): 'acme/reviews' -> its file, anything else ->
+    the error datasets raises for an unknown id."""
+    datasets = pytest.importorskip("datasets")
+    real = datasets.load_dataset
+    files: dict[str, Path] = {}
+
+    def load_dataset(path, split=None, streaming=False, **kw):
+        if path not in files:
+            raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist")
+        return real("json", data_files=str(files[path]), split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # no reach for the network at all
+        monkeypatch.setattr(datasets.config, flag, True, raising=False)
+    return files
+
+
+def test_hub_dataset_id_streams_through_a_job_and_resumes(tmp_path, offline_hub):
+    offline_hub["acme/reviews"] = write_jsonl(tmp_path / "hub.jsonl",
+                                              [f"review {i}" for i in range(23)])
+    kw = dict(input="acme/reviews", output_dir=tmp_path / "out", rows_per_part=5,
+              format="jsonl", sampling={"temperature": 0}, chat=False)
+    first = run(JobConfig(limit=12, **kw))
+    assert first.exit_code == 0 and first.num_rows == 12
+    # The same job without the limit: the stream is read again from the start, rows 12-22
+    # are done, and the short last part commits once the stream runs out (its length was
+    # unknown until then).
+    second = run(JobConfig(**kw))
+    assert second.exit_code == 0 and second.num_rows_done_before == 12 and second.num_rows == 11
+    rows = rows_of(tmp_path / "out")
+    assert [r["row"] for r in rows] == list(range(23))
+    assert all(r["text"] == f"echo[review {r['row']}]" for r in rows)
+    assert rows[7]["prompt"] == "review 7" and rows[7]["n"] == 8 and rows[7]["error"] is None
+
+
+def test_unknown_hub_dataset_id_is_a_config_error_before_any_work(tmp_path, offline_hub):
+    with pytest.raises(JobConfigError, match="cannot open dataset acme/missing: "
+                                             "DatasetNotFoundError"):
+        run(JobConfig(input="acme/missing", output_dir=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -68,11 +68,15 @@ class HFDatasetReader(Reader):
 
     def iter_rows(self, selection: RowSelection) -> Iterator[Row]:
         if self.is_streaming:
+            num_records = 0
             for index, record in enumerate(self.dataset):
                 if selection.stop is not None and index >= selection.stop:
                     return
+                num_records = index + 1
                 if selection.contains(index):
                     yield Row(index, record)
+            # The stream ran out: its length is known now, so the last (short) part can commit.
+            self.num_rows = num_records
             return
         view = self.dataset.with_format("arrow")  # slices are memory-mapped arrow tables
         stop = self.num_rows if selection.stop is None else min(selection.stop, self.num_rows)
