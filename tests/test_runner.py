@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -350,3 +351,38 @@ def test_unknown_hub_dataset_id_is_a_config_error_before_any_work(tmp_path, offl
                                              "DatasetNotFoundError"):
         run(JobConfig(input="acme/missing", output_dir=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stopped_run_returns_with_its_tokenizer_thread_ended(tmp_path, monkeypatch):
+    """Nothing of the run may still be tokenizing when the process exits: a thread inside the
+    tokenizer or torch during interpreter shutdown can abort the process (exit 134 instead of
+    75, which Slurm's requeue depends on)."""
+    import threading
+
+    from fake_engine import FakeTokenizer
+
+    encode = FakeTokenizer.__call__
+
+    def slow_encode(self, *args, **kwargs):  # a tokenizer busy with long rows
+        time.sleep(0.02)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeTokenizer, "__call__", slow_encode)
+    src = write_jsonl(tmp_path / "in.jsonl", [f"row {i}" for i in range(3000)])
+
+    def make_engine(job):
+        llm = FakeLLM(max_num_seqs=4)
+        step = llm.engine.step
+
+        def step_then_signal():
+            if llm.engine.num_steps == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return step()
+        llm.engine.step = step_then_signal
+        return llm
+
+    metrics = run_job(JobConfig(input=str(src), output_dir=tmp_path / "out", chat=False,
+                                rows_per_part=50, sampling={"temperature": 0}),
+                      make_engine=make_engine, reporter=QUIET)
+    assert metrics.exit_code == EXIT_INTERRUPTED
+    assert not [t for t in threading.enumerate() if t.name == "batchgen-tokenizer"]

@@ -27,6 +27,10 @@ from batchgen.recipe import PromptRenderer, RowError
 from batchgen.sampling_params import SamplingParams
 
 _QUEUE_BATCH = 64  # rows per tokenizer-queue item (fewer lock round trips)
+# The thread checks its stop event between rows and every 0.2 s while the queue is full, so
+# it ends within one row's read and tokenization; the bound keeps a stuck read (a network
+# stream) from holding the exit past the stop grace.
+_JOIN_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -80,8 +84,13 @@ class Feeder:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = _JOIN_TIMEOUT_S) -> None:
+        """Stop the tokenizer thread and wait for it: a thread still inside the tokenizer or
+        torch while the interpreter shuts down can abort the process (exit 134, seen under
+        Slurm), where an interrupted run must exit 75."""
         self.stop_event.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     # ---- the run's side ---------------------------------------------------------------
 
