@@ -6,6 +6,7 @@ options (JOB_OPTIONS), declared once. Exit codes: 0 done (or nothing left to do)
 """
 import inspect
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -262,16 +263,28 @@ def _guard(fn: Callable[[], int]) -> int:
 
 
 def _run(opts: dict[str, Any], make_engine: Optional[Callable]) -> int:
-    from batchgen.job.progress import ProgressReporter
-    from batchgen.job.runner import default_make_engine, run_job
+    from batchgen.job.signals import StopSignals
 
+    # Caught from before the heavy imports to the end: a stop at any moment is a stop request
+    # (exit 75, "resume me"), never a process killed mid-start.
+    with StopSignals() as stop:
+        return _run_with(opts, make_engine, stop)
+
+
+def _run_with(opts: dict[str, Any], make_engine: Optional[Callable], stop) -> int:
     try:
+        from batchgen.job.progress import ProgressReporter
+        from batchgen.job.runner import default_make_engine, run_job
+
         job = build_job(opts)
         workers = opts.get("data_parallel")
         if workers is not None and workers > 1:
+            if stop.reason is not None:
+                return EXIT_INTERRUPTED
             return _run_data_parallel(opts, job, workers)
         reporter = ProgressReporter(enabled=not opts.get("quiet"))
-        metrics = run_job(job, make_engine=make_engine or default_make_engine, reporter=reporter)
+        metrics = run_job(job, make_engine=make_engine or default_make_engine, reporter=reporter,
+                          stop=stop)
     except _config_errors() as e:
         typer.echo(f"batchgen: error: {e}", err=True)
         return EXIT_CONFIG
@@ -328,6 +341,14 @@ app = build_app()
 
 
 def main() -> None:
+    # SIGUSR1 is only ever a stop request here (Slurm's time-limit warning). `run` turns it
+    # into one while it works; before that (parsing the command line) and after (the
+    # interpreter shutting down, everything committed) its default action would kill the
+    # process with exit 138, a failed task. SIG_IGN, because Python puts back the default
+    # for its own handlers when it shuts down; the processes we start inherit it, and they
+    # are batchgen workers (which catch it again) or Slurm's tools (which do not use it).
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     app()
 
 

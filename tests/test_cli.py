@@ -111,3 +111,30 @@ def test_run_argv_round_trips_the_options():
                           "overwrite": True, "max_tokens": 5}, drop=("overwrite",))
     assert argv == ["--input", "a.jsonl", "--output", "o", "--no-chat", "--max-tokens", "5",
                     "--set", "x=1"]
+
+
+def test_a_stop_while_the_run_starts_exits_75_before_the_model(tmp_path, src, monkeypatch):
+    """Signals are caught from the start of `run` (before its heavy imports), so a stop that
+    comes while it starts is a stop request: exit 75 and no model loaded, never a killed
+    process (SIGUSR1's default action) that Slurm would not requeue."""
+    import os
+    import signal
+
+    import batchgen.cli as cli
+
+    made = []
+    build_job = cli.build_job
+
+    def build_job_then_signal(opts, **kw):
+        job = build_job(opts, **kw)
+        os.kill(os.getpid(), signal.SIGUSR1)  # e.g. Slurm's time-limit warning, this early
+        return job
+
+    monkeypatch.setattr(cli, "build_job", build_job_then_signal)
+    app = build_app(make_engine=fake_engine_factory(made))
+    result = CLI.invoke(app, ["run", "-i", str(src), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 75, result.output
+    assert made == []
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # put back after the run
+    monkeypatch.undo()
+    assert invoke("run", "-i", src, "-o", tmp_path / "out", "-q").exit_code == 0  # resumes

@@ -13,6 +13,7 @@ state file), signals.py (stop signals).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from typing import Any, Callable
@@ -46,9 +47,12 @@ def default_make_engine(job: JobConfig):
 
 
 def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default_make_engine,
-            reporter: ProgressReporter | None = None) -> JobMetrics:
+            reporter: ProgressReporter | None = None,
+            stop: StopSignals | None = None) -> JobMetrics:
     """Run (or resume) the job; returns its metrics, `exit_code` included. Configuration
-    mistakes raise JobConfigError before the engine is made."""
+    mistakes raise JobConfigError before the engine is made. `stop`: signals the caller
+    installed earlier (the CLI, from before its heavy imports); a stop already requested
+    there ends the run before the model is loaded."""
     prepared = prepare_job(job)
     job = prepared.job
     reporter = reporter or ProgressReporter()
@@ -57,7 +61,7 @@ def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default
     lock = ShardLock(job.output_dir, job.shard_index, job.num_shards)
     # Stop signals are caught from before the lock is taken until after it is released: a
     # stop in between is a stop request, never a process killed with the lock left behind.
-    with StopSignals() as stop:
+    with contextlib.nullcontext(stop) if stop is not None else StopSignals() as stop:
         if not lock.acquire():
             reporter.log(f"batchgen: shard {job.shard_index}/{job.num_shards} is already running: "
                          f"{lock.holder_description()}")
