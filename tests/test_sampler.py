@@ -2,8 +2,6 @@
 allowed sets of top-k / top-p / min-p, batch-independent seeding, and the distribution."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
