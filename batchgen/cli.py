@@ -185,10 +185,7 @@ def _run_with(opts: dict[str, Any], make_engine: Optional[Callable], stop) -> in
     except _config_errors() as e:
         typer.echo(f"batchgen: error: {e}", err=True)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        typer.echo("batchgen: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except Exception as e:
+    except Exception as e:  # Ctrl-C is no KeyboardInterrupt here: StopSignals has it
         traceback.print_exc()
         typer.echo(f"batchgen: internal error: {type(e).__name__}: {e}", err=True)
         return EXIT_INTERNAL
