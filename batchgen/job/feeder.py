@@ -84,11 +84,15 @@ class Feeder:
     def start(self) -> None:
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the tokenizer thread to end, without waiting (the run keeps stepping)."""
+        self.stop_event.set()
+
     def stop(self, timeout: float = _JOIN_TIMEOUT_S) -> None:
         """Stop the tokenizer thread and wait for it: a thread still inside the tokenizer or
         torch while the interpreter shuts down can abort the process (exit 134, seen under
         Slurm), where an interrupted run must exit 75."""
-        self.stop_event.set()
+        self.request_stop()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 

@@ -181,7 +181,7 @@ class JobRun:
             if self.stop.reason and deadline is None:
                 deadline = time.monotonic() + self.job.stop_grace_s
                 window.clear()
-                self.feeder.stop()
+                self.feeder.request_stop()  # waited for when the run ends, not out of the grace
                 self._abort(lambda item: not self._is_completable(item.row // self.rpp))
             if deadline is not None and (not self.in_flight or time.monotonic() > deadline):
                 self._abort(lambda item: True)
