@@ -214,6 +214,7 @@ class Engine:
         later = self._inflight.finished if self._inflight is not None else []
         filled = fill_placeholders(pending, tokens, lps)
         self._num_generated_tokens += len(filled)
+        stopped: list[str] = []
         for req, token, index in filled:
             if req.status == RequestStatus.FINISHED_ABORTED:
                 continue
@@ -223,13 +224,15 @@ class Engine:
             was_finished = req.is_finished
             stop_after(req, index, reason)
             if not was_finished:
-                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                stopped.append(req.request_id)
                 finished.append(req)
             elif req in later:
                 # The later step finished it by length with a token now dropped: its output
                 # is complete here, and that step must not emit it again.
                 later.remove(req)
                 finished.append(req)
+        # One pass over the scheduler's queues for all of them, not one per request.
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self.runner.timer.lap("update_outputs")
         return self._emit(finished)
 
@@ -265,8 +268,9 @@ class Engine:
             if req.request_id in done:
                 req.status = RequestStatus.FINISHED_STOPPED
             else:
-                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
                 stopped.append(req)
+        self.scheduler.finish_requests([r.request_id for r in stopped],
+                                       RequestStatus.FINISHED_STOPPED)
         return stopped
 
     def _finish_output(self, req: Request, prompt: str | None, emit: bool = True):
