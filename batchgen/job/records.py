@@ -25,12 +25,13 @@ class RecordMaker:
     def __init__(self, job: JobConfig, reader: Reader, schema: OutputSchema | None,
                  job_tag: str) -> None:
         self.job, self.reader, self.schema, self.job_tag = job, reader, schema, job_tag
+        self.model_name = model_name(job)
 
     def make(self, item: "WorkItem", text: str | None, reason: str, num_prompt: int,
              num_output: int, error: str | None) -> dict:
         if self.schema is None:
             return response_line(row=item.row, job_tag=self.job_tag, request=item.request,
-                                 custom_id=item.custom_id, model_name=model_name(self.job),
+                                 custom_id=item.custom_id, model_name=self.model_name,
                                  text=text, finish_reason=reason, prompt_tokens=num_prompt,
                                  output_tokens=num_output, error=error)
         record = {"row": item.row}
