@@ -197,7 +197,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--profile", default="",
-                   help="comma list of workloads to run once more under torch.profiler")
+                   help="comma list of workloads (or baseline) to run once more under "
+                        "torch.profiler")
     p.add_argument("--profile-requests", type=int, default=None,
                    help="profile only the first N requests (a shorter trace)")
     p.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
@@ -207,7 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOAD_NAMES)}")
     args.profile = [w for w in args.profile.split(",") if w]
-    not_run = sorted(set(args.profile) - set(args.workloads))
+    not_run = sorted(set(args.profile) - set(args.workloads) - ({"baseline"} if args.baseline
+                                                                 else set()))
     if not_run:
         p.error(f"--profile names workloads that are not run: {not_run}")
     return args
@@ -294,11 +296,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if base_requests is not None and llm is not None and "baseline" in results:
         with run.section("baseline batchgen"):
-            fig = run_workload(llm, shape, "baseline", base_requests, None, None)
+            fig = run_workload(llm, shape, "baseline", base_requests, ceilings, None)
             base = results["baseline"]
             base["batchgen"] = fig
             base["baseline_over_batchgen"] = base["hf"]["seconds"] / fig["wall_s"]
+            if "floor" in fig:  # the ratio an engine at the counted floor would reach
+                base["baseline_over_floor"] = base["hf"]["seconds"] / fig["floor"]["floor_s"]
             print_workload("baseline", fig)
+        if "baseline" in args.profile:
+            with run.section("profile baseline"):
+                fig["profile"] = profile_workload(llm, base_requests)
 
     results["job_s"] = time.perf_counter() - run.t0
     print_table(results)

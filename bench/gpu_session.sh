@@ -13,6 +13,9 @@ for step in "${@:-8b}"; do
           --profile small --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
     1b2k) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
           --max-num-seqs 2048 --out "$OUT/llama-1b-2048.json" 2>&1 | tee "$OUT/llama-1b-2048.log" ;;
+    8bdecode) python bench/bench.py --shape llama3-8b --workloads decode --baseline --skip-numerics \
+          --profile decode,baseline --out "$OUT/llama3-8b-decode.json" 2>&1 | tee "$OUT/llama3-8b-decode.log" ;;
+    sweep) python bench/kernel_sweep.py --out "$OUT/kernel-sweep.json" 2>&1 | tee "$OUT/kernel-sweep.log" ;;
     tests) python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -8 ;;
   esac
 done

@@ -28,6 +28,10 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(p)) for
     ("copy", r"memcpy|memset|copy|fill|cat|index"),
 ))
 NUM_TOP_KERNELS = 15
+NUM_TOP_GAPS = 8
+# Idle stretches by length: launch latency between eager kernels is ~5-20 us; a step boundary
+# the host did not hide shows up as the longer ones.
+GAP_BUCKETS_US = (20.0, 200.0, 2000.0)
 
 
 @dataclass
@@ -46,6 +50,10 @@ class KernelProfile:
     num_kernels: int
     by_category: dict[str, dict[str, float]] = field(default_factory=dict)  # seconds, count, share
     top_kernels: list[tuple[str, float, int]] = field(default_factory=list)  # name, s, count
+    # Device idle between kernels: by length bucket ("<20us", ...) and by the kinds of the
+    # kernels either side ("sampling>gemm"): [seconds, count]. Empty on the CPU.
+    gaps_by_length: dict[str, list[float]] = field(default_factory=dict)
+    gaps_by_transition: list[tuple[str, float, int]] = field(default_factory=list)
 
     @property
     def device_idle_fraction(self) -> float:
@@ -63,6 +71,11 @@ class KernelProfile:
         for name, c in sorted(self.by_category.items(), key=lambda kv: -kv[1]["seconds"]):
             lines.append(f"    {name:<18} {c['seconds']:8.3f} s {c['share']:6.1%} "
                          f"{int(c['count']):>9,} kernels")
+        if self.gaps_by_length:
+            lines.append("    idle by gap length: " + ", ".join(
+                f"{k} {s:.3f} s ({int(n):,})" for k, (s, n) in self.gaps_by_length.items()))
+            lines.append("    idle by kernels either side: " + ", ".join(
+                f"{k} {s:.3f} s ({n:,})" for k, s, n in self.gaps_by_transition))
         return "\n".join(lines)
 
 
@@ -84,6 +97,30 @@ def busy_seconds(intervals: list[Interval]) -> float:
     return total / 1e6
 
 
+def idle_gaps(kernels: list[tuple[str, Interval]]
+              ) -> tuple[dict[str, list[float]], list[tuple[str, float, int]]]:
+    """The device's idle stretches between kernels (overlapping kernels merged), by length
+    bucket and by the kinds of the kernels before and after: where the GPU waits on the host."""
+    edges = (*GAP_BUCKETS_US, float("inf"))
+    labels = [f"<{GAP_BUCKETS_US[0]:g}us"] + [f">={lo:g}us" for lo in GAP_BUCKETS_US]
+    by_length = {label: [0.0, 0] for label in labels}
+    by_transition: dict[str, list[float]] = {}
+    end, last = float("inf"), ""
+    for name, iv in sorted(kernels, key=lambda k: k[1].start_us):
+        gap = iv.start_us - end
+        if gap > 0:
+            bucket = by_length[labels[next(i for i, e in enumerate(edges) if gap < e)]]
+            bucket[0] += gap / 1e6
+            bucket[1] += 1
+            entry = by_transition.setdefault(f"{last}>{categorize(name)}", [0.0, 0])
+            entry[0] += gap / 1e6
+            entry[1] += 1
+        if end == float("inf") or iv.end_us > end:
+            end, last = iv.end_us, categorize(name)
+    top = sorted(((k, s, int(n)) for k, (s, n) in by_transition.items()), key=lambda t: -t[1])
+    return by_length, top[:NUM_TOP_GAPS]
+
+
 def summarize(kernels: list[tuple[str, Interval]], *, device: str, num_requests: int,
               num_steps: int, wall_s: float, is_cuda: bool) -> KernelProfile:
     """kernels: (name, interval) per kernel run (CUDA) or per op's self time (CPU)."""
@@ -102,9 +139,11 @@ def summarize(kernels: list[tuple[str, Interval]], *, device: str, num_requests:
         c["share"] = c["seconds"] / total if total else 0.0
     top = sorted(((n, s, c) for n, (s, c) in per_name.items()), key=lambda t: -t[1])
     busy = busy_seconds([iv for _, iv in kernels]) if is_cuda else total
+    by_length, by_transition = idle_gaps(kernels) if is_cuda else ({}, [])
     return KernelProfile(device=device, num_requests=num_requests, num_steps=num_steps,
                          wall_s=wall_s, device_busy_s=busy, num_kernels=len(kernels),
-                         by_category=by_category, top_kernels=top[:NUM_TOP_KERNELS])
+                         by_category=by_category, top_kernels=top[:NUM_TOP_KERNELS],
+                         gaps_by_length=by_length, gaps_by_transition=by_transition)
 
 
 def _kernel_events(prof, is_cuda: bool) -> list[tuple[str, Interval]]:

@@ -54,6 +54,10 @@ def print_table(results: dict) -> None:
         print(f"baseline ({base['note']}): transformers {hf['total_tokens_per_s']:,.0f} tok/s "
               f"({hf['seconds']:.1f} s), batchgen {bg['total_tok_per_s']:,.0f} tok/s "
               f"({bg['wall_s']:.2f} s): baseline/batchgen time {base['baseline_over_batchgen']:.1f}x")
+        if "baseline_over_floor" in base:
+            fl = bg["floor"]
+            print(f"  that set's floor {fl['floor_s']:.2f} s (compute {fl['compute_s']:.2f} / memory "
+                  f"{fl['memory_s']:.2f}): baseline/floor {base['baseline_over_floor']:.1f}x at most")
     if "numerics" in results:
         n = results["numerics"]
         print(f"numerics ({n['shape']}): close={n['is_close']} prefill cos {n['prefill']['cosine']:.5f} "

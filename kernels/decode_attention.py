@@ -14,6 +14,9 @@ from .prefill_attention import check_paged_attention_args, gather_kv_ref, padded
 _PROGRAMS_PER_SM = 8
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 32
+# (BLOCK_N keys per iteration, num_warps, num_stages) by head_dim; bench/kernel_sweep.py
+# times the alternatives.
+_TUNING = {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)}
 
 
 def decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -131,9 +134,11 @@ def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int,
 def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      max_seq_len: int, out: torch.Tensor | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None,
+                     tuning: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Never syncs the device (safe under CUDA-graph capture); scratch sizes come from host
-    ints. `out` may be preallocated; `num_splits` overrides choose_num_splits."""
+    ints. `out` may be preallocated; `num_splits` overrides choose_num_splits and `tuning`
+    the (BLOCK_N, num_warps, num_stages) of _TUNING."""
     op = "decode_attention"
     check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
     if out is None:
@@ -151,6 +156,7 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if num_splits < 1:
         raise ValueError(f"{op}: num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
+    block_n, num_warps, num_stages = tuning or _TUNING[max(64, min(head_dim, 256))]
     partial_shape = (num_reqs, num_heads, num_splits) if num_splits > 1 else (1,)
     partial_max = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     partial_sum = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
@@ -161,9 +167,9 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         partial_acc, scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0), GROUP=group, BLOCK_G=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=64 if head_dim <= 128 else 32,
+        HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
             partial_max, partial_sum, partial_acc, out, out.stride(0), out.stride(1),

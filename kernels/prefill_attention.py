@@ -214,14 +214,17 @@ def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int]:
 def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                      max_seq_len: int, plan_cache: dict | None = None) -> torch.Tensor:
+                      max_seq_len: int, plan_cache: dict | None = None,
+                      tuning: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """plan_cache: a dict that lives for one step (every layer passes the same one): the
-    argument checks and the tile map are then done once per step, not once per layer."""
+    argument checks and the tile map are then done once per step, not once per layer.
+    tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of _tile_sizes' choice."""
     op = "prefill_attention"
     num_tokens, num_heads, head_dim = q.shape
     num_reqs = seq_lens.shape[0]
     group = num_heads // key_cache.shape[2]
-    block_m, block_n, num_warps, num_stages = _tile_sizes(head_dim, max_query_len * group)
+    block_m, block_n, num_warps, num_stages = (
+        tuning or _tile_sizes(head_dim, max_query_len * group))
     plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape))
     plan = plan_cache.get(plan_key) if plan_cache is not None else None
     if plan is None:

@@ -263,6 +263,21 @@ def test_kernel_profile_categories():
     assert prof.by_category["gemm"] == {"seconds": 2.0, "count": 2, "share": 0.8}
     assert prof.top_kernels[0] == ("nvjet_a", 2.0, 2)
     assert "gemm" in prof.summary()
+    # idle: 0.5 s after the norm (a long gap), nothing between the overlapping first two
+    assert prof.gaps_by_length[">=2000us"] == [0.5, 1]
+    assert sum(n for _, n in prof.gaps_by_length.values()) == 1
+    assert prof.gaps_by_transition == [("norm>gemm", 0.5, 1)]
+    assert "norm>gemm" in prof.summary()
+
+
+def test_kernel_profile_gaps_follow_the_kernel_that_ends_last():
+    iv = kernel_profile.Interval
+    # a long GEMM overlaps a short norm; the idle after both belongs to the GEMM
+    by_length, by_transition = kernel_profile.idle_gaps(
+        [("nvjet", iv(0, 100)), ("_rms_norm_kernel", iv(10, 20)), ("_gumbel", iv(110, 115)),
+         ("nvjet", iv(130, 140))])
+    assert by_transition == [("sampling>gemm", 15e-6, 1), ("gemm>sampling", 10e-6, 1)]
+    assert by_length["<20us"] == [25e-6, 2]
 
 
 def test_bench_smoke_tiny_cpu(tmp_path):

@@ -1,0 +1,148 @@
+"""Times the attention kernels' tile choices on the shapes the workloads run (GPU only).
+
+    python bench/kernel_sweep.py --out $OUT/sweep.json
+
+Each case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads, dim 128,
+16-token blocks at shuffled ids) sized like a step of a workload; each config is timed over
+several launches (CUDA events, median) and checked against the default config's output. Decode
+is reported as KV bytes read per second, prefill as attention TFLOP/s (causal: the keys each
+query sees).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+GRAPH_MAX_SEQ_LEN = 4096  # decode graphs are captured with max_model_len: splits follow it
+
+# name -> [(query length, prefix length)] of the step's requests
+DECODE_CASES = {
+    "decode 500 x 640 (decode workload, mid-run)": [(1, 639)] * 500,
+    "decode 933 x 600 (reviews, decode steps)": [(1, 599)] * 933,
+    "decode 64 x 740 (baseline set)": [(1, 739)] * 64,
+}
+PREFILL_CASES = {
+    "prefill 16 x 1024 (prefill workload)": [(1024, 0)] * 16,
+    "mixed 12 x 416+256 and 900 decodes (reviews)": [(416, 256)] * 12 + [(1, 499)] * 900,
+}
+DECODE_CONFIGS = list(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
+PREFILL_CONFIGS = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
+
+
+def paged_batch(lens: list[tuple[int, int]], seed: int = 0) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    query_lens = [q for q, _ in lens]
+    seq_lens = torch.tensor([q + p for q, p in lens], device="cuda", dtype=torch.int32)
+    blocks_per_req = (seq_lens.long() + BLOCK_SIZE - 1) // BLOCK_SIZE
+    num_blocks = int(blocks_per_req.sum()) + 1
+    block_ids = torch.randperm(num_blocks - 1, device="cuda", generator=gen) + 1
+    width = int(blocks_per_req.max())
+    first = torch.cumsum(blocks_per_req, 0) - blocks_per_req
+    cols = torch.arange(width, device="cuda")
+    used = cols[None, :] < blocks_per_req[:, None]
+    idx = (first[:, None] + cols[None, :]).clamp(max=num_blocks - 2)
+    tables = torch.where(used, block_ids[idx], 0).to(torch.int32)
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    qsl = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device="cuda")
+    return dict(
+        q=torch.randn(sum(query_lens), NUM_HEADS, HEAD_DIM, device="cuda", generator=gen,
+                      dtype=torch.bfloat16),
+        key_cache=torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16),
+        value_cache=torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16),
+        block_tables=tables, query_start_loc=qsl, seq_lens=seq_lens, scale=HEAD_DIM ** -0.5,
+        max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
+
+
+def time_ms(fn, reps: int = 15) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
+    """run(batch, config or None) -> output; work(lens) -> units of work per launch."""
+    results = {}
+    for name, lens in cases.items():
+        batch = paged_batch(lens)
+        expected = run(batch, None)
+        rows = []
+        for config in [None, *configs]:
+            try:
+                out = run(batch, config)
+                err = (out.float() - expected.float()).abs().max().item()
+                ms = time_ms(lambda: run(batch, config))
+            except Exception as e:  # noqa: BLE001 - a config may not compile (shared memory)
+                rows.append({"config": config, "error": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            rows.append({"config": config, "ms": ms, "rate": work(lens) / ms / 1e9,
+                         "max_abs_diff": err})
+        ok = sorted((r for r in rows if "ms" in r and r["max_abs_diff"] < 5e-2),
+                    key=lambda r: r["ms"])
+        default = rows[0]
+        print(f"{name}: default {default.get('ms', float('nan')):.3f} ms "
+              f"({default.get('rate', 0):.3g} {unit})")
+        for r in ok[:5]:
+            print(f"    {r['config']}: {r['ms']:.3f} ms ({r['rate']:.3g} {unit}, "
+                  f"x{default['ms'] / r['ms']:.2f} of default)")
+        results[name] = rows
+        del batch
+        torch.cuda.empty_cache()
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_sweep needs a GPU")
+        return 1
+    from batchgen.kernels.decode_attention import choose_num_splits, decode_attention
+    from batchgen.kernels.prefill_attention import prefill_attention
+
+    def run_decode(b, config):
+        splits = choose_num_splits(b["q"].shape[0], NUM_KV_HEADS, GRAPH_MAX_SEQ_LEN,
+                                   b["q"].device)
+        return decode_attention(b["q"], b["key_cache"], b["value_cache"], b["block_tables"],
+                                b["seq_lens"], b["scale"], GRAPH_MAX_SEQ_LEN,
+                                num_splits=splits, tuning=config)
+
+    def run_prefill(b, config):
+        return prefill_attention(**b, tuning=config)
+
+    kv_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * 2  # K and V of one token of one layer, bf16
+
+    def decode_bytes(lens):  # bytes; rate = bytes / ms / 1e9 = TB/s
+        return sum(q + p for q, p in lens) * kv_bytes
+
+    def prefill_flops(lens):  # 4 * H * D per (query, visible key) pair
+        pairs = sum(sum(p + i + 1 for i in range(q)) for q, p in lens)
+        return 4 * NUM_HEADS * HEAD_DIM * pairs
+
+    results = {"decode (TB/s)": sweep(DECODE_CASES, DECODE_CONFIGS, run_decode, decode_bytes,
+                                      "TB/s"),
+               "prefill (TFLOP/s)": sweep(PREFILL_CASES, PREFILL_CONFIGS, run_prefill,
+                                          prefill_flops, "TFLOP/s")}
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
