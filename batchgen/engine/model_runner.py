@@ -34,6 +34,22 @@ class LaunchedStep:
     sampled: torch.Tensor | None  # [S] int64 on the device
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     num_scheduled: int = 0
+    # CUDA: the sampled tokens (and logprobs) copied to pinned host memory right behind the
+    # sampling kernels, and an event recorded after that copy. collect() waits on the event,
+    # i.e. for this step alone: a .tolist() of the device tensor would be a copy queued behind
+    # whatever was launched since (the next step, with overlapped steps), and the host would
+    # wait for that one too, idling the GPU for the host's whole turn.
+    host: tuple[torch.Tensor, ...] | None = None
+    ready: torch.cuda.Event | None = None
+
+
+def _to_host(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], object]:
+    """Device tensors -> (pinned host copies filled asynchronously, event after the copies)."""
+    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                 for t in tensors)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 class ModelRunner:
@@ -209,9 +225,13 @@ class ModelRunner:
         meta = build_sampling_metadata(sample_reqs, self.vocab_size, self.device,
                                        pin_memory=self.is_cuda)
         out = self.sampler(logits, meta)
+        launched = LaunchedStep(batch.sample_rows, out.sampled_token_ids, out.logprobs,
+                                len(sched.requests))
+        if self.is_cuda:
+            launched.host, launched.ready = _to_host(
+                (out.sampled_token_ids, *(out.logprobs or ())))
         timer.lap("launch_sampling")
-        return LaunchedStep(batch.sample_rows, out.sampled_token_ids, out.logprobs,
-                            len(sched.requests))
+        return launched
 
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step and bring its tokens to the host, aligned with its
@@ -220,14 +240,19 @@ class ModelRunner:
         sampled: list[int | None] = [None] * num
         if launched.sampled is None:
             return StepResult(sampled)
-        token_ids = launched.sampled.tolist()  # the step's one host sync
+        if launched.ready is not None:
+            launched.ready.synchronize()  # the step's one host sync
+            token_ids, *lp_host = (t.tolist() for t in launched.host)
+        else:
+            token_ids = launched.sampled.tolist()
+            lp_host = [x.tolist() for x in launched.logprobs or ()]
         self.timer.lap("wait_gpu")
         for row, tok in zip(launched.sample_rows, token_ids):
             sampled[row] = tok
         logprobs = None
         if launched.logprobs is not None:
             logprobs = [None] * num
-            lp, top_ids, top_lps = (x.tolist() for x in launched.logprobs)
+            lp, top_ids, top_lps = lp_host
             for j, row in enumerate(launched.sample_rows):
                 logprobs[row] = (lp[j], top_ids[j], top_lps[j])
         return StepResult(sampled, logprobs)
