@@ -2,8 +2,8 @@
 
     python bench/kernel_sweep.py --out $OUT/sweep.json
 
-Each case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads, dim 128,
-16-token blocks at shuffled ids) sized like a step of a workload; each config is timed over
+Each case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads, dim 128;
+llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a workload; each config is timed over
 several launches (CUDA events, median) and checked against the default config's output. Decode
 is reported as KV bytes read per second, prefill as attention TFLOP/s (causal: the keys each
 query sees).
@@ -19,24 +19,27 @@ from pathlib import Path
 
 import torch
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZE = 32, 8, 16
 GRAPH_MAX_SEQ_LEN = 4096  # decode graphs are captured with max_model_len: splits follow it
 
-# name -> [(query length, prefix length)] of the step's requests
+# name -> (head_dim, [(query length, prefix length)] of the step's requests)
 DECODE_CASES = {
-    "decode 500 x 640 (decode workload, mid-run)": [(1, 639)] * 500,
-    "decode 933 x 600 (reviews, decode steps)": [(1, 599)] * 933,
-    "decode 64 x 740 (baseline set)": [(1, 739)] * 64,
+    "decode 500 x 640 (decode workload, mid-run)": (128, [(1, 639)] * 500),
+    "decode 933 x 600 (reviews, decode steps)": (128, [(1, 599)] * 933),
+    "decode 64 x 740 (baseline set)": (128, [(1, 739)] * 64),
 }
 PREFILL_CASES = {
-    "prefill 16 x 1024 (prefill workload)": [(1024, 0)] * 16,
-    "mixed 12 x 416+256 and 900 decodes (reviews)": [(416, 256)] * 12 + [(1, 499)] * 900,
+    "prefill 16 x 1024 (prefill workload)": (128, [(1024, 0)] * 16),
+    "mixed 12 x 416+256 and 900 decodes (reviews)": (128, [(416, 256)] * 12 + [(1, 499)] * 900),
+    "mixed, llama-1b (small)": (64, [(416, 256)] * 12 + [(1, 499)] * 900),
 }
-DECODE_CONFIGS = list(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
-PREFILL_CONFIGS = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
+# (BLOCK_N, num_warps, num_stages, K_ROWS) and (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS)
+DECODE_CONFIGS = list(itertools.product((64, 128), (2, 4), (2, 3, 4), (False, True)))
+PREFILL_CONFIGS = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3),
+                                         (False, True)))
 
 
-def paged_batch(lens: list[tuple[int, int]], seed: int = 0) -> dict:
+def paged_batch(head_dim: int, lens: list[tuple[int, int]], seed: int = 0) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     query_lens = [q for q, _ in lens]
     seq_lens = torch.tensor([q + p for q, p in lens], device="cuda", dtype=torch.int32)
@@ -49,14 +52,14 @@ def paged_batch(lens: list[tuple[int, int]], seed: int = 0) -> dict:
     used = cols[None, :] < blocks_per_req[:, None]
     idx = (first[:, None] + cols[None, :]).clamp(max=num_blocks - 2)
     tables = torch.where(used, block_ids[idx], 0).to(torch.int32)
-    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, head_dim)
     qsl = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device="cuda")
     return dict(
-        q=torch.randn(sum(query_lens), NUM_HEADS, HEAD_DIM, device="cuda", generator=gen,
+        q=torch.randn(sum(query_lens), NUM_HEADS, head_dim, device="cuda", generator=gen,
                       dtype=torch.bfloat16),
         key_cache=torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16),
         value_cache=torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16),
-        block_tables=tables, query_start_loc=qsl, seq_lens=seq_lens, scale=HEAD_DIM ** -0.5,
+        block_tables=tables, query_start_loc=qsl, seq_lens=seq_lens, scale=head_dim ** -0.5,
         max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
 
 
@@ -75,10 +78,10 @@ def time_ms(fn, reps: int = 15) -> float:
 
 
 def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
-    """run(batch, config or None) -> output; work(lens) -> units of work per launch."""
+    """run(batch, config or None) -> output; work(head_dim, lens) -> work per launch."""
     results = {}
-    for name, lens in cases.items():
-        batch = paged_batch(lens)
+    for name, (head_dim, lens) in cases.items():
+        batch = paged_batch(head_dim, lens)
         expected = run(batch, None)
         rows = []
         for config in [None, *configs]:
@@ -89,7 +92,7 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
             except Exception as e:  # noqa: BLE001 - a config may not compile (shared memory)
                 rows.append({"config": config, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            rows.append({"config": config, "ms": ms, "rate": work(lens) / ms / 1e9,
+            rows.append({"config": config, "ms": ms, "rate": work(head_dim, lens) / ms / 1e9,
                          "max_abs_diff": err})
         ok = sorted((r for r in rows if "ms" in r and r["max_abs_diff"] < 5e-2),
                     key=lambda r: r["ms"])
@@ -125,14 +128,12 @@ def main(argv=None) -> int:
     def run_prefill(b, config):
         return prefill_attention(**b, tuning=config)
 
-    kv_bytes = 2 * NUM_KV_HEADS * HEAD_DIM * 2  # K and V of one token of one layer, bf16
+    def decode_bytes(head_dim, lens):  # K and V read, bf16; bytes / ms / 1e9 = TB/s
+        return sum(q + p for q, p in lens) * 2 * NUM_KV_HEADS * head_dim * 2
 
-    def decode_bytes(lens):  # bytes; rate = bytes / ms / 1e9 = TB/s
-        return sum(q + p for q, p in lens) * kv_bytes
-
-    def prefill_flops(lens):  # 4 * H * D per (query, visible key) pair
+    def prefill_flops(head_dim, lens):  # 4 * H * D per (query, visible key) pair
         pairs = sum(sum(p + i + 1 for i in range(q)) for q, p in lens)
-        return 4 * NUM_HEADS * HEAD_DIM * pairs
+        return 4 * NUM_HEADS * head_dim * pairs
 
     results = {"decode (TB/s)": sweep(DECODE_CASES, DECODE_CONFIGS, run_decode, decode_bytes,
                                       "TB/s"),

@@ -32,7 +32,10 @@ def next_power_of_2(n: int) -> int:
 
 
 class LazyKernel:
-    """`@jit` stand-in for `@triton.jit`: wraps the function on first `kernel[grid]`."""
+    """`@jit` stand-in for `@triton.jit`: wraps the function on first `kernel[grid]`. A
+    `@jit` function called from another one (a device helper) is wrapped with it: Triton
+    looks helpers up in the caller's globals when it compiles, so they must be JIT functions
+    there by then."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
@@ -41,8 +44,19 @@ class LazyKernel:
     def __getitem__(self, grid: Any) -> Any:
         if self._kernel is None:
             require_triton(self.fn.__name__)
-            self._kernel = triton.jit(self.fn)
+            self._kernel = _wrap(self.fn)
         return self._kernel[grid]
+
+
+def _wrap(fn: Callable[..., Any]) -> Any:
+    scope = fn.__globals__
+    for name in fn.__code__.co_names:
+        helper = scope.get(name)
+        if isinstance(helper, LazyKernel):
+            if helper._kernel is None:
+                helper._kernel = _wrap(helper.fn)
+            scope[name] = helper._kernel
+    return triton.jit(fn)
 
 
 def jit(fn: Callable[..., Any]) -> LazyKernel:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ._attention_tiles import KEY_BOUND, NO_MASK, attend_keys
 from ._triton import check_same_device, jit, next_power_of_2, tl
 from .prefill_attention import check_paged_attention_args, gather_kv_ref, padded_attention_ref
 
@@ -14,9 +15,9 @@ from .prefill_attention import check_paged_attention_args, gather_kv_ref, padded
 _PROGRAMS_PER_SM = 8
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 32
-# (BLOCK_N keys per iteration, num_warps, num_stages) by head_dim; bench/kernel_sweep.py
-# times the alternatives.
-_TUNING = {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)}
+# (BLOCK_N keys per iteration, num_warps, num_stages, K_ROWS) by head_dim;
+# bench/kernel_sweep.py times the alternatives.
+_TUNING = {64: (64, 4, 2, False), 128: (64, 4, 2, False), 256: (32, 4, 2, False)}
 
 
 def decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -37,7 +38,7 @@ def _decode_attention_kernel(
         cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr):
     # grid: (B, KVH, NUM_SPLITS). Rows are the GROUP query heads of one kv head, padded to
     # BLOCK_G >= 16 for tl.dot. With one split the program writes the output itself;
     # otherwise it writes its (max, sum, acc) to the partial buffers [B, H, NUM_SPLITS(, D)].
@@ -62,24 +63,20 @@ def _decode_attention_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     block_table_row = block_tables_ptr + req64 * block_table_stride
     head_offset = kv_head.to(tl.int64) * cache_head_stride
-    for start in range(split_start, split_end, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        is_key = keys < split_end
-        block_ids = tl.load(block_table_row + keys // BLOCK_SIZE, mask=is_key, other=0)
-        slot_offsets = (block_ids.to(tl.int64) * cache_block_stride
-                        + (keys % BLOCK_SIZE) * cache_slot_stride + head_offset)
-        k = tl.load(key_cache_ptr + slot_offsets[None, :] + dims[:, None],
-                    mask=is_key[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-        v = tl.load(value_cache_ptr + slot_offsets[:, None] + dims[None, :],
-                    mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(is_key[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    key_ptr = key_cache_ptr + head_offset
+    value_ptr = value_cache_ptr + head_offset
+    # Whole tiles unmasked, then the split's last, partial tile (if any) bounds-checked.
+    full_end = split_start + tl.maximum(split_end - split_start, 0) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, rows, dims, split_start,
+        full_end, split_end, qk_scale, cache_block_stride, cache_slot_stride,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION,
+        K_ROWS=K_ROWS)
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, rows, dims, full_end,
+        split_end, split_end, qk_scale, cache_block_stride, cache_slot_stride,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=KEY_BOUND, DOT_PRECISION=DOT_PRECISION,
+        K_ROWS=K_ROWS)
 
     if NUM_SPLITS == 1:
         # A request with no context (a padded graph slot) gets zeros, not 0 / 0.
@@ -135,10 +132,10 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      max_seq_len: int, out: torch.Tensor | None = None,
                      num_splits: int | None = None,
-                     tuning: tuple[int, int, int] | None = None) -> torch.Tensor:
+                     tuning: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
     """Never syncs the device (safe under CUDA-graph capture); scratch sizes come from host
     ints. `out` may be preallocated; `num_splits` overrides choose_num_splits and `tuning`
-    the (BLOCK_N, num_warps, num_stages) of _TUNING."""
+    the (BLOCK_N, num_warps, num_stages, K_ROWS) of _TUNING."""
     op = "decode_attention"
     check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
     if out is None:
@@ -156,7 +153,7 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if num_splits < 1:
         raise ValueError(f"{op}: num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
-    block_n, num_warps, num_stages = tuning or _TUNING[max(64, min(head_dim, 256))]
+    block_n, num_warps, num_stages, k_rows = tuning or _TUNING[max(64, min(head_dim, 256))]
     partial_shape = (num_reqs, num_heads, num_splits) if num_splits > 1 else (1,)
     partial_max = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     partial_sum = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
@@ -169,7 +166,7 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         block_tables.stride(0), GROUP=group, BLOCK_G=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,
         NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+        K_ROWS=k_rows, num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
             partial_max, partial_sum, partial_acc, out, out.stride(0), out.stride(1),

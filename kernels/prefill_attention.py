@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ._attention_tiles import CAUSAL, NO_MASK, attend_keys
 from ._triton import (check_dtype, check_same_device, jit, next_power_of_2, require_triton,
                       tl)
 
@@ -85,7 +86,8 @@ def _prefill_attention_kernel(
         q_token_stride, q_head_stride, out_token_stride, out_head_stride,
         cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        K_ROWS: tl.constexpr):
     # grid: (query tiles, KVH). A tile is BLOCK_M rows of one request, row r being query
     # token r // GROUP of the request and query head kv_head * GROUP + r % GROUP: the GROUP
     # heads sharing a kv head are packed into one tl.dot and read each K/V tile once.
@@ -120,26 +122,17 @@ def _prefill_attention_kernel(
     open_end = (num_open_keys // BLOCK_N) * BLOCK_N
     block_table_row = block_tables_ptr + req.to(tl.int64) * block_table_stride
     head_offset = kv_head.to(tl.int64) * cache_head_stride
-    for start in range(0, num_keys, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        is_key = keys < num_keys
-        block_ids = tl.load(block_table_row + keys // BLOCK_SIZE, mask=is_key, other=0)
-        slot_offsets = (block_ids.to(tl.int64) * cache_block_stride
-                        + (keys % BLOCK_SIZE) * cache_slot_stride + head_offset)
-        k = tl.load(key_cache_ptr + slot_offsets[None, :] + dims[:, None],
-                    mask=is_key[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-        v = tl.load(value_cache_ptr + slot_offsets[:, None] + dims[None, :],
-                    mask=is_key[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        if start >= open_end:
-            is_visible = keys[None, :] <= row_positions[:, None]
-            qk = tl.where(is_visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    key_ptr = key_cache_ptr + head_offset
+    value_ptr = value_cache_ptr + head_offset
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, 0, open_end,
+        num_keys, qk_scale, cache_block_stride, cache_slot_stride, BLOCK_SIZE=BLOCK_SIZE,
+        BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, open_end,
+        num_keys, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
+        K_ROWS=K_ROWS)
     out = acc / l_i[:, None]
     out_offsets = tokens64[:, None] * out_token_stride + row_heads[:, None] * out_head_stride
     tl.store(out_ptr + out_offsets + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -197,8 +190,9 @@ def check_paged_attention_args(op: str, q: torch.Tensor, key_cache: torch.Tensor
                       block_tables=block_tables, seq_lens=seq_lens)
 
 
-def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int]:
-    # -> (BLOCK_M, BLOCK_N, num_warps, num_stages); rows are (token, head) pairs of a request.
+def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int, bool]:
+    # -> (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS); rows are (token, head) pairs of a
+    # request.
     # Measured on an H200 (bf16, 4 x 4096-token causal prefill, triton 3.6): dim 64 best at
     # (128, 64, 8, 3), dim 128 at (64, 64, 4, 2); the neighbours were within 5-25 %.
     if head_dim <= 64:
@@ -208,22 +202,22 @@ def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int]:
     else:
         block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
     block_m = min(block_m, max(16, next_power_of_2(num_rows)))  # short chunks / decodes
-    return block_m, block_n, min(num_warps, 4 if block_m <= 64 else 8), num_stages
+    return block_m, block_n, min(num_warps, 4 if block_m <= 64 else 8), num_stages, False
 
 
 def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
                       max_seq_len: int, plan_cache: dict | None = None,
-                      tuning: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      tuning: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
     """plan_cache: a dict that lives for one step (every layer passes the same one): the
     argument checks and the tile map are then done once per step, not once per layer.
-    tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of _tile_sizes' choice."""
+    tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) instead of _tile_sizes'."""
     op = "prefill_attention"
     num_tokens, num_heads, head_dim = q.shape
     num_reqs = seq_lens.shape[0]
     group = num_heads // key_cache.shape[2]
-    block_m, block_n, num_warps, num_stages = (
+    block_m, block_n, num_warps, num_stages, k_rows = (
         tuning or _tile_sizes(head_dim, max_query_len * group))
     plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape))
     plan = plan_cache.get(plan_key) if plan_cache is not None else None
@@ -248,5 +242,5 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+        K_ROWS=k_rows, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -184,12 +184,12 @@ def test_attention_tile_overrides_match_the_reference(poisoned_empty):
     # bench/kernel_sweep.py times other tiles through `tuning`: each must stay exact.
     batch = _paged_batch([1] * 3, [9, 70, 0], 8, 2, 64, 16, torch.float32, seed=4)
     expected = decode_attention_ref(*_decode_args(batch))
-    for tuning in [(32, 2, 1), (128, 8, 3)]:
+    for tuning in [(32, 2, 1, False), (128, 8, 3, True)]:
         _assert_close(decode_attention(*_decode_args(batch), num_splits=2, tuning=tuning),
                       expected)
     batch = _paged_batch([33, 1, 5], [40, 0, 17], 8, 2, 64, 16, torch.float32, seed=5)
     expected = prefill_attention_ref(**batch)
-    for tuning in [(16, 32, 4, 2), (128, 128, 8, 3)]:
+    for tuning in [(16, 32, 4, 2, True), (128, 128, 8, 3, False)]:
         _assert_close(prefill_attention(**batch, tuning=tuning), expected)
 
 

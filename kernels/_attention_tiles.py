@@ -1,0 +1,65 @@
+"""The key/value tile loop both paged-attention kernels run: an online softmax over a range of
+one request's keys, read from the paged cache BLOCK_N keys at a time."""
+from __future__ import annotations
+
+from ._triton import jit, tl
+
+
+
+def _constexpr(value: int):
+    # Triton kernels may read a module global only when it is a tl.constexpr.
+    return tl.constexpr(value) if tl is not None else value
+
+
+# What the tiles of a key range need masked (a constexpr: each kind compiles its own loop).
+NO_MASK = _constexpr(0)  # every key of every tile exists and every row sees it
+KEY_BOUND = _constexpr(1)  # keys at or past num_keys do not exist (a last, partial tile)
+CAUSAL = _constexpr(2)  # KEY_BOUND, and row r sees keys up to row_positions[r] only
+
+
+@jit
+def attend_keys(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims,
+                key_start, key_end, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr):
+    # q: [ROWS, HEAD_DIM]; acc [ROWS, HEAD_DIM], l_i / m_i [ROWS] fp32 (m_i in log2 units,
+    # qk_scale includes log2(e)); key_ptr / value_ptr point at the kv head's first element.
+    # Keys key_start.. key_end in steps of BLOCK_N; key_start is a multiple of BLOCK_N.
+    # Keeping the unmasked tiles in a loop of their own lets the compiler pipeline it.
+    # K_ROWS: load K as [BLOCK_N, HEAD_DIM] and transpose it in the dot (else [HEAD_DIM,
+    # BLOCK_N] straight away); which is faster is measured by bench/kernel_sweep.py.
+    for start in range(key_start, key_end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        if MASK == NO_MASK:
+            block_ids = tl.load(block_table_row + keys // BLOCK_SIZE)
+        else:
+            is_key = keys < num_keys
+            block_ids = tl.load(block_table_row + keys // BLOCK_SIZE, mask=is_key, other=0)
+        slot_offsets = (block_ids.to(tl.int64) * cache_block_stride
+                        + (keys % BLOCK_SIZE) * cache_slot_stride)
+        kv_offsets = slot_offsets[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+        if MASK == NO_MASK:
+            v = tl.load(value_ptr + kv_offsets)
+            if K_ROWS:
+                k = tl.trans(tl.load(key_ptr + kv_offsets))
+            else:
+                k = tl.load(key_ptr + slot_offsets[None, :] + dims[:, None])
+        else:
+            v = tl.load(value_ptr + kv_offsets, mask=is_key[:, None], other=0.0)
+            if K_ROWS:
+                k = tl.trans(tl.load(key_ptr + kv_offsets, mask=is_key[:, None], other=0.0))
+            else:
+                k = tl.load(key_ptr + slot_offsets[None, :] + dims[:, None],
+                            mask=is_key[None, :], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # k: [HEAD_DIM, BLOCK_N]
+        if MASK == KEY_BOUND:
+            qk = tl.where(is_key[None, :], qk, float("-inf"))
+        if MASK == CAUSAL:
+            qk = tl.where(keys[None, :] <= row_positions[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
