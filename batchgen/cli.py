@@ -202,8 +202,11 @@ def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
     # Checked (and --overwrite applied) once here, before the workers start.
     prepared = prepare_job(job)
     open_job(job.output_dir, prepared.record, overwrite=job.overwrite)
-    argv = run_argv_from(opts, drop=("overwrite", "shard"))
-    return run_data_parallel(argv, workers, job.output_dir)
+    # The memory share goes to each worker as its own flag, split from the resolved value
+    # (flag, recipe, --set or default alike), so the user's flag is not passed on as well.
+    argv = run_argv_from(opts, drop=("overwrite", "shard", "gpu_memory_utilization"))
+    return run_data_parallel(argv, workers, job.output_dir,
+                             gpu_memory_utilization=job.gpu_memory_utilization)
 
 
 def _slurm(opts: dict[str, Any]) -> int:

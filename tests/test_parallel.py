@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.job.parallel import (combined_exit_code, run_data_parallel, share_gpu_memory,
+from batchgen.job.parallel import (combined_exit_code, gpu_memory_shares, run_data_parallel,
                                    visible_gpus, worker_argv, worker_env)
 
 # A stand-in for `batchgen.cli`: records what it was given, then behaves as asked by --act.
@@ -24,7 +24,7 @@ FAKE_WORKER = textwrap.dedent("""
     argv = sys.argv[1:]
     out = argv[argv.index("--output") + 1]
     index, num = argv[argv.index("--shard") + 1].split("/")
-    act = argv[argv.index("--act") + 1]
+    act = argv[argv.index("--act") + 1] if "--act" in argv else "ok"
     def stop(signum, frame):
         print(f"worker {index} got signal {signum}", flush=True)
         sys.exit(75)
@@ -53,7 +53,8 @@ def _run(out: Path, act: str, num_workers: int, launcher: list[str], **kwargs) -
     out.mkdir(parents=True, exist_ok=True)
     stream = io.StringIO()
     code = run_data_parallel(["--output", str(out), "--act", act], num_workers, out,
-                             stream=stream, poll_every=0.05, launcher=launcher,
+                             gpu_memory_utilization=0.9, stream=stream, poll_every=0.05,
+                             launcher=launcher,
                              env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), **kwargs)
     return code, stream.getvalue()
 
@@ -118,13 +119,49 @@ def test_gpus_are_assigned_one_per_worker_round_robin():
 
 
 def test_workers_sharing_a_gpu_split_its_memory():
-    argv = ["--input", "x.jsonl"]
-    assert share_gpu_memory(argv, 2, 2) == argv  # one GPU each: the default stands
-    assert share_gpu_memory(argv, 1, 0) == argv  # CPU
-    assert share_gpu_memory(argv, 2, 1)[-2:] == ["--gpu-memory-utilization", "0.450"]
-    assert share_gpu_memory(argv, 3, 2)[-1] == "0.450"  # two workers on the first GPU
-    mine = [*argv, "--gpu-memory-utilization", "0.3"]
-    assert share_gpu_memory(mine, 4, 1) == mine
+    assert gpu_memory_shares(2, ["0", "1"], 0.9) == [0.9, 0.9]  # one GPU each: all of it
+    assert gpu_memory_shares(2, [], 0.9) == [None, None]  # CPU
+    assert gpu_memory_shares(2, ["0"], 0.9) == [0.45, 0.45]
+    assert gpu_memory_shares(3, ["0", "1"], 0.9) == [0.45, 0.9, 0.45]  # two on GPU 0
+    assert gpu_memory_shares(4, ["0"], 0.3) == [0.075] * 4
+    argv = worker_argv(["--input", "x.jsonl"], 1, 2, launcher=["bg"], gpu_memory_utilization=0.4)
+    assert argv == ["bg", "run", "--input", "x.jsonl", "--gpu-memory-utilization", "0.4",
+                    "--shard", "1/2"]
+
+
+@pytest.mark.parametrize("how", [["-r", "recipe.yaml"],
+                                 ["--set", "engine.gpu_memory_utilization=0.8"],
+                                 ["--gpu-memory-utilization", "0.8"]])
+def test_data_parallel_splits_the_jobs_gpu_memory_utilization(tmp_path, fake_launcher,
+                                                              monkeypatch, how):
+    """0.8 from a recipe, --set or the flag, 2 workers on one GPU: each worker is given 0.4,
+    once (its command line has no other value), and no GPU is needed to see it."""
+    from typer.testing import CliRunner
+
+    from batchgen import cli
+    from batchgen.job import parallel
+
+    (tmp_path / "recipe.yaml").write_text("engine:\n  gpu_memory_utilization: 0.8\n")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    launch = parallel.run_data_parallel
+
+    def on_one_gpu(argv, num_workers, output_dir, **kwargs):
+        return launch(argv, num_workers, output_dir, launcher=fake_launcher, poll_every=0.05,
+                      env=dict(os.environ, CUDA_VISIBLE_DEVICES="0"), stream=io.StringIO(),
+                      **kwargs)
+
+    monkeypatch.setattr(parallel, "run_data_parallel", on_one_gpu)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.build_app(), ["run", "-i", str(data), "-o", str(out), *how,
+                                                  "--data-parallel", "2"])
+    assert result.exit_code == 0, result.output
+    for i in range(2):
+        seen = json.loads((out / f"worker-{i}.json").read_text())
+        assert seen["cuda"] == "0"
+        flags = [j for j, a in enumerate(seen["argv"]) if a == "--gpu-memory-utilization"]
+        assert len(flags) == 1 and seen["argv"][flags[0] + 1] == "0.4"
 
 
 def test_worker_argv_and_exit_codes():
@@ -133,7 +170,7 @@ def test_worker_argv_and_exit_codes():
     with pytest.raises(ValueError, match="--shard"):
         worker_argv(["--shard=0/2"], 0, 2)
     with pytest.raises(ValueError, match="positive"):
-        run_data_parallel([], 0, Path("unused"))
+        run_data_parallel([], 0, Path("unused"), gpu_memory_utilization=0.9)
     assert combined_exit_code([0, 0]) == 0
     assert combined_exit_code([0, 75]) == 75
     assert combined_exit_code([75, 1]) == 1

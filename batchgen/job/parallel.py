@@ -3,7 +3,8 @@
 Worker i runs `python -m batchgen.cli run <run_argv> --shard i/K`. With GPUs, worker i sees
 one GPU through CUDA_VISIBLE_DEVICES: the i-th visible one, or, with fewer GPUs than workers,
 GPU i mod num_gpus (workers share a GPU round-robin: slower, but it lets a one-GPU box test a
-K-way job). On CPU the cores are split between workers (OMP_NUM_THREADS) unless it is set.
+K-way job), and each is given --gpu-memory-utilization: the job's value divided by the workers
+on its GPU. On CPU the cores are split between workers (OMP_NUM_THREADS) unless it is set.
 No NCCL: shards share nothing but the output folder, where each writes its own parts.
 
 The launcher shows one progress display for the whole job, polled from the output folder,
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Mapping, TextIO
@@ -69,32 +71,40 @@ def worker_env(index: int, num_workers: int, gpus: list[str],
     return child
 
 
-def share_gpu_memory(run_argv: list[str], num_workers: int, num_gpus: int) -> list[str]:
-    """Workers sharing a GPU split its memory: each asks for 0.9 / (workers per GPU) unless
-    the user set --gpu-memory-utilization."""
-    per_gpu = -(-num_workers // num_gpus) if num_gpus else 1
-    if per_gpu <= 1 or any(a == "--gpu-memory-utilization"
-                           or a.startswith("--gpu-memory-utilization=") for a in run_argv):
-        return run_argv
-    return [*run_argv, "--gpu-memory-utilization", f"{0.9 / per_gpu:.3f}"]
+def gpu_memory_shares(num_workers: int, gpus: list[str],
+                      utilization: float) -> list[float | None]:
+    """Each worker's --gpu-memory-utilization: the job's resolved value (from whatever set it:
+    flag, recipe, --set, default) divided by the number of workers on that worker's GPU, so
+    the workers sharing a GPU together ask for what one engine would. None on CPU."""
+    if not gpus:
+        return [None] * num_workers
+    assigned = [gpus[i % len(gpus)] for i in range(num_workers)]
+    sharing = Counter(assigned)
+    return [utilization / sharing[gpu] for gpu in assigned]
 
 
 def worker_argv(run_argv: list[str], index: int, num_workers: int,
-                launcher: list[str] | None = None) -> list[str]:
+                launcher: list[str] | None = None,
+                gpu_memory_utilization: float | None = None) -> list[str]:
     for arg in run_argv:
         if arg in ("--shard", "--data-parallel") or arg.startswith(("--shard=",
                                                                     "--data-parallel=")):
             raise ValueError(f"{arg.split('=')[0]} is set per worker by --data-parallel: "
                              "leave it out")
     launcher = launcher or [sys.executable, "-m", "batchgen.cli"]
-    return [*launcher, "run", *run_argv, "--shard", f"{index}/{num_workers}"]
+    # Appended after run_argv: a flag beats the recipe and --set, and the last flag wins.
+    memory = [] if gpu_memory_utilization is None else [
+        "--gpu-memory-utilization", repr(gpu_memory_utilization)]
+    return [*launcher, "run", *run_argv, *memory, "--shard", f"{index}/{num_workers}"]
 
 
 def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *,
-                      stream: TextIO | None = None, poll_every: float = 1.0,
+                      gpu_memory_utilization: float, stream: TextIO | None = None,
+                      poll_every: float = 1.0,
                       launcher: list[str] | None = None,
                       env: Mapping[str, str] | None = None) -> int:
     """Run the job as `num_workers` shard processes; see the module docstring.
+    gpu_memory_utilization: the job's resolved value, split among workers sharing a GPU.
     launcher: how a worker starts batchgen (default: this Python, `-m batchgen.cli`)."""
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"--data-parallel must be a positive number of workers, "
@@ -104,8 +114,9 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     log_dir = output_dir / LOG_DIR_NAME
     log_dir.mkdir(parents=True, exist_ok=True)
     gpus = visible_gpus(env)
-    run_argv = share_gpu_memory(run_argv, num_workers, len(gpus))
-    argvs = [worker_argv(run_argv, i, num_workers, launcher) for i in range(num_workers)]
+    shares = gpu_memory_shares(num_workers, gpus, gpu_memory_utilization)
+    argvs = [worker_argv(run_argv, i, num_workers, launcher, shares[i])
+             for i in range(num_workers)]
     assigned = [gpus[i % len(gpus)] for i in range(num_workers)] if gpus else None
     progress = DataParallelProgress(output_dir, stream or sys.stderr)
 
