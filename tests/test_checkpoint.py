@@ -99,3 +99,18 @@ def test_plan_selection_resumes_a_short_part(tmp_path):
     sel = ckpt.plan_selection(tmp_path / "out", record, shard_index=0, num_shards=1, limit=None)
     assert sel.done_parts == {0} and sel.resume_from == {1: 4} and sel.stop == 10
     assert [r for r in range(10) if sel.contains(r)] == [4, 5, 6, 7, 8, 9]
+
+
+def test_a_resumed_run_scans_its_parts_and_the_shard_files_once(tmp_path, monkeypatch):
+    """plan_selection's result carries the rows committed and the input's length, so the
+    run's tally neither counts the parts nor reads the shard files again."""
+    run(make_job(tmp_path, limit=4))  # parts 0 (3 rows) and 1 (1 row)
+    counted, scans = [], []
+    count_part_rows, known_num_input_rows = ckpt.count_part_rows, ckpt.known_num_input_rows
+    monkeypatch.setattr(ckpt, "count_part_rows",
+                        lambda path: counted.append(path.name) or count_part_rows(path))
+    monkeypatch.setattr(ckpt, "known_num_input_rows",
+                        lambda *a: scans.append(a) or known_num_input_rows(*a))
+    metrics = run(make_job(tmp_path))
+    assert sorted(counted) == ["part-00000.parquet", "part-00001.parquet"] and len(scans) == 1
+    assert metrics.num_rows_done_before == 4 and metrics.num_rows == 6

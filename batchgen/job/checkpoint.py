@@ -116,14 +116,23 @@ def num_parts(total: int | None, rows_per_part: int) -> int | None:
     return None if total is None else math.ceil(total / rows_per_part)
 
 
+@dataclass
+class ShardPlan(RowSelection):
+    """A shard's RowSelection plus what the scan that made it counted on the way, so the
+    run's tally does not list and count the parts, or read the shard files, a second time."""
+    num_rows_committed: int = 0  # rows in this shard's readable committed parts
+    num_input_rows: int | None = None  # the input's length, where known (_job.json or a shard)
+
+
 def plan_selection(out_dir: Path, record: JobRecord, *, shard_index: int, num_shards: int,
-                   limit: int | None) -> RowSelection:
+                   limit: int | None) -> ShardPlan:
     """The rows this run (shard) still has to do, given the committed parts."""
     rpp = record.rows_per_part
     total = known_num_input_rows(out_dir, record)
     target = total if limit is None else (limit if total is None else min(limit, total))
     done: set[int] = set()
     resume_from: dict[int, int] = {}
+    num_committed = 0
     for part, path in list_parts(out_dir).items():
         if part % num_shards != shard_index:
             continue
@@ -131,13 +140,15 @@ def plan_selection(out_dir: Path, record: JobRecord, *, shard_index: int, num_sh
             num = count_part_rows(path)
         except Exception:
             continue  # damaged: redo it (verify reports it)
+        num_committed += num
         first = part * rpp
         full = expected_part_rows(part, rpp, total)
         if num >= full or (target is not None and first + num >= min(first + rpp, target)):
             done.add(part)
         else:
             resume_from[part] = first + num
-    return RowSelection(rpp, shard_index, num_shards, frozenset(done), resume_from, target)
+    return ShardPlan(rpp, shard_index, num_shards, frozenset(done), resume_from, target,
+                     num_rows_committed=num_committed, num_input_rows=total)
 
 
 def load_shard_state(out_dir: Path, shard_index: int, num_shards: int) -> dict[str, Any]:

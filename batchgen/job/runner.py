@@ -88,8 +88,7 @@ class JobRun:
         self.writer = PartWriter(self.out_dir, record.format, self.schema.arrow if self.schema else None)
         self.collector = PartCollector(self.writer, self.rpp, self.selection.stop)
         self.records = RecordMaker(self.job, self.reader, self.schema, record.tag)
-        self.tally = RunTally(self.out_dir, record, self.job.shard_index, self.job.num_shards,
-                              self.selection.stop)
+        self.tally = RunTally(self.out_dir, self.selection)
         self.metrics = self.tally.metrics
         self.feeder: Feeder | None = None
         self.in_flight: dict[str, WorkItem] = {}

@@ -1,5 +1,5 @@
 """RunTally: the counts of one shard's run — the live metrics, each part's stats until the
-part commits, and the shard state file they are added to (`_state-<i>-of-<n>.json`)."""
+part commits, and the shard state file they are added to (`_shard-<i>-of-<n>.json`)."""
 from __future__ import annotations
 
 import time
@@ -8,19 +8,18 @@ from pathlib import Path
 from batchgen.job import checkpoint as ckpt
 from batchgen.job.progress import JobMetrics
 from batchgen.job.records import error_kind
-from batchgen.job.writer import count_part_rows, list_parts
 
 
 class RunTally:
-    def __init__(self, out_dir: Path, record: ckpt.JobRecord, shard_index: int,
-                 num_shards: int, stop: int | None) -> None:
-        self.out_dir, self.rpp = out_dir, record.rows_per_part
-        self.shard_index, self.num_shards = shard_index, num_shards
-        self.state = ckpt.load_shard_state(out_dir, shard_index, num_shards)
-        self.metrics = JobMetrics(output_dir=str(out_dir), shard=f"{shard_index}/{num_shards}",
-                                  num_rows_total=self.shard_rows(stop),
-                                  num_rows_done_before=self._rows_done_before())
-        self.num_input_rows = ckpt.known_num_input_rows(out_dir, record)
+    def __init__(self, out_dir: Path, plan: ckpt.ShardPlan) -> None:
+        self.out_dir, self.rpp = out_dir, plan.rows_per_part
+        self.shard_index, self.num_shards = plan.shard_index, plan.num_shards
+        self.state = ckpt.load_shard_state(out_dir, plan.shard_index, plan.num_shards)
+        self.metrics = JobMetrics(output_dir=str(out_dir),
+                                  shard=f"{plan.shard_index}/{plan.num_shards}",
+                                  num_rows_total=self.shard_rows(plan.stop),
+                                  num_rows_done_before=plan.num_rows_committed)
+        self.num_input_rows = plan.num_input_rows
         self.part_stats: dict[int, list[int]] = {}  # part -> [rows, errors, prompt tok, output tok]
         self.t0: float | None = None  # set when the run starts working
 
@@ -37,16 +36,6 @@ class RunTally:
             return None
         n, i, r = self.num_shards, self.shard_index, self.rpp
         return sum(min(r, stop - p * r) for p in range(i, -(-stop // r), n))
-
-    def _rows_done_before(self) -> int:
-        num = 0
-        for part, path in list_parts(self.out_dir).items():
-            if part % self.num_shards == self.shard_index:
-                try:
-                    num += count_part_rows(path)
-                except Exception:
-                    pass
-        return num
 
     def row_finished(self, row: int, num_prompt: int, num_output: int, error: str | None) -> None:
         m = self.metrics
