@@ -15,8 +15,7 @@ import typer
 
 from batchgen.cli_options import (FLAG_FIELDS, FLAG_OF, JOB_OPTIONS, SAMPLING_FLAGS, opt,
                                   with_options)
-
-EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
+from batchgen.job.exit_codes import EXIT_CONFIG, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 
 
 class ConfigError(Exception):

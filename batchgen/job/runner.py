@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from batchgen.job import checkpoint as ckpt
 from batchgen.job.config import JobConfig, JobConfigError
+from batchgen.job.exit_codes import EXIT_CONFIG, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 from batchgen.job.feeder import EndOfInput, Feeder, WorkItem, base_params, row_seed
 from batchgen.job.prepare import PreparedJob, is_openai_sample, prepare_job
 from batchgen.job.progress import JobMetrics, ProgressReporter, write_metrics_json
@@ -33,7 +34,6 @@ __all__ = ["EXIT_OK", "EXIT_INTERNAL", "EXIT_CONFIG", "EXIT_INTERRUPTED", "JobRu
            "PreparedJob", "WorkItem", "EndOfInput", "default_make_engine", "error_kind",
            "is_openai_sample", "prepare_job", "row_seed", "run_job"]
 
-EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 75
 _STATS_EVERY_S = 0.5
 
 

@@ -12,8 +12,9 @@ import signal
 import threading
 from typing import Any
 
+from batchgen.job.exit_codes import EXIT_INTERRUPTED
+
 _STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
-_EXIT_AT_ONCE = 75  # EXIT_INTERRUPTED: "resume me"
 
 
 class StopSignals:
@@ -51,7 +52,7 @@ class StopSignals:
     def _on_signal(self, signum: int, _frame) -> None:
         if self.reason is not None and signum == signal.SIGINT:
             os.write(2, b"\nbatchgen: interrupted again, exiting now (committed parts are safe)\n")
-            os._exit(_EXIT_AT_ONCE)
+            os._exit(EXIT_INTERRUPTED)  # "resume me": committed parts are kept
         if self.reason is None:
             self.reason = signal.Signals(signum).name
             os.write(2, f"\nbatchgen: {self.reason}: committing complete parts, then "

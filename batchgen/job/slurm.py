@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-EXIT_INTERRUPTED = 75
+from batchgen.job.exit_codes import EXIT_INTERRUPTED
+
 WARNING_SECONDS = 120
 LOG_DIR_NAME = "_logs"
 
