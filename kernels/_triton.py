@@ -37,30 +37,37 @@ class LazyKernel:
     looks helpers up in the caller's globals when it compiles, so they must be JIT functions
     there by then."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
         self.fn = fn
+        self.options = options
         self._kernel = None
 
     def __getitem__(self, grid: Any) -> Any:
         if self._kernel is None:
             require_triton(self.fn.__name__)
-            self._kernel = _wrap(self.fn)
+            self._kernel = _wrap(self.fn, self.options)
         return self._kernel[grid]
 
 
-def _wrap(fn: Callable[..., Any]) -> Any:
+def _wrap(fn: Callable[..., Any], options: dict[str, Any]) -> Any:
     scope = fn.__globals__
     for name in fn.__code__.co_names:
         helper = scope.get(name)
         if isinstance(helper, LazyKernel):
             if helper._kernel is None:
-                helper._kernel = _wrap(helper.fn)
+                helper._kernel = _wrap(helper.fn, helper.options)
             scope[name] = helper._kernel
-    return triton.jit(fn)
+    return triton.jit(fn, **options)
 
 
-def jit(fn: Callable[..., Any]) -> LazyKernel:
-    return LazyKernel(fn)
+def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """`@jit` or `@jit(do_not_specialize=[...])` (options go to triton.jit). Triton compiles
+    a variant per integer argument that is 1 or a multiple of 16; an argument that changes
+    from step to step (a batch size, a table width) belongs in do_not_specialize, or a long
+    run keeps meeting new variants and stalls ~0.5 s on each compile."""
+    if fn is None:
+        return lambda f: LazyKernel(f, options)
+    return LazyKernel(fn, options)
 
 
 def check_same_device(op_name: str, **tensors: Any) -> None:

@@ -30,7 +30,7 @@ def decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     return padded_attention_ref(q[:, None], positions, keys, values, scale)[:, 0]
 
 
-@jit
+@jit(do_not_specialize=["block_table_stride"])
 def _decode_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
         partial_max_ptr, partial_sum_ptr, partial_acc_ptr, qk_scale,

@@ -79,7 +79,7 @@ def prefill_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
     return out
 
 
-@jit
+@jit(do_not_specialize=["num_reqs", "block_table_stride"])
 def _prefill_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
         seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, qk_scale, num_reqs,
