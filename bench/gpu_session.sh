@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
+# (8bq: 8b without the profile; sweep / sweep-gemm-prefill: bench/kernel_sweep.py)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -9,6 +10,8 @@ for step in "${@:-8b}"; do
   case "$step" in
     8b) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
           --profile reviews --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
+    8bq) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
+          --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
           --profile small --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
     1b2k) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
@@ -16,6 +19,8 @@ for step in "${@:-8b}"; do
     8bdecode) python bench/bench.py --shape llama3-8b --workloads decode --baseline --skip-numerics \
           --profile decode,baseline --out "$OUT/llama3-8b-decode.json" 2>&1 | tee "$OUT/llama3-8b-decode.log" ;;
     sweep) python bench/kernel_sweep.py --out "$OUT/kernel-sweep.json" 2>&1 | tee "$OUT/kernel-sweep.log" ;;
+    sweep-gemm-prefill) python bench/kernel_sweep.py --only gemm,prefill --out "$OUT/kernel-sweep.json" \
+          2>&1 | tee "$OUT/kernel-sweep.log" ;;
     tests) python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -8 ;;
   esac
 done

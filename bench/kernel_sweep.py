@@ -1,6 +1,6 @@
 """Times the attention kernels' tile choices on the shapes the workloads run (GPU only).
 
-    python bench/kernel_sweep.py --out $OUT/sweep.json
+    python bench/kernel_sweep.py --out $OUT/sweep.json [--only gemm,prefill,decode]
 
 Each case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads, dim 128;
 llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a workload; each config is timed over
@@ -35,8 +35,12 @@ PREFILL_CASES = {
 }
 # (BLOCK_N, num_warps, num_stages, K_ROWS) and (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS)
 DECODE_CONFIGS = list(itertools.product((64, 128), (2, 4), (2, 3, 4), (False, True)))
-PREFILL_CONFIGS = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3),
-                                         (False, True)))
+PREFILL_CONFIGS = list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False,))) + [
+    (128, 32, 4, 2, True), (64, 64, 4, 2, True)]
+# llama3-8b's projections (out, in) and the tokens per step the workloads run
+GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+               "down": (4096, 14336), "lm_head": (128256, 4096)}
+GEMM_TOKENS = (64, 512, 1024, 8192, 16384)
 
 
 def paged_batch(head_dim: int, lens: list[tuple[int, int]], seed: int = 0) -> dict:
@@ -64,7 +68,8 @@ def paged_batch(head_dim: int, lens: list[tuple[int, int]], seed: int = 0) -> di
 
 
 def time_ms(fn, reps: int = 15) -> float:
-    fn()
+    for _ in range(3):  # compile, and bring the clocks up (the first timing ran ~20% slow)
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -108,10 +113,36 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     return results
 
 
+def sweep_gemm() -> dict:
+    """F.linear at the model's shapes under each BLAS library torch can call: TFLOP/s."""
+    import torch.nn.functional as F
+
+    results = {}
+    default = torch.backends.cuda.preferred_blas_library()
+    try:
+        for name, (n, k) in GEMM_SHAPES.items():
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            for m in GEMM_TOKENS:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {}
+                for lib in ("cublas", "cublaslt"):
+                    torch.backends.cuda.preferred_blas_library(lib)
+                    ms = time_ms(lambda: F.linear(x, w))
+                    row[lib] = 2 * m * n * k / ms / 1e9
+                results[f"{name} M={m}"] = row
+                print(f"gemm {name} [{m} x {k}] x [{k} x {n}]: " + ", ".join(
+                    f"{lib} {tf:.0f} TFLOP/s" for lib, tf in row.items()))
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--only", default="decode,prefill,gemm", help="comma list of sections")
     args = p.parse_args(argv)
+    sections = set(args.only.split(","))
     if not torch.cuda.is_available():
         print("kernel_sweep needs a GPU")
         return 1
@@ -135,10 +166,15 @@ def main(argv=None) -> int:
         pairs = sum(sum(p + i + 1 for i in range(q)) for q, p in lens)
         return 4 * NUM_HEADS * head_dim * pairs
 
-    results = {"decode (TB/s)": sweep(DECODE_CASES, DECODE_CONFIGS, run_decode, decode_bytes,
-                                      "TB/s"),
-               "prefill (TFLOP/s)": sweep(PREFILL_CASES, PREFILL_CONFIGS, run_prefill,
-                                          prefill_flops, "TFLOP/s")}
+    results = {}
+    if "gemm" in sections:
+        results["gemm (TFLOP/s)"] = sweep_gemm()
+    if "prefill" in sections:
+        results["prefill (TFLOP/s)"] = sweep(PREFILL_CASES, PREFILL_CONFIGS, run_prefill,
+                                             prefill_flops, "TFLOP/s")
+    if "decode" in sections:
+        results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS, run_decode,
+                                         decode_bytes, "TB/s")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))
     return 0
