@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for step in "${@:-8b}"; do
   case "$step" in
     8b) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
-          --profile reviews --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
+          --profile reviews,decode --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     8bq) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
           --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
