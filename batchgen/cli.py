@@ -245,7 +245,13 @@ def main() -> None:
     # are batchgen workers (which catch it again) or Slurm's tools (which do not use it).
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    app()
+    try:
+        app()
+    finally:
+        # The command is over and its exit status decided (a run's work is committed): a
+        # SIGTERM now, while the interpreter shuts down, would turn that status into 143, a
+        # killed task. A shutdown that hangs can still be killed (Slurm follows with SIGKILL).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

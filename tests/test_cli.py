@@ -138,3 +138,20 @@ def test_a_stop_while_the_run_starts_exits_75_before_the_model(tmp_path, src, mo
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # put back after the run
     monkeypatch.undo()
     assert invoke("run", "-i", src, "-o", tmp_path / "out", "-q").exit_code == 0  # resumes
+
+
+def test_a_sigterm_after_the_command_is_over_keeps_its_exit_status():
+    """A finished run's process must not exit 143 for a SIGTERM that comes while it shuts
+    down (everything is committed by then)."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, os, signal, sys\n"
+              "import batchgen.cli as cli\n"
+              "def app():\n"
+              "    atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              "    sys.exit(0)\n"
+              "cli.app = app\n"
+              "cli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
