@@ -36,11 +36,8 @@ class Attention(nn.Module):
                       else decode_attention.decode_attention_ref)
             return decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
                           self.scale, ctx.max_seq_len)
-        prefill = (prefill_attention.prefill_attention if is_cuda
-                   else prefill_attention.prefill_attention_ref)
-        if is_cuda:
-            return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
-                           ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len,
-                           plan_cache=ctx.attn_plans)
+        # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
+        prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
+                          if is_cuda else (prefill_attention.prefill_attention_ref, {}))
         return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
-                       ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len)
+                       ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len, **extra)
