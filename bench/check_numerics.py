@@ -66,7 +66,7 @@ def _context(prompt_lens: list[int], query_lens: list[int], kv_caches, block_siz
              blocks_per_req: int, device: torch.device):
     """The ForwardContext of a step where request b computes its last query_lens[b] positions of
     prompt_lens[b]; request b owns blocks 1 + b * blocks_per_req onwards (block 0 unused)."""
-    from batchgen.layers.context import ForwardContext, plan_fresh_prompts
+    from batchgen.layers.context import ForwardContext
 
     num_reqs = len(prompt_lens)
     tables = torch.tensor([[1 + b * blocks_per_req + j for j in range(blocks_per_req)]
@@ -83,9 +83,6 @@ def _context(prompt_lens: list[int], query_lens: list[int], kv_caches, block_siz
         block_tables=tables.to(device), slot_mapping=slots.to(device), kv_caches=kv_caches,
         max_query_len=max(query_lens), max_seq_len=max(prompt_lens),
         is_decode_only=max(query_lens) == 1)
-    if device.type == "cuda" and not ctx.is_decode_only:
-        # The engine's path for prompts with no cached prefix (FlashAttention), at any size.
-        ctx.fresh = plan_fresh_prompts(cu, prompt_lens, min_tokens=1)
     return ctx, positions.to(device)
 
 

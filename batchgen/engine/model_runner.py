@@ -15,7 +15,7 @@ from batchgen.engine.input_batch import InputBatch, build_input_batch
 from batchgen.engine.sampler import Sampler
 from batchgen.engine.sampling_metadata import build_sampling_metadata
 from batchgen.engine.step_timer import StepTimer
-from batchgen.layers.context import ForwardContext, plan_fresh_prompts
+from batchgen.layers.context import ForwardContext
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,6 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
         self.timer = StepTimer()
-        # Fresh prompts by FlashAttention (layers/context.FreshPrompts): torch's flash kernel
-        # runs on CUDA from sm80, in fp16 / bf16, for head dims up to 256.
-        self.flash_fresh_prompts = (
-            self.is_cuda and dtype in (torch.float16, torch.bfloat16)
-            and model.head_dim <= 256 and torch.cuda.get_device_capability(device) >= (8, 0))
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -185,9 +180,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            is_decode_only=batch.is_decode_only,
-            fresh=plan_fresh_prompts(batch.query_start_loc, batch.seq_lens)
-            if self.flash_fresh_prompts and not batch.is_decode_only else None)
+            is_decode_only=batch.is_decode_only)
 
     @torch.inference_mode()
     def execute(self, sched) -> StepResult:

@@ -36,34 +36,8 @@ class Attention(nn.Module):
                       else decode_attention.decode_attention_ref)
             return decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
                           self.scale, ctx.max_seq_len)
-        if ctx.fresh is not None:
-            return self._attend_fresh_apart(q, k, v, key_cache, value_cache, ctx)
         # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
         prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
                           if is_cuda else (prefill_attention.prefill_attention_ref, {}))
         return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
                        ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len, **extra)
-
-    def _attend_fresh_apart(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            key_cache: torch.Tensor, value_cache: torch.Tensor,
-                            ctx: ForwardContext) -> torch.Tensor:
-        """The step's trailing fresh prompts (ctx.fresh) by varlen FlashAttention over their
-        own K/V (GQA native), the requests before them by the paged kernel."""
-        from batchgen.kernels import prefill_attention
-        fresh = ctx.fresh
-        cu = ctx.attn_plans.get("fresh_cu")
-        if cu is None:  # once per step: the fresh requests' query_start_loc, from 0
-            tail = ctx.query_start_loc[fresh.req_start:]
-            cu = ctx.attn_plans["fresh_cu"] = tail - tail[0]
-        s = fresh.token_start
-        out = torch.ops.aten._flash_attention_forward(
-            q[s:], k[s:], v[s:], cu, cu, fresh.max_len, fresh.max_len, 0.0, True, False,
-            scale=self.scale)[0]
-        if s == 0:
-            return out
-        r = fresh.req_start
-        head = prefill_attention.prefill_attention(
-            q[:s], key_cache, value_cache, ctx.block_tables[:r], ctx.query_start_loc[:r + 1],
-            ctx.seq_lens[:r], self.scale, fresh.head_max_query_len, fresh.head_max_seq_len,
-            plan_cache=ctx.attn_plans)
-        return torch.cat([head, out])
