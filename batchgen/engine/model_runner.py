@@ -11,6 +11,7 @@ import torch
 
 from batchgen.config import EngineConfig
 from batchgen.engine.cuda_graphs import DecodeGraphs
+from batchgen.engine.host_packer import send_arrays
 from batchgen.engine.input_batch import InputBatch, build_input_batch
 from batchgen.engine.sampler import Sampler
 from batchgen.engine.sampling_metadata import build_sampling_metadata
@@ -121,8 +122,7 @@ class ModelRunner:
             seq_lens=np.asarray(lens, dtype=np.int32), block_tables=tables,
             logits_indices=np.zeros(0, dtype=np.int64), sample_rows=[],
             max_query_len=seq, max_seq_len=seq)
-        ctx = self._make_context(batch, caches)
-        input_ids, positions = self._send(batch.input_ids, batch.positions)
+        ctx, input_ids, positions, _ = self._send_step(batch, caches)
         hidden = self.model(input_ids, positions, ctx)
         rows = min(self.config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows]).float()
@@ -156,31 +156,23 @@ class ModelRunner:
     # ---- one step ------------------------------------------------------------------------
 
     def _send(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """Arrays of one dtype -> device tensors through ONE pinned buffer and one copy (a
-        fresh buffer from torch's caching host allocator: never reused before its copy ran)."""
-        if not self.is_cuda:
-            return [torch.from_numpy(a) for a in arrays]
-        sizes = [a.size for a in arrays]
-        host = torch.empty(sum(sizes), dtype=torch.from_numpy(arrays[0][:0]).dtype,
-                           pin_memory=True)
-        flat = host.numpy()
-        offsets = np.cumsum([0] + sizes)
-        for a, start, end in zip(arrays, offsets[:-1], offsets[1:]):
-            flat[start:end] = a.ravel()
-        dev = host.to(self.device, non_blocking=True)
-        return [dev[start:end].view(a.shape)
-                for a, start, end in zip(arrays, offsets[:-1], offsets[1:])]
+        """Arrays of one dtype -> device tensors, in one copy from pinned memory."""
+        return send_arrays(self.device, self.is_cuda, *arrays)
 
-    def _make_context(self, batch: InputBatch, caches=None) -> ForwardContext:
+    def _send_step(self, batch: InputBatch, caches=None):
+        """An eager step's inputs in two copies (int32, int64) -> (ForwardContext, input_ids,
+        positions, logits_indices) on the device."""
         query_start_loc, seq_lens, block_tables = self._send(
             batch.query_start_loc, batch.seq_lens, batch.block_tables)
-        (slot_mapping,) = self._send(batch.slot_mapping)
-        return ForwardContext(
+        slot_mapping, input_ids, positions, logits_indices = self._send(
+            batch.slot_mapping, batch.input_ids, batch.positions, batch.logits_indices)
+        ctx = ForwardContext(
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
             slot_mapping=slot_mapping,
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
             is_decode_only=batch.is_decode_only)
+        return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()
     def execute(self, sched) -> StepResult:
@@ -203,9 +195,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch, fixup)
         else:
-            ctx = self._make_context(batch)
-            input_ids, positions, logits_idx = self._send(
-                batch.input_ids, batch.positions, batch.logits_indices)
+            ctx, input_ids, positions, logits_idx = self._send_step(batch)
             if fixup is not None:
                 input_ids[fixup[0]] = fixup[1]
             hidden = self.model(input_ids, positions, ctx)

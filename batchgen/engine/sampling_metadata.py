@@ -11,6 +11,7 @@ from operator import attrgetter
 import numpy as np
 import torch
 
+from batchgen.engine.host_packer import HostPacker
 from batchgen.engine.request import Request
 from batchgen.kernels.gumbel_sample import row_keys
 
@@ -58,36 +59,6 @@ class SamplingMetadata:
     @property
     def num_reqs(self) -> int:
         return self.temperature.shape[0]
-
-
-class _HostPacker:
-    """Concatenates named host segments of one dtype; `send` copies them to the device at
-    once and hands back device views by name."""
-
-    def __init__(self, dtype: torch.dtype, np_dtype) -> None:
-        self.dtype = dtype
-        self.np_dtype = np_dtype
-        self._parts: list[np.ndarray] = []
-        self._spans: dict[str, tuple[int, int]] = {}
-        self._size = 0
-
-    def add(self, name: str, values) -> None:
-        if isinstance(values, torch.Tensor):
-            values = values.numpy()
-        a = np.asarray(values, dtype=self.np_dtype).reshape(-1)
-        self._parts.append(a)
-        self._spans[name] = (self._size, self._size + a.size)
-        self._size += a.size
-
-    def send(self, device, pin_memory: bool) -> dict[str, torch.Tensor]:
-        on_cpu = torch.device(device).type == "cpu"
-        # Concatenate straight into the (pinned) staging buffer: one host copy, one transfer.
-        host = torch.empty(self._size, dtype=self.dtype, pin_memory=pin_memory and not on_cpu)
-        if self._parts:
-            np.concatenate(self._parts, out=host.numpy())
-        if not on_cpu:
-            host = host.to(device, non_blocking=True)
-        return {name: host[a:b] for name, (a, b) in self._spans.items()}
 
 
 def _as_int64(seed: int) -> int:
@@ -198,8 +169,8 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device,
     use_top_p = bool((top_p_p < 1.0).any())
     use_min_p = bool((min_p_p > 0.0).any())
 
-    ints = _HostPacker(torch.int64, np.int64)
-    floats = _HostPacker(torch.float32, np.float32)
+    ints = HostPacker(torch.int64, np.int64)
+    floats = HostPacker(torch.float32, np.float32)
     floats.add("temperature", per_row(temperature_p))
     seeds = torch.from_numpy(_seeds_array(requests))
     positions = torch.from_numpy(np.fromiter(map(len, map(_get_output, requests)),
@@ -243,7 +214,7 @@ def build_sampling_metadata(requests: list[Request], vocab_size: int, device,
         max_num_logprobs=max(logprobs) if logprobs else None, vocab_size=vocab_size)
 
 
-def _add_penalties(ints: _HostPacker, floats: _HostPacker, reqs: list[Request],
+def _add_penalties(ints: HostPacker, floats: HostPacker, reqs: list[Request],
                    rows: list[int], vocab_size: int) -> bool:
     """Queues the penalty rows' parameters and token indices; True if any uses repetition."""
     if not reqs:
