@@ -360,3 +360,26 @@ def test_cuda_matches_cpu_without_host_sync():
     seeds, positions = torch.tensor([1, 2**40]), torch.tensor([0, 5])
     assert torch.allclose(sampler.exponential_noise(seeds.cuda(), positions.cuda(), 1000).cpu(),
                           sampler.exponential_noise(seeds, positions, 1000), rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_step_tokens_reach_the_host_without_waiting_for_later_work():
+    """Overlapped steps: collecting step n must wait for step n alone, not for step n+1,
+    which is already queued behind it (a .tolist() of the device tensor would)."""
+    import time
+
+    from batchgen.engine.model_runner import _to_host
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tokens = torch.arange(8, device="cuda")
+    (host,), ready = _to_host((tokens,))
+    torch.cuda._sleep(4_000_000_000)  # the next step: seconds of GPU work queued behind
+    t0 = time.perf_counter()
+    ready.synchronize()
+    waited = time.perf_counter() - t0
+    assert host.tolist() == list(range(8))
+    t0 = time.perf_counter()
+    torch.cuda.synchronize()
+    later = time.perf_counter() - t0
+    assert later > 0.5 and waited < later / 4, (waited, later)  # the sleep ran after

@@ -44,7 +44,8 @@ class LaunchedStep:
     ready: torch.cuda.Event | None = None
 
 
-def _to_host(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], object]:
+def _to_host(tensors: tuple[torch.Tensor, ...]
+             ) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event]:
     """Device tensors -> (pinned host copies filled asynchronously, event after the copies)."""
     host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                  for t in tensors)
