@@ -25,7 +25,7 @@ def print_workload(name: str, f: dict) -> None:
 
 
 def print_table(results: dict) -> None:
-    print("\n" + "=" * 112)
+    print("\n" + "=" * 114)
     env, ceil = results.get("environment", {}), results.get("ceilings", {})
     print(f"{env.get('gpu') or env.get('device')} | torch {env.get('torch')} | triton "
           f"{env.get('triton')} | transformers {env.get('transformers')} | git {env.get('git_sha')}")
@@ -34,7 +34,7 @@ def print_table(results: dict) -> None:
               f"{ceil['copy_tb_per_s']:.4g} TB/s | start-up {results.get('startup_s', float('nan')):.1f} s"
               f" | job {results.get('job_s', float('nan')):.1f} s")
     cols = [("workload", 10), ("wall s", 8), ("out tok/s", 11), ("tot tok/s", 11), ("req/s", 8),
-            ("floor s", 9), ("C / M s", 13), ("floor/m", 9), ("bar", 6), ("vLLM s", 8),
+            ("floor s", 9), ("C / M s", 15), ("floor/m", 9), ("bar", 6), ("vLLM s", 8),
             ("vLLM/us", 9), ("run", 6), ("waste", 7), ("hits", 7)]
     print(cols[0][0].ljust(cols[0][1]) + "".join(name.rjust(w) for name, w in cols[1:]))
     for name, f in results.get("workloads", {}).items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from ._triton import jit, tl
 
 
-
 def _constexpr(value: int):
     # Triton kernels may read a module global only when it is a tl.constexpr.
     return tl.constexpr(value) if tl is not None else value
