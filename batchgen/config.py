@@ -13,8 +13,6 @@ CPU_KV_CACHE_MEMORY = 2 * 1024**3
 # CUDA defaults: vLLM's on the H200 (bounded by the KV pool when it holds fewer).
 CUDA_MAX_NUM_SEQS = 1024
 CUDA_MAX_NUM_BATCHED_TOKENS = 16384
-# Steps of at least this many tokens run as two halves on two streams (layers/two_stream.py).
-CUDA_TWO_STREAM_MIN_TOKENS = 256
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -44,10 +42,6 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # Schedule and launch step n+1 while the device runs step n (None: on for CUDA).
     async_scheduling: bool | None = None
-    # A step of at least this many tokens runs as two halves on two CUDA streams, one half's
-    # attention under the other's GEMMs (None: CUDA_TWO_STREAM_MIN_TOKENS on CUDA, off on
-    # CPU; 0: off).
-    two_stream_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
@@ -69,10 +63,6 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.two_stream_min_tokens is not None and (
-                not isinstance(self.two_stream_min_tokens, int) or self.two_stream_min_tokens < 0):
-            raise ValueError("two_stream_min_tokens must be a non-negative integer, got "
-                             f"{self.two_stream_min_tokens!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
@@ -83,8 +73,6 @@ class EngineConfig:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = (
                 CUDA_MAX_NUM_BATCHED_TOKENS if self.is_cuda else CPU_MAX_NUM_BATCHED_TOKENS)
-        if self.two_stream_min_tokens is None:
-            self.two_stream_min_tokens = CUDA_TWO_STREAM_MIN_TOKENS if self.is_cuda else 0
 
     @property
     def is_cuda(self) -> bool:

@@ -109,8 +109,7 @@ def build_llm(shape: Shape, folder: Path, args):
     return LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype=shape.dtype,
                enable_prefix_caching=True, gpu_memory_utilization=0.9, max_model_len=4096,
                seed=0, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-               two_stream_min_tokens=args.two_stream_min_tokens)
+               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
 
 
 def generate(llm, requests) -> tuple[float, list]:
@@ -197,8 +196,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--two-stream-min-tokens", type=int, default=None,
-                   help="steps of this many tokens run as two halves on two streams (0: off)")
     p.add_argument("--profile", default="",
                    help="comma list of workloads (or baseline) to run once more under "
                         "torch.profiler")

@@ -2,7 +2,6 @@
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill: bench/kernel_sweep.py)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
-# (8boff / 1boff: 8bq / small with every step on one stream, the two-stream A/B)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "install failed"
@@ -13,10 +12,6 @@ for step in "${@:-8b}"; do
           --profile reviews,decode --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     8bq) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
           --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
-    8boff) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --skip-numerics \
-          --two-stream-min-tokens 0 --out "$OUT/llama3-8b-off.json" 2>&1 | tee "$OUT/llama3-8b-off.log" ;;
-    1boff) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
-          --two-stream-min-tokens 0 --out "$OUT/llama-1b-off.json" 2>&1 | tee "$OUT/llama-1b-off.log" ;;
     1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
           --profile small --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
     1b2k) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \

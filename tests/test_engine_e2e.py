@@ -55,8 +55,6 @@ CONFIGS = {
     "no_prefix_cache": {"enable_prefix_caching": False},
     # Overlapped steps (the CUDA default) with chunks and preemption on top.
     "overlap": {"async_scheduling": True, "num_kv_blocks": 28, "max_num_batched_tokens": 64},
-    # Every step of 8+ tokens cut into two halves (on CPU they run in turn).
-    "two_halves": {"two_stream_min_tokens": 8, "max_num_batched_tokens": 64},
 }
 
 

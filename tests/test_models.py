@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -17,7 +16,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from batchgen.layers.context import ForwardContext
 from batchgen.layers.rotary import compute_inv_freq, rope_parameters
-from batchgen.layers.two_stream import plan_halves
 from batchgen.models.registry import create_model
 
 ATOL = 1e-4
@@ -120,12 +118,6 @@ def test_logits_match_transformers_prefill_mixed_and_decode(kind):
     check_steps_against_transformers(kind, torch.device("cpu"), ATOL)
 
 
-@pytest.mark.parametrize("kind", ["llama3-untied", "qwen3"])
-def test_a_step_cut_into_two_halves_gives_the_same_logits(kind):
-    # On CPU the halves run in turn: this checks how the step's tensors are cut.
-    check_steps_against_transformers(kind, torch.device("cpu"), ATOL, two_halves=True)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers_on_gpu(kind):
@@ -133,14 +125,7 @@ def test_logits_match_transformers_on_gpu(kind):
     check_steps_against_transformers(kind, torch.device("cuda"), 5e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["llama3-untied", "qwen3"])
-def test_two_stream_halves_match_transformers_on_gpu(kind):
-    check_steps_against_transformers(kind, torch.device("cuda"), 5e-3, two_halves=True)
-
-
-def check_steps_against_transformers(kind: str, device: torch.device, atol: float,
-                                     two_halves: bool = False) -> None:
+def check_steps_against_transformers(kind: str, device: torch.device, atol: float) -> None:
     hf_model = perturbed_hf_model(tiny_config(kind))
     model = ours_from(hf_model).to(device)
     gen = torch.Generator().manual_seed(2)
@@ -153,11 +138,6 @@ def check_steps_against_transformers(kind: str, device: torch.device, atol: floa
     def run(chunks: dict[int, tuple[int, int]]) -> None:
         # chunks: request -> (start, end) of its tokens fed this step
         input_ids, positions, ctx = kv.step({r: seqs[r][a:b] for r, (a, b) in chunks.items()})
-        if two_halves:
-            side = torch.cuda.Stream(device) if device.type == "cuda" else None
-            ctx.halves = plan_halves(ctx.query_start_loc.cpu().numpy(), ctx.seq_lens.cpu().numpy(),
-                                     2, side)
-            assert ctx.halves is not None
         with torch.no_grad():
             logits = model.compute_logits(model(input_ids, positions, ctx)).cpu()
         want = torch.cat([expected[r][a:b] for r, (a, b) in chunks.items()])
@@ -275,24 +255,3 @@ def test_dummy_load_of_an_8b_config_stays_on_device(tmp_path):
     assert 0.015 < weight.float().std().item() < 0.025
     del model
     torch.cuda.empty_cache()
-
-
-def test_plan_halves_cuts_nearest_the_middle_at_a_request_boundary():
-    qsl = np.array([0, 10, 11, 18, 40]); lens = np.array([10, 30, 7, 22])
-    halves = plan_halves(qsl, lens, 2, None)
-    assert (halves.num_reqs, halves.num_tokens) == (3, 18)  # 18 is 2 from 20, 11 is 9
-    assert halves.max_query_lens == (10, 22) and halves.max_seq_lens == (30, 22)
-    # the cut never leaves a half empty, even when one request holds most tokens
-    assert plan_halves(np.array([0, 100, 101]), np.array([100, 5]), 2, None).num_reqs == 1
-    assert plan_halves(np.array([0, 1, 101]), np.array([5, 100]), 2, None).num_reqs == 1
-    assert plan_halves(qsl, lens, 41, None) is None  # under the threshold
-    assert plan_halves(qsl, lens, 0, None) is None  # off
-    assert plan_halves(np.array([0, 50]), np.array([50]), 2, None) is None  # one request
-
-
-def test_two_stream_min_tokens_is_checked_and_defaults_off_on_cpu():
-    from batchgen.config import EngineConfig
-
-    assert EngineConfig(model="m", device="cpu").two_stream_min_tokens == 0
-    with pytest.raises(ValueError, match="two_stream_min_tokens must be a non-negative"):
-        EngineConfig(model="m", device="cpu", two_stream_min_tokens=-1)

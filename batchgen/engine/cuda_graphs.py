@@ -7,7 +7,6 @@ import bisect
 import torch
 
 from batchgen.layers.context import ForwardContext
-from batchgen.layers.two_stream import Halves
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -35,17 +34,11 @@ class DecodeGraphs:
         self.pool = None
 
     def _context(self, bs: int) -> ForwardContext:
-        runner = self.runner
-        max_len = runner.max_model_len
-        # Padding rows sit at the end, in half B: the cut goes at the upper middle.
-        halves = (Halves((bs + 1) // 2, (bs + 1) // 2, (1, 1), (max_len, max_len),
-                         runner.side_stream)
-                  if 0 < runner.config.two_stream_min_tokens <= bs else None)
         return ForwardContext(
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
-            kv_caches=runner.kv_caches, max_query_len=1, max_seq_len=max_len,
-            is_decode_only=True, halves=halves)
+            kv_caches=self.runner.kv_caches, max_query_len=1,
+            max_seq_len=self.runner.max_model_len, is_decode_only=True)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -17,7 +17,6 @@ from batchgen.engine.sampler import Sampler
 from batchgen.engine.sampling_metadata import build_sampling_metadata
 from batchgen.engine.step_timer import StepTimer
 from batchgen.layers.context import ForwardContext
-from batchgen.layers.two_stream import plan_halves
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,6 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
         self.timer = StepTimer()
-        # Half B's stream when steps run as two halves (layers/two_stream.py); None on CPU,
-        # where the halves run in turn (tests).
-        self.side_stream = torch.cuda.Stream(device) if self.is_cuda else None
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -176,9 +172,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            is_decode_only=batch.is_decode_only,
-            halves=plan_halves(batch.query_start_loc, batch.seq_lens,
-                               self.config.two_stream_min_tokens, self.side_stream))
+            is_decode_only=batch.is_decode_only)
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()

@@ -31,21 +31,13 @@ class Attention(nn.Module):
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
         write = kv_cache_write.write_kv_cache if is_cuda else kv_cache_write.write_kv_cache_ref
         write(k, v, key_cache, value_cache, ctx.slot_mapping)
-        turn = ctx.attn_turn
-        if turn is not None:
-            turn.wait(self.layer_idx)
         if ctx.is_decode_only:
             decode = (decode_attention.decode_attention if is_cuda
                       else decode_attention.decode_attention_ref)
-            out = decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
-                         self.scale, ctx.max_seq_len)
-        else:
-            # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
-            prefill, extra = ((prefill_attention.prefill_attention,
-                               {"plan_cache": ctx.attn_plans})
-                              if is_cuda else (prefill_attention.prefill_attention_ref, {}))
-            out = prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
-                          ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len, **extra)
-        if turn is not None:
-            turn.done(self.layer_idx)
-        return out
+            return decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
+                          self.scale, ctx.max_seq_len)
+        # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
+        prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
+                          if is_cuda else (prefill_attention.prefill_attention_ref, {}))
+        return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
+                       ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len, **extra)

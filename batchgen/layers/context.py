@@ -3,12 +3,8 @@ model runner; the model passes it down; no globals)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from batchgen.layers.two_stream import AttentionTurn, Halves
 
 
 @dataclass
@@ -30,10 +26,6 @@ class ForwardContext:
     is_decode_only: bool = False
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
-    # Set: the model runs the step as two halves on two streams (layers/two_stream.py).
-    halves: Halves | None = None
-    # Set inside one of those halves: its attention kernels take turns with the other half's.
-    attn_turn: AttentionTurn | None = None
 
     @property
     def num_reqs(self) -> int:

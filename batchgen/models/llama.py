@@ -19,7 +19,6 @@ from batchgen.layers.embedding import VocabEmbedding
 from batchgen.layers.linear import Linear, MergedLinear, QKVLinear, copy_checked
 from batchgen.layers.norm import RMSNorm
 from batchgen.layers.rotary import RotaryEmbedding, rope_parameters
-from batchgen.layers.two_stream import forward_in_halves
 
 # (HF projection name, our fused module name, shard id)
 _FUSED_PROJECTIONS = (
@@ -121,8 +120,6 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        if ctx.halves is not None:
-            return forward_in_halves(self.layers, self.norm, positions, hidden, ctx)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, ctx)
