@@ -48,30 +48,42 @@ def token_noise_ref(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return u.log_().neg_()
 
 
-def gumbel_sample_ref(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    # x: [R, V] fp32 logits (temperature applied, masked tokens -inf); keys: [R] -> [R] int64
+def gumbel_sample_ref(x: torch.Tensor, keys: torch.Tensor,
+                      temperature: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [R, V] logits (masked tokens -inf); keys: [R]; temperature: [R] or None -> [R] int64
+    x = x.float()
+    if temperature is not None:
+        x = x / temperature.float().unsqueeze(1)
     return (x - token_noise_ref(keys, x.shape[1]).log_()).argmax(dim=-1)
 
 
 @jit
-def _gumbel_sample_kernel(x_ptr, keys_ptr, out_ptr, vocab_size, x_stride,
-                          BLOCK: tl.constexpr):
+def _gumbel_sample_kernel(x_ptr, keys_ptr, temperature_ptr, out_ptr, vocab_size, x_stride,
+                          HAS_TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr):
+    # The hash in uint32, whose products wrap mod 2^32: the int64 "& MASK32" of the
+    # reference, at a fraction of the cost of 64-bit multiplies.
     row = tl.program_id(0)
-    key = tl.load(keys_ptr + row)
+    key = tl.load(keys_ptr + row).to(tl.uint32)
+    temperature = 1.0
+    if HAS_TEMPERATURE:
+        temperature = tl.load(temperature_ptr + row)
     best_val = tl.full((BLOCK,), float("-inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK,), tl.int64)
+    best_idx = tl.zeros((BLOCK,), tl.int32)
+    row_ptr = x_ptr + row.to(tl.int64) * x_stride
     for start in range(0, vocab_size, BLOCK):
-        v = start + tl.arange(0, BLOCK).to(tl.int64)
+        v = start + tl.arange(0, BLOCK)
         mask = v < vocab_size
-        logit = tl.load(x_ptr + row.to(tl.int64) * x_stride + v, mask=mask,
-                        other=float("-inf"))
-        h = ((v * 0x9E3779B1) & 0xFFFFFFFF) ^ key
+        logit = tl.load(row_ptr + v, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_TEMPERATURE:
+            # rounded as torch's division, so the reference draws the same token
+            logit = tl.div_rn(logit, tl.full((BLOCK,), temperature, tl.float32))
+        h = (v.to(tl.uint32) * tl.full((BLOCK,), 0x9E3779B1, tl.uint32)) ^ key
         h = h ^ (h >> 16)
-        h = (h * 0x7FEB352D) & 0xFFFFFFFF
+        h = h * tl.full((BLOCK,), 0x7FEB352D, tl.uint32)
         h = h ^ (h >> 15)
-        h = (h * 0x5BD1E995) & 0xFFFFFFFF
+        h = h * tl.full((BLOCK,), 0x5BD1E995, tl.uint32)
         h = h ^ (h >> 13)
-        h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+        h = h * tl.full((BLOCK,), 0x2C1B3C6D, tl.uint32)
         u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         score = logit - tl.log(-tl.log(u))
         # strictly greater: the first of equal scores wins, as torch.argmax
@@ -80,19 +92,27 @@ def _gumbel_sample_kernel(x_ptr, keys_ptr, out_ptr, vocab_size, x_stride,
         best_idx = tl.where(is_better, v, best_idx)
     top = tl.max(best_val, axis=0)
     candidates = tl.where(best_val == top, best_idx, vocab_size)
-    tl.store(out_ptr + row, tl.min(candidates, axis=0))
+    tl.store(out_ptr + row, tl.min(candidates, axis=0).to(tl.int64))
 
 
-def gumbel_sample(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """x: [R, V] fp32 (contiguous rows); keys: [R] int64 -> [R] int64 token ids."""
+def gumbel_sample(x: torch.Tensor, keys: torch.Tensor,
+                  temperature: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [R, V] fp32 / fp16 / bf16 logits (contiguous rows); keys: [R] int64; temperature:
+    [R] fp32 > 0 or None (x is then divided by it in the kernel) -> [R] int64 token ids."""
     require_triton("gumbel_sample")
-    check_dtype("gumbel_sample", "x", x, (torch.float32,))
+    check_dtype("gumbel_sample", "x", x, (torch.float32, torch.float16, torch.bfloat16))
     check_dtype("gumbel_sample", "keys", keys, (torch.int64,))
     if x.dim() != 2 or x.stride(1) != 1 or keys.shape != (x.shape[0],):
         raise ValueError(f"gumbel_sample: x must be [R, V] with unit last stride and keys [R], "
                          f"got {tuple(x.shape)} / {tuple(keys.shape)}")
+    if temperature is not None:
+        check_dtype("gumbel_sample", "temperature", temperature, (torch.float32,))
+        if temperature.shape != keys.shape:
+            raise ValueError(f"gumbel_sample: temperature must be [R], got "
+                             f"{tuple(temperature.shape)}")
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     if x.shape[0]:
-        _gumbel_sample_kernel[(x.shape[0],)](x, keys, out, x.shape[1], x.stride(0),
-                                             BLOCK=1024, num_warps=4)
+        _gumbel_sample_kernel[(x.shape[0],)](
+            x, keys, temperature if temperature is not None else keys, out, x.shape[1],
+            x.stride(0), HAS_TEMPERATURE=temperature is not None, BLOCK=1024, num_warps=4)
     return out

@@ -26,6 +26,12 @@ def test_kernel_matches_reference(rows, vocab):
     got = gumbel_sample(x, keys)
     assert torch.equal(got, gumbel_sample_ref(x, keys))
     assert bool((got % 3 != 0).all())
+    # the model's half-precision logits and the temperature division, fused
+    temperature = torch.rand(rows, generator=g).add_(0.3).to(DEVICE)
+    half = x.to(torch.float16)
+    want = gumbel_sample_ref(half.float() / temperature.unsqueeze(1), keys)
+    assert torch.equal(gumbel_sample(half, keys, temperature), want)
+    assert torch.equal(gumbel_sample_ref(half, keys, temperature), want)
 
 
 def test_reference_is_the_exponential_race():

@@ -363,6 +363,22 @@ def test_cuda_matches_cpu_without_host_sync():
 
 
 @pytest.mark.gpu
+def test_cuda_plain_random_rows_sample_bf16_logits_in_one_kernel():
+    """Temperature alone: the fused kernel reads the model's bf16 logits (no fp32 copy) and
+    draws what the CPU path draws from the same values."""
+    torch.manual_seed(8)
+    num, vocab = 48, 32000
+    logits = (torch.randn(num, vocab) * 3).to(torch.bfloat16)
+    reqs = [make_req(s, output=[5] * (s % 4), prompt=[1, s], temperature=0.5 + s / 40)
+            for s in range(num)]
+    cpu = sample(logits.float(), reqs)
+    meta = build_sampling_metadata(reqs, vocab, "cuda", pin_memory=True)
+    gpu = Sampler()(logits.cuda(), meta)
+    same = (gpu.sampled_token_ids.cpu() == cpu.sampled_token_ids).float().mean().item()
+    assert same > 0.95  # the hash and the division are exact; log may differ in the last bit
+
+
+@pytest.mark.gpu
 def test_step_tokens_reach_the_host_without_waiting_for_later_work():
     """Overlapped steps: collecting step n must wait for step n alone, not for step n+1,
     which is already queued behind it (a .tolist() of the device tensor would)."""

@@ -209,7 +209,7 @@ class ModelRunner:
             if logits_idx is None:
                 (logits_idx,) = self._send(batch.logits_indices)
             rows = hidden[logits_idx]
-        logits = self.model.compute_logits(rows).float()
+        logits = self.model.compute_logits(rows)  # the sampler reads the model's dtype
         sample_reqs = [sched.requests[i] for i in batch.sample_rows]
         for j, req in enumerate(sample_reqs):
             req.pending_sample_row = j

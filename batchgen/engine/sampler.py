@@ -34,8 +34,13 @@ class SamplerOutput:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        # logits: [B, V] fp32; not modified in place.
+        # logits: [B, V] in the model's dtype; not modified in place.
         assert logits.dim() == 2 and logits.shape[0] == meta.num_reqs, logits.shape
+        if logits.is_cuda and _is_plain_random(meta):
+            # One kernel reads the model's logits, divides by the temperature and draws:
+            # no fp32 copy, no divided copy (each [B, V] fp32, twice a step's logits).
+            return SamplerOutput(gumbel_sample(logits, meta.keys, meta.temperature))
+        logits = logits.float()
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -85,6 +90,14 @@ class Sampler:
         """E[r, v] = -log(u(seeds[r], positions[r], v)) ~ Exp(1), i.i.d. across (seed,
         position, v): [R, V] fp32 (the noise the fused sampling kernel draws)."""
         return token_noise_ref(row_keys(seeds, positions), vocab_size)
+
+
+def _is_plain_random(meta: SamplingMetadata) -> bool:
+    """Every row random, at its temperature alone: no logprobs, penalties, min_tokens,
+    top-k, top-p or min-p."""
+    return (not meta.all_greedy and meta.random_rows is None and meta.max_num_logprobs is None
+            and meta.penalties is None and meta.min_tokens_rows is None and meta.top_k is None
+            and meta.top_p is None and meta.min_p is None)
 
 
 def apply_penalties(logits: torch.Tensor, pen: PenaltyMetadata) -> torch.Tensor:
