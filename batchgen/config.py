@@ -1,7 +1,7 @@
 """EngineConfig: everything the engine needs to start; it validates itself."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -10,10 +10,8 @@ import torch
 CPU_MAX_NUM_SEQS = 64
 CPU_MAX_NUM_BATCHED_TOKENS = 2048
 CPU_KV_CACHE_MEMORY = 2 * 1024**3
-# CUDA defaults: vLLM's 1,024 sequences on the H200, and up to twice as many while the KV
-# pool holds them all at their projected peak (max_tokens known up front; no preemption).
+# CUDA defaults: vLLM's on the H200 (bounded by the KV pool when it holds fewer).
 CUDA_MAX_NUM_SEQS = 1024
-CUDA_MAX_NUM_SEQS_PROJECTED = 2048
 CUDA_MAX_NUM_BATCHED_TOKENS = 16384
 
 _DTYPES = {
@@ -44,9 +42,6 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # Schedule and launch step n+1 while the device runs step n (None: on for CUDA).
     async_scheduling: bool | None = None
-    # Set from max_num_seqs: > 0 when it was left to the CUDA default, which then admits past
-    # this many running requests only while the KV projection fits (SchedulerConfig).
-    projected_admission_above: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size != 1:
@@ -73,11 +68,8 @@ class EngineConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.max_num_seqs is None and self.is_cuda:
-            self.max_num_seqs = CUDA_MAX_NUM_SEQS_PROJECTED
-            self.projected_admission_above = CUDA_MAX_NUM_SEQS
-        elif self.max_num_seqs is None:
-            self.max_num_seqs = CPU_MAX_NUM_SEQS
+        if self.max_num_seqs is None:
+            self.max_num_seqs = CUDA_MAX_NUM_SEQS if self.is_cuda else CPU_MAX_NUM_SEQS
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = (
                 CUDA_MAX_NUM_BATCHED_TOKENS if self.is_cuda else CPU_MAX_NUM_BATCHED_TOKENS)

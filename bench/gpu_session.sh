@@ -2,8 +2,6 @@
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill: bench/kernel_sweep.py)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
-# (8b1024 / 1b1024: reviews / small with a plain 1,024-sequence cap, against the default's
-#  projected admission past 1,024)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "install failed"
@@ -14,10 +12,6 @@ for step in "${@:-8b}"; do
           --profile reviews,decode --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     8bq) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
           --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
-    8b1024) python bench/bench.py --shape llama3-8b --workloads reviews --skip-numerics \
-          --max-num-seqs 1024 --out "$OUT/llama3-8b-1024.json" 2>&1 | tee "$OUT/llama3-8b-1024.log" ;;
-    1b1024) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
-          --max-num-seqs 1024 --out "$OUT/llama-1b-1024.json" 2>&1 | tee "$OUT/llama-1b-1024.log" ;;
     1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
           --profile small --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
     1b2k) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \

@@ -5,7 +5,6 @@ requests admitted first-in-first-out or in batchgen's admission order. Runs on t
 seconds; the step count is what a host-bound workload (`small`) pays per step.
 
     python bench/schedule_sim.py [--workloads reviews,decode,prefill] [--max-num-seqs 1024]
-        [--projected-above 1024] [--kv-pool-tokens 840048]
 """
 from __future__ import annotations
 
@@ -40,12 +39,10 @@ class Schedule:
 
 
 def simulate(requests: list[tuple[list[int], int]], order: list[int], *, max_num_seqs: int,
-             max_num_batched_tokens: int, kv_pool_tokens: int = KV_POOL_TOKENS,
-             projected_admission_above: int = 0) -> Schedule:
+             max_num_batched_tokens: int, kv_pool_tokens: int = KV_POOL_TOKENS) -> Schedule:
     sched = Scheduler(SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=4096, block_size=BLOCK_SIZE, num_blocks=kv_pool_tokens // BLOCK_SIZE + 1,
-        projected_admission_above=projected_admission_above))
+        max_model_len=4096, block_size=BLOCK_SIZE, num_blocks=kv_pool_tokens // BLOCK_SIZE + 1))
     for i in order:
         prompt, cap = requests[i]
         sched.add_request(Request(str(i), prompt, SamplingParams(max_tokens=cap, ignore_eos=True),
@@ -76,9 +73,6 @@ def main() -> int:
     ap.add_argument("--workloads", default="reviews,decode,prefill")
     ap.add_argument("--max-num-seqs", type=int, default=1024)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    ap.add_argument("--projected-above", type=int, default=0,
-                    help="past this many running requests, admit by KV projection (the CUDA "
-                         "default: 1024, with --max-num-seqs 2048)")
     ap.add_argument("--kv-pool-tokens", type=int, default=KV_POOL_TOKENS,
                     help="llama3-8b's pool on the H200 was 840,048")
     args = ap.parse_args()
@@ -91,8 +85,7 @@ def main() -> int:
                   "admission_order": admission_order(*zip(*requests))}
         results[name] = {k: asdict(simulate(requests, order, max_num_seqs=args.max_num_seqs,
                                             max_num_batched_tokens=args.max_num_batched_tokens,
-                                            kv_pool_tokens=args.kv_pool_tokens,
-                                            projected_admission_above=args.projected_above))
+                                            kv_pool_tokens=args.kv_pool_tokens))
                          for k, order in orders.items()}
         for k, s in results[name].items():
             print(f"{name:<8} {k:<16} {s['num_steps']:5d} steps: {s['num_mixed_steps']:4d} mixed "

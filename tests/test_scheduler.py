@@ -2,7 +2,6 @@
 conditions, aborts, requests too large for the pool, prefix-hit accounting."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from batchgen.engine.request import Request, RequestStatus
@@ -42,9 +41,6 @@ def test_config_validates():
         SchedulerConfig(max_num_seqs=0, max_num_batched_tokens=8, max_model_len=8)
     with pytest.raises(ValueError, match="num_blocks"):
         SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=8, max_model_len=8, num_blocks=1)
-    with pytest.raises(ValueError, match="projected_admission_above"):
-        SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=8, max_model_len=8,
-                        projected_admission_above=-1)
     with pytest.raises(ValueError, match="long_prefill"):
         SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=8, max_model_len=8,
                         long_prefill_token_threshold=-1)
@@ -276,77 +272,3 @@ def test_update_checks_the_sampled_list_is_aligned():
     with pytest.raises(ValueError, match="sampled"):
         sched.update_from_output(out, [])
 
-
-def _brute_force_peak(own, steps_left, shared):
-    """Step by step: request i holds own[i] + t tokens while t < steps_left[i]."""
-    horizon = max(steps_left, default=0)
-    return max([shared] + [shared + sum(o + t for o, d in zip(own, steps_left) if t < d)
-                           for t in range(horizon)])
-
-
-def test_kv_projection_peak_matches_a_step_by_step_count():
-    import random
-
-    from batchgen.engine.kv_projection import KVProjection
-
-    rng = random.Random(0)
-    for trial in range(200):
-        n = rng.randint(0, 12)
-        own = [rng.randint(1, 50) for _ in range(n)]
-        left = [rng.randint(1, 30) for _ in range(n)]
-        shared = rng.randint(0, 40)
-        projection = KVProjection(shared, np.array(own, dtype=np.int64),
-                                  np.array(left, dtype=np.int64))
-        assert projection.peak == _brute_force_peak(own, left, shared), trial
-        for _ in range(3):  # join requests one by one, as admission does
-            o, d = rng.randint(1, 50), rng.randint(1, 30)
-            want = _brute_force_peak(own + [o], left + [d], shared)
-            assert projection.peak_with(o, d) == want, trial
-            projection.add(o, d)
-            own, left = own + [o], left + [d]
-            assert projection.peak == want, trial
-
-
-def _run_to_end(sched: Scheduler) -> tuple[int, int, int]:
-    """(steps, preemptions, most running at once), every request running to max_tokens."""
-    steps = preemptions = most = 0
-    while sched.has_unfinished_requests():
-        out, _ = step(sched)
-        steps += 1
-        preemptions += len(out.preempted)
-        most = max(most, sched.num_running)
-    return steps, preemptions, most
-
-
-def test_projected_admission_runs_more_requests_without_preempting():
-    # 40 blocks of 4 = 160 tokens; 12 requests of 8 prompt + 12 output tokens (peak 20 each).
-    def scheduler(**kw):
-        sched = make_scheduler(max_num_batched_tokens=64, num_blocks=41, **kw)
-        for i in range(12):
-            sched.add_request(make_request(str(i), 8, max_tokens=12, first=100 * i, eos=()))
-        return sched
-
-    cap_2 = _run_to_end(scheduler(max_num_seqs=2))
-    capless = _run_to_end(scheduler(max_num_seqs=12))
-    projected = _run_to_end(scheduler(max_num_seqs=12, projected_admission_above=2))
-    assert cap_2[1] == 0 and cap_2[2] == 2
-    assert capless[1] > 0  # all admitted at once: the pool runs out as they grow
-    steps, preemptions, most = projected
-    assert preemptions == 0 and 2 < most < 12 and steps < cap_2[0]
-
-
-def test_projection_counts_a_shared_prefix_once():
-    # 8 requests sharing an 8-token prompt prefix (2 blocks), each with 4 prompt tokens and
-    # 8 outputs of its own.
-    sched = make_scheduler(max_num_seqs=8, num_blocks=36, projected_admission_above=1,
-                           max_num_batched_tokens=64)
-    prefix = list(range(500, 508))
-    for i in range(8):
-        sp = SamplingParams(max_tokens=8, ignore_eos=True)
-        sched.add_request(Request(str(i), prefix + list(range(10 * i, 10 * i + 4)), sp,
-                                  max_tokens=8))
-    steps, preemptions, most = _run_to_end(sched)
-    # Projected at its peak, a request holds its 4 + 8 own tokens plus up to 3 of rounding:
-    # 8 x 15 + the prefix's 8 = 128 tokens fit 97% of 35 blocks (135). Were the prefix
-    # counted per request (23 tokens each), only 5 would.
-    assert preemptions == 0 and most == 8

@@ -45,8 +45,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len, block_size=config.block_size,
-            num_blocks=num_blocks, enable_prefix_caching=config.enable_prefix_caching,
-            projected_admission_above=config.projected_admission_above))
+            num_blocks=num_blocks, enable_prefix_caching=config.enable_prefix_caching))
         self.graph_seconds = self.runner.capture_cuda_graphs(config.max_num_seqs)
         self._rng = random.Random(config.seed)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

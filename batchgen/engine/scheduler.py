@@ -1,6 +1,5 @@
 """Scheduler: one token budget per step, decodes and running chunks first, then admissions
-(FIFO; past projected_admission_above running requests, only while the KV projection fits),
-chunked prefill, preemption of the newest request when blocks run out.
+(FIFO), chunked prefill, preemption of the newest request when blocks run out.
 
 Step protocol (the engine): out = schedule(); run the model on `out`; then ALWAYS call
 update_from_output(out, sampled) - even when out.total_num_scheduled_tokens == 0 - because
@@ -13,13 +12,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from batchgen.engine.kv_cache_manager import KVCacheManager
-from batchgen.engine.kv_projection import KVProjection
 from batchgen.engine.request import Request, RequestStatus
-
-_PROJECTION_HEADROOM = 0.97
 
 
 @dataclass
@@ -34,10 +28,6 @@ class SchedulerConfig:
     # > 0: no request gets more than this many tokens in one step (long prompts are chunked
     # even when the budget would allow more, so they do not starve other admissions).
     long_prefill_token_threshold: int = 0
-    # > 0: past this many running requests (up to max_num_seqs), admit a request only while
-    # the KV pool holds every running request at its projected peak, each run to its
-    # max_tokens (kv_projection.py): more concurrency where outputs are short, no preemption.
-    projected_admission_above: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -47,10 +37,6 @@ class SchedulerConfig:
         if not isinstance(self.num_blocks, int) or self.num_blocks < 2:
             raise ValueError(f"SchedulerConfig.num_blocks must be an integer >= 2 (block 0 is "
                              f"reserved), got {self.num_blocks!r}")
-        if not isinstance(self.projected_admission_above, int) \
-                or self.projected_admission_above < 0:
-            raise ValueError("SchedulerConfig.projected_admission_above must be an integer >= 0,"
-                             f" got {self.projected_admission_above!r}")
         if not isinstance(self.long_prefill_token_threshold, int) \
                 or self.long_prefill_token_threshold < 0:
             raise ValueError("SchedulerConfig.long_prefill_token_threshold must be an integer "
@@ -211,7 +197,6 @@ class Scheduler:
         cfg = self.config
         threshold = cfg.long_prefill_token_threshold
         now = time.monotonic()
-        projection = None
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
             error = self._check_can_ever_fit(request)
@@ -226,17 +211,8 @@ class Scheduler:
             if 0 < threshold < num_new:
                 num_new = threshold
             num_new = min(num_new, budget)
-            projected = 0 < cfg.projected_admission_above <= len(self.running)
-            if projected:
-                if projection is None:
-                    projection = self._kv_projection()
-                own, steps_left = self._projected_need(request, num_hit)
-                if projection.peak_with(own, steps_left) > self._projection_limit():
-                    break
             if kv.allocate_slots(request, num_new, hit_blocks) is None:
                 break  # FIFO: no skipping ahead
-            if projected:
-                projection.add(own, steps_left)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
@@ -248,34 +224,6 @@ class Scheduler:
             out.num_new_prefix_hit_tokens += num_hit
             budget -= num_new
         return budget
-
-    def _projected_need(self, request: Request, num_hit: int) -> tuple[int, int]:
-        """(tokens of its own now, steps until it ends) of a request run to its max_tokens.
-        Own tokens: all its tokens (the prompt whole, even mid-prefill) less those shared
-        through the prefix cache, plus a partly filled last block. A request still in prefill
-        gets one step more."""
-        own = request.num_tokens - num_hit + self.config.block_size - 1
-        steps_left = request.num_prompt_tokens + request.max_tokens - request.num_tokens
-        if request.num_computed_tokens < request.num_prompt_tokens:
-            steps_left += 1
-        return own, max(steps_left, 1)
-
-    def _kv_projection(self) -> KVProjection:
-        kv = self.kv_cache_manager
-        block_size = self.config.block_size
-        needs = [self._projected_need(r, r.num_cached_tokens) for r in self.running]
-        own_allocated = sum(len(kv.get_block_ids(r)) * block_size - r.num_cached_tokens
-                            for r in self.running)
-        # Blocks in use that no request owns alone: the shared prefixes.
-        shared = max(0, kv.num_used_blocks * block_size - own_allocated)
-        return KVProjection(shared, np.array([n[0] for n in needs], dtype=np.int64),
-                            np.array([n[1] for n in needs], dtype=np.int64))
-
-    def _projection_limit(self) -> int:
-        # A little under the pool: prefills split over several steps end a step or two later
-        # than projected.
-        return int(self.kv_cache_manager.num_total_blocks * self.config.block_size
-                   * _PROJECTION_HEADROOM)
 
     def _record(self, out: SchedulerOutput, request: Request, num_new: int,
                 num_tokens: int) -> None:
