@@ -271,4 +271,3 @@ def test_update_checks_the_sampled_list_is_aligned():
     out = sched.schedule()
     with pytest.raises(ValueError, match="sampled"):
         sched.update_from_output(out, [])
-
