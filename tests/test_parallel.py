@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.job.parallel import (combined_exit_code, gpu_memory_shares, run_data_parallel,
-                                   visible_gpus, worker_argv, worker_env)
+from batchgen.job.parallel import (assign_gpus, combined_exit_code, gpu_memory_shares,
+                                   run_data_parallel, visible_gpus, worker_argv, worker_env)
 
 # A stand-in for `batchgen.cli`: records what it was given, then behaves as asked by --act.
 FAKE_WORKER = textwrap.dedent("""
@@ -110,20 +110,24 @@ def test_signals_are_forwarded_and_give_75(tmp_path, fake_launcher):
 def test_gpus_are_assigned_one_per_worker_round_robin():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5"}) == ["2", "5"]
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
-    assigned = [worker_env(i, 3, ["2", "5"], {})["CUDA_VISIBLE_DEVICES"] for i in range(3)]
-    assert assigned == ["2", "5", "2"]
-    assert "OMP_NUM_THREADS" not in worker_env(0, 3, ["0"], {})
-    cpu = worker_env(1, 2, [], {})
+    assert assign_gpus(3, ["2", "5"]) == ["2", "5", "2"]
+    assert assign_gpus(2, []) == [None, None]
+    assert worker_env(3, "5", {})["CUDA_VISIBLE_DEVICES"] == "5"
+    assert "OMP_NUM_THREADS" not in worker_env(3, "0", {})
+    cpu = worker_env(2, None, {})
     assert "CUDA_VISIBLE_DEVICES" not in cpu and int(cpu["OMP_NUM_THREADS"]) >= 1
-    assert worker_env(0, 2, [], {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
+    assert worker_env(2, None, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
 
 
 def test_workers_sharing_a_gpu_split_its_memory():
-    assert gpu_memory_shares(2, ["0", "1"], 0.9) == [0.9, 0.9]  # one GPU each: all of it
-    assert gpu_memory_shares(2, [], 0.9) == [None, None]  # CPU
-    assert gpu_memory_shares(2, ["0"], 0.9) == [0.45, 0.45]
-    assert gpu_memory_shares(3, ["0", "1"], 0.9) == [0.45, 0.9, 0.45]  # two on GPU 0
-    assert gpu_memory_shares(4, ["0"], 0.3) == [0.075] * 4
+    def shares(num_workers, gpus, utilization):
+        return gpu_memory_shares(assign_gpus(num_workers, gpus), utilization)
+
+    assert shares(2, ["0", "1"], 0.9) == [0.9, 0.9]  # one GPU each: all of it
+    assert shares(2, [], 0.9) == [None, None]  # CPU
+    assert shares(2, ["0"], 0.9) == [0.45, 0.45]
+    assert shares(3, ["0", "1"], 0.9) == [0.45, 0.9, 0.45]  # two on GPU 0
+    assert shares(4, ["0"], 0.3) == [0.075] * 4
     argv = worker_argv(["--input", "x.jsonl"], 1, 2, launcher=["bg"], gpu_memory_utilization=0.4)
     assert argv == ["bg", "run", "--input", "x.jsonl", "--gpu-memory-utilization", "0.4",
                     "--shard", "1/2"]

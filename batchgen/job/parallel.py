@@ -58,29 +58,30 @@ def visible_gpus(env: Mapping[str, str]) -> list[str]:
         return []
 
 
-def worker_env(index: int, num_workers: int, gpus: list[str],
-               env: Mapping[str, str]) -> dict[str, str]:
-    """Worker `index`'s environment: its GPU (round-robin when GPUs are fewer than workers),
-    or its share of the CPU cores."""
+def assign_gpus(num_workers: int, gpus: list[str]) -> list[str | None]:
+    """Worker i's GPU: the i-th visible one, round-robin when GPUs are fewer than workers;
+    None for every worker on CPU."""
+    return [gpus[i % len(gpus)] if gpus else None for i in range(num_workers)]
+
+
+def worker_env(num_workers: int, gpu: str | None, env: Mapping[str, str]) -> dict[str, str]:
+    """A worker's environment: its GPU, or (gpu None) its share of the CPU cores."""
     child = dict(env)
     child["PYTHONUNBUFFERED"] = "1"
-    if gpus:
-        child["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    if gpu is not None:
+        child["CUDA_VISIBLE_DEVICES"] = gpu
     elif "OMP_NUM_THREADS" not in env:
         child["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_workers))
     return child
 
 
-def gpu_memory_shares(num_workers: int, gpus: list[str],
-                      utilization: float) -> list[float | None]:
-    """Each worker's --gpu-memory-utilization: the job's resolved value (from whatever set it:
-    flag, recipe, --set, default) divided by the number of workers on that worker's GPU, so
-    the workers sharing a GPU together ask for what one engine would. None on CPU."""
-    if not gpus:
-        return [None] * num_workers
-    assigned = [gpus[i % len(gpus)] for i in range(num_workers)]
+def gpu_memory_shares(assigned: list[str | None], utilization: float) -> list[float | None]:
+    """Each worker's --gpu-memory-utilization (`assigned`: assign_gpus'): the job's resolved
+    value (from whatever set it: flag, recipe, --set, default) divided by the number of workers
+    on that worker's GPU, so the workers sharing a GPU together ask for what one engine would.
+    None on CPU."""
     sharing = Counter(assigned)
-    return [utilization / sharing[gpu] for gpu in assigned]
+    return [None if gpu is None else utilization / sharing[gpu] for gpu in assigned]
 
 
 def worker_argv(run_argv: list[str], index: int, num_workers: int,
@@ -113,11 +114,10 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     output_dir = Path(output_dir)
     log_dir = output_dir / LOG_DIR_NAME
     log_dir.mkdir(parents=True, exist_ok=True)
-    gpus = visible_gpus(env)
-    shares = gpu_memory_shares(num_workers, gpus, gpu_memory_utilization)
+    assigned = assign_gpus(num_workers, visible_gpus(env))
+    shares = gpu_memory_shares(assigned, gpu_memory_utilization)
     argvs = [worker_argv(run_argv, i, num_workers, launcher, shares[i])
              for i in range(num_workers)]
-    assigned = [gpus[i % len(gpus)] for i in range(num_workers)] if gpus else None
     progress = DataParallelProgress(output_dir, stream or sys.stderr)
 
     workers: list[Worker] = []
@@ -126,7 +126,7 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     try:
         for i, argv in enumerate(argvs):
             log_path = log_dir / f"data-parallel-{i}-of-{num_workers}.log"
-            workers.append(_spawn(i, argv, worker_env(i, num_workers, gpus, env), log_path))
+            workers.append(_spawn(i, argv, worker_env(num_workers, assigned[i], env), log_path))
         progress.start(num_workers, assigned)
         while any(w.is_running for w in workers):
             for worker in workers:
@@ -234,10 +234,10 @@ class DataParallelProgress:
         self._rows_at_start: int | None = None
         self._num_running = 0
 
-    def start(self, num_workers: int, gpus: list[str] | None) -> None:
+    def start(self, num_workers: int, gpus: list[str | None]) -> None:
         self._start = time.monotonic()
         self._num_running = num_workers
-        where = f"GPUs {','.join(gpus)}" if gpus else "CPU"
+        where = "CPU" if None in gpus else f"GPUs {','.join(gpus)}"
         self.log(f"batchgen: {num_workers} data-parallel workers ({where}) writing to "
                  f"{self.output_dir}; logs in {self.output_dir / LOG_DIR_NAME}")
         if self.is_terminal:
