@@ -43,27 +43,31 @@ GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 GEMM_TOKENS = (64, 512, 1024, 8192, 16384)
 
 
-def paged_batch(head_dim: int, lens: list[tuple[int, int]], seed: int = 0) -> dict:
+def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size=16,
+                 dtype=torch.bfloat16, seed=0):
+    """Random caches, each request's blocks at random ids (holes), tables padded with 0; the
+    keyword arguments of both attention kernels (GPU; also tests/test_kernels_gpu.py's)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    query_lens = [q for q, _ in lens]
-    seq_lens = torch.tensor([q + p for q, p in lens], device="cuda", dtype=torch.int32)
-    blocks_per_req = (seq_lens.long() + BLOCK_SIZE - 1) // BLOCK_SIZE
-    num_blocks = int(blocks_per_req.sum()) + 1
-    block_ids = torch.randperm(num_blocks - 1, device="cuda", generator=gen) + 1
-    width = int(blocks_per_req.max())
+    seq_lens = torch.tensor([q + p for q, p in zip(query_lens, prefix_lens)], device="cuda")
+    blocks_per_req = (seq_lens + block_size - 1) // block_size
+    num_blocks = int(blocks_per_req.sum()) + 5
+    max_blocks = int(blocks_per_req.max()) + 1
+    block_ids = torch.randperm(num_blocks, device="cuda", generator=gen)
     first = torch.cumsum(blocks_per_req, 0) - blocks_per_req
-    cols = torch.arange(width, device="cuda")
-    used = cols[None, :] < blocks_per_req[:, None]
-    idx = (first[:, None] + cols[None, :]).clamp(max=num_blocks - 2)
-    tables = torch.where(used, block_ids[idx], 0).to(torch.int32)
-    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, head_dim)
-    qsl = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device="cuda")
+    columns = torch.arange(max_blocks, device="cuda")
+    is_used = columns[None, :] < blocks_per_req[:, None]
+    index = (first[:, None] + columns[None, :]).clamp(max=num_blocks - 1)
+    block_tables = torch.where(is_used, block_ids[index], 0).to(torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()],
+                                   dtype=torch.int32, device="cuda")
     return dict(
-        q=torch.randn(sum(query_lens), NUM_HEADS, head_dim, device="cuda", generator=gen,
-                      dtype=torch.bfloat16),
-        key_cache=torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16),
-        value_cache=torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16),
-        block_tables=tables, query_start_loc=qsl, seq_lens=seq_lens, scale=head_dim ** -0.5,
+        q=torch.randn(sum(query_lens), num_heads, head_dim, device="cuda", generator=gen,
+                      dtype=dtype),
+        key_cache=torch.randn(shape, device="cuda", generator=gen, dtype=dtype),
+        value_cache=torch.randn(shape, device="cuda", generator=gen, dtype=dtype),
+        block_tables=block_tables, query_start_loc=query_start_loc,
+        seq_lens=seq_lens.to(torch.int32), scale=head_dim ** -0.5,
         max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
 
 
@@ -86,7 +90,8 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     """run(batch, config or None) -> output; work(head_dim, lens) -> work per launch."""
     results = {}
     for name, (head_dim, lens) in cases.items():
-        batch = paged_batch(head_dim, lens)
+        batch = paged_batch([q for q, _ in lens], [p for _, p in lens], NUM_HEADS,
+                            NUM_KV_HEADS, head_dim, BLOCK_SIZE)
         expected = run(batch, None)
         rows = []
         for config in [None, *configs]:

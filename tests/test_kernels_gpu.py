@@ -1,6 +1,13 @@
 """The Triton kernels compiled for a real GPU, in bf16, at serving sizes (skipped without CUDA)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+from kernel_sweep import paged_batch  # noqa: E402  (the sweep times the same batches)
 
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref
@@ -12,33 +19,6 @@ from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 pytestmark = pytest.mark.gpu
 BF16 = dict(rtol=2e-2, atol=2e-2)
-
-
-def _paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size=16,
-                 dtype=torch.bfloat16, seed=0):
-    """Random caches, each request's blocks at random ids (holes), tables padded with 0."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    seq_lens = torch.tensor([q + p for q, p in zip(query_lens, prefix_lens)], device="cuda")
-    blocks_per_req = (seq_lens + block_size - 1) // block_size
-    num_blocks = int(blocks_per_req.sum()) + 5
-    max_blocks = int(blocks_per_req.max()) + 1
-    block_ids = torch.randperm(num_blocks, device="cuda", generator=gen)
-    first = torch.cumsum(blocks_per_req, 0) - blocks_per_req
-    columns = torch.arange(max_blocks, device="cuda")
-    is_used = columns[None, :] < blocks_per_req[:, None]
-    index = (first[:, None] + columns[None, :]).clamp(max=num_blocks - 1)
-    block_tables = torch.where(is_used, block_ids[index], 0).to(torch.int32)
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()],
-                                   dtype=torch.int32, device="cuda")
-    return dict(
-        q=torch.randn(sum(query_lens), num_heads, head_dim, device="cuda", generator=gen,
-                      dtype=dtype),
-        key_cache=torch.randn(shape, device="cuda", generator=gen, dtype=dtype),
-        value_cache=torch.randn(shape, device="cuda", generator=gen, dtype=dtype),
-        block_tables=block_tables, query_start_loc=query_start_loc,
-        seq_lens=seq_lens.to(torch.int32), scale=head_dim ** -0.5,
-        max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
 
 
 def _decode_args(batch):
@@ -54,19 +34,19 @@ SHAPES = [(32, 8, 128), (9, 3, 64), (4, 4, 256)]
 @pytest.mark.parametrize("query_lens, prefix_lens", [
     ([4099], [0]), ([1, 1000, 2000, 1, 7], [300, 0, 517, 4000, 33])])
 def test_prefill_attention_bf16(shape, query_lens, prefix_lens):
-    batch = _paged_batch(query_lens, prefix_lens, *shape)
+    batch = paged_batch(query_lens, prefix_lens, *shape)
     torch.testing.assert_close(prefill_attention(**batch), prefill_attention_ref(**batch), **BF16)
 
 
 @pytest.mark.parametrize("block_size", [8, 64, 128])
 def test_prefill_attention_bf16_block_sizes(block_size):
-    batch = _paged_batch([300, 1, 77], [100, 900, 0], 16, 4, 128, block_size=block_size)
+    batch = paged_batch([300, 1, 77], [100, 900, 0], 16, 4, 128, block_size=block_size)
     torch.testing.assert_close(prefill_attention(**batch), prefill_attention_ref(**batch), **BF16)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_attention_bf16_long_context(shape):
-    batch = _paged_batch([1] * 5, [32767, 0, 4999, 100000, 250], *shape, seed=1)
+    batch = paged_batch([1] * 5, [32767, 0, 4999, 100000, 250], *shape, seed=1)
     expected = decode_attention_ref(*_decode_args(batch))
     torch.testing.assert_close(decode_attention(*_decode_args(batch)), expected, **BF16)
     torch.testing.assert_close(decode_attention(*_decode_args(batch), num_splits=1), expected,
@@ -75,7 +55,7 @@ def test_decode_attention_bf16_long_context(shape):
 
 def test_decode_attention_replays_in_a_cuda_graph():
     # Tables hold 1,000 tokens per request; the replay runs shorter contexts than the capture.
-    batch = _paged_batch([1] * 64, [999] * 64, 32, 8, 128, seed=2)
+    batch = paged_batch([1] * 64, [999] * 64, 32, 8, 128, seed=2)
     args = list(_decode_args(batch))
     args[-1] = 1024  # the graph's max_seq_len bucket
     out = torch.empty_like(batch["q"])
