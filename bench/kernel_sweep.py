@@ -35,8 +35,8 @@ PREFILL_CASES = {
 }
 # (BLOCK_N, num_warps, num_stages, K_ROWS) and (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS)
 DECODE_CONFIGS = list(itertools.product((64, 128), (2, 4), (2, 3, 4), (False, True)))
-PREFILL_CONFIGS = list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False,))) + [
-    (128, 32, 4, 2, True), (64, 64, 4, 2, True)]
+PREFILL_CONFIGS = (list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False,)))
+                   + list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (True,))))
 # llama3-8b's projections (out, in) and the tokens per step the workloads run
 GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
                "down": (4096, 14336), "lm_head": (128256, 4096)}
@@ -118,6 +118,20 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     return results
 
 
+def sweep_bandwidth() -> dict:
+    """Read-only (a sum) and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings."""
+    x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    read_ms = time_ms(lambda: x.sum(dtype=torch.float32))
+    copy_ms = time_ms(lambda: y.copy_(x))
+    out = {"read TB/s": x.numel() * 2 / read_ms / 1e9,
+           "copy TB/s": 2 * x.numel() * 2 / copy_ms / 1e9}
+    print(f"bandwidth: read {out['read TB/s']:.3f} TB/s, copy {out['copy TB/s']:.3f} TB/s")
+    del x, y
+    torch.cuda.empty_cache()
+    return out
+
+
 def sweep_gemm() -> dict:
     """F.linear at the model's shapes under each BLAS library torch can call: TFLOP/s."""
     import torch.nn.functional as F
@@ -145,7 +159,8 @@ def sweep_gemm() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--only", default="decode,prefill,gemm", help="comma list of sections")
+    p.add_argument("--only", default="decode,prefill,gemm,bandwidth",
+                   help="comma list of sections")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
     if not torch.cuda.is_available():
@@ -180,6 +195,8 @@ def main(argv=None) -> int:
     if "decode" in sections:
         results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS, run_decode,
                                          decode_bytes, "TB/s")
+    if "bandwidth" in sections:
+        results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))
     return 0
