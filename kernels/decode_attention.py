@@ -132,25 +132,18 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      max_seq_len: int, out: torch.Tensor | None = None,
                      num_splits: int | None = None,
-                     tuning: tuple[int, int, int, bool] | None = None,
-                     plan_cache: dict | None = None) -> torch.Tensor:
+                     tuning: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
     """Never syncs the device (safe under CUDA-graph capture); scratch sizes come from host
     ints. `out` may be preallocated; `num_splits` overrides choose_num_splits and `tuning`
-    the (BLOCK_N, num_warps, num_stages, K_ROWS) of _TUNING. plan_cache: as prefill_attention's
-    (the argument checks once per step, not once per layer)."""
+    the (BLOCK_N, num_warps, num_stages, K_ROWS) of _TUNING."""
     op = "decode_attention"
-    plan_key = (op, q.shape, q.dtype, tuple(key_cache.shape), out is None)
-    if plan_cache is None or plan_key not in plan_cache:
-        check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
-        if out is not None and (out.shape != q.shape or out.dtype != q.dtype
-                                or out.stride(2) != 1):
-            raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype} contiguous in "
-                             f"head_dim, got {tuple(out.shape)} {out.dtype} {out.stride()}")
-        check_same_device(op, q=q, **({} if out is None else {"out": out}))
-        if plan_cache is not None:
-            plan_cache[plan_key] = True
+    check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
     if out is None:
         out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype} contiguous in head_dim,"
+                         f" got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    check_same_device(op, q=q, out=out)
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
     if num_reqs == 0:

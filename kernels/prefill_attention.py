@@ -79,10 +79,7 @@ def prefill_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
     return out
 
 
-# The per-request arrays may be slices (mixed_attention passes those past the decodes):
-# without do_not_specialize Triton would compile a variant per 16-byte alignment of them.
-@jit(do_not_specialize=["num_reqs", "block_table_stride", "block_tables_ptr",
-                        "query_start_loc_ptr", "seq_lens_ptr"])
+@jit(do_not_specialize=["num_reqs", "block_table_stride"])
 def _prefill_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
         seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, qk_scale, num_reqs,
@@ -212,13 +209,10 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
                       max_seq_len: int, plan_cache: dict | None = None,
-                      tuning: tuple[int, int, int, int, bool] | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      tuning: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
     """plan_cache: a dict that lives for one step (every layer passes the same one): the
     argument checks and the tile map are then done once per step, not once per layer.
-    tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) instead of _tile_sizes'.
-    out: like q, written only at the requests' query rows (query_start_loc holds offsets into
-    q, so a slice of the step's requests may be passed with the whole q)."""
+    tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) instead of _tile_sizes'."""
     op = "prefill_attention"
     num_tokens, num_heads, head_dim = q.shape
     num_reqs = seq_lens.shape[0]
@@ -232,16 +226,11 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         if query_start_loc.shape != (num_reqs + 1,):
             raise ValueError(f"{op}: query_start_loc must be [{num_reqs + 1}], got "
                              f"{tuple(query_start_loc.shape)}")
-        if out is not None and (out.shape != q.shape or out.dtype != q.dtype
-                                or out.stride(2) != 1):
-            raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype} contiguous in "
-                             f"head_dim, got {tuple(out.shape)} {out.dtype} {out.stride()}")
         check_same_device(op, q=q, query_start_loc=query_start_loc)
         plan = _tile_map(query_start_loc, num_tokens, num_reqs, group, block_m)
         if plan_cache is not None:
             plan_cache[plan_key] = plan
-    if out is None:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q)
     if num_tokens == 0 or num_reqs == 0:
         return out
     tile_reqs, tile_first_rows = plan

@@ -47,16 +47,6 @@ def test_staging_layout_pads_rows_and_keeps_the_table_narrow():
     assert table.tolist() == [[3, 9, 0], [5, 0, 0], [7, 2, 8], [0, 0, 0]]
 
 
-def test_input_batch_counts_the_leading_decodes():
-    sched = _decode_sched()
-    assert build_input_batch(sched, block_size=16).num_leading_decodes == 3
-    # request 1 becomes a 4-token chunk: only request 0 leads as a decode
-    chunk = Request("c", list(range(1, 11)), SamplingParams())
-    sched.requests[1], sched.num_scheduled_tokens[1], sched.num_computed_before[1] = chunk, 4, 6
-    batch = build_input_batch(sched, block_size=16)
-    assert batch.num_leading_decodes == 1 and not batch.is_decode_only
-
-
 @pytest.mark.gpu
 def test_graph_replay_matches_the_eager_forward():
     """A decode step replayed from its captured graph (padded to its bucket) gives the eager

@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 from batchgen.kernels._triton import has_triton  # noqa: E402
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from batchgen.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref  # noqa: E402
-from batchgen.kernels.mixed_attention import mixed_attention, mixed_attention_ref  # noqa: E402
 from batchgen.kernels.prefill_attention import (prefill_attention,  # noqa: E402
                                                 prefill_attention_ref)
 from batchgen.kernels.rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref,  # noqa: E402
@@ -152,24 +151,6 @@ def test_prefill_attention_long_chunk_spans_many_tiles(dtype, poisoned_empty):
     # 70 queries * 4 heads = 280 rows: three 128-row tiles; keys run past several 64-key tiles.
     batch = _paged_batch([70, 2], [60, 130], 4, 1, 64, 16, dtype, seed=1)
     _assert_close(prefill_attention(**batch), prefill_attention_ref(**batch))
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_leading_decodes", [0, 2, 3])
-def test_mixed_attention_matches_ref(num_leading_decodes, dtype, poisoned_empty):
-    # Three decodes (one with no context before its token) ahead of two chunks; each split
-    # point must give the attention of the whole step, every output row written once.
-    batch = _paged_batch([1, 1, 1, 33, 5], [0, 40, 70, 20, 0], 8, 2, 64, 16, dtype, seed=6)
-    _assert_close(mixed_attention(**batch, num_leading_decodes=num_leading_decodes),
-                  mixed_attention_ref(**batch, num_leading_decodes=num_leading_decodes))
-
-
-@needs_triton
-def test_mixed_attention_rejects_a_bad_split():
-    batch = _paged_batch([1, 7], [3, 0], 8, 2, 64, 16, torch.float32)
-    with pytest.raises(ValueError, match="num_leading_decodes"):
-        mixed_attention(**batch, num_leading_decodes=3)
 
 
 def _decode_args(batch):

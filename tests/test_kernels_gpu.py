@@ -11,7 +11,6 @@ from kernel_sweep import paged_batch  # noqa: E402  (the sweep times the same ba
 
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref
-from batchgen.kernels.mixed_attention import mixed_attention, mixed_attention_ref
 from batchgen.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 from batchgen.kernels.rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm,
                                        rms_norm_ref)
@@ -43,14 +42,6 @@ def test_prefill_attention_bf16(shape, query_lens, prefix_lens):
 def test_prefill_attention_bf16_block_sizes(block_size):
     batch = paged_batch([300, 1, 77], [100, 900, 0], 16, 4, 128, block_size=block_size)
     torch.testing.assert_close(prefill_attention(**batch), prefill_attention_ref(**batch), **BF16)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_mixed_attention_bf16(shape):
-    # A reviews-like mixed step: 900 decodes ahead of two chunks, one of them past a prefix.
-    batch = paged_batch([1] * 900 + [416, 333], [499] * 900 + [256, 0], *shape)
-    torch.testing.assert_close(mixed_attention(**batch, num_leading_decodes=900),
-                               mixed_attention_ref(**batch, num_leading_decodes=900), **BF16)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -103,9 +103,7 @@ class PagedKV:
             block_tables=torch.tensor(table, dtype=torch.int32, **on_device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, **on_device),
             kv_caches=self.kv_caches, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            is_decode_only=all(n == 1 for n in query_lens),
-            num_leading_decodes=next((b for b, n in enumerate(query_lens) if n != 1),
-                                     len(query_lens)))
+            is_decode_only=all(n == 1 for n in query_lens))
         return (torch.tensor(input_ids, dtype=torch.int64, **on_device),
                 torch.tensor(positions, dtype=torch.int64, **on_device), ctx)
 
@@ -146,7 +144,7 @@ def check_steps_against_transformers(kind: str, device: torch.device, atol: floa
         torch.testing.assert_close(logits, want, atol=atol, rtol=0)
 
     run({0: (0, 10), 1: (0, 1), 2: (0, 7)})          # prefills of lengths 10, 1, 7
-    run({0: (10, 11), 1: (1, 2), 2: (7, 15)})         # decodes ahead of a chunk on a prefix
+    run({0: (10, 11), 1: (1, 2), 2: (7, 15)})         # decodes beside a chunk on a prefix
     for pos in range(11, 13):                         # pure decode steps
         run({0: (pos, pos + 1), 1: (pos - 9, pos - 8), 2: (pos + 4, pos + 5)})
 

@@ -21,7 +21,6 @@ class InputBatch:
     sample_rows: list[int]  # [S] which of the B requests sample
     max_query_len: int
     max_seq_len: int
-    num_leading_decodes: int = 0  # requests 0..this-1 have one query token each
     # Tokens still on the device (overlapped steps): input_ids[placeholder_index] comes from
     # the previous step's sampled tensor at row placeholder_prev_row.
     placeholder_index: np.ndarray | None = None  # [P] int64
@@ -81,8 +80,6 @@ def build_input_batch(sched, block_size: int) -> InputBatch:
     blocks = block_tables[req_of_token, positions // block_size].astype(np.int64)
     slot_mapping = blocks * block_size + positions % block_size
 
-    is_single = q_lens == 1
-    num_leading_decodes = num_reqs if is_single.all() else int(np.argmin(is_single))
     sample_rows = [i for i, s in enumerate(sched.needs_sample) if s]
     logits_indices = cu[1:][sample_rows] - 1 if sample_rows else np.zeros(0, dtype=np.int64)
     return InputBatch(
@@ -91,4 +88,4 @@ def build_input_batch(sched, block_size: int) -> InputBatch:
         block_tables=block_tables, logits_indices=np.asarray(logits_indices, dtype=np.int64),
         sample_rows=sample_rows, max_query_len=int(q_lens.max()) if num_reqs else 0,
         max_seq_len=int(seq_lens.max()) if num_reqs else 0,
-        num_leading_decodes=num_leading_decodes, placeholder_index=placeholder_index, placeholder_prev_row=placeholder_prev_row)
+        placeholder_index=placeholder_index, placeholder_prev_row=placeholder_prev_row)

@@ -26,8 +26,7 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] -> out [T, H, D]
-        from batchgen.kernels import (decode_attention, kv_cache_write, mixed_attention,
-                                      prefill_attention)
+        from batchgen.kernels import decode_attention, kv_cache_write, prefill_attention
         is_cuda = q.is_cuda
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
         write = kv_cache_write.write_kv_cache if is_cuda else kv_cache_write.write_kv_cache_ref
@@ -37,10 +36,8 @@ class Attention(nn.Module):
                       else decode_attention.decode_attention_ref)
             return decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
                           self.scale, ctx.max_seq_len)
-        args = (q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
-                self.scale, ctx.max_query_len, ctx.max_seq_len)
-        if not is_cuda:
-            return prefill_attention.prefill_attention_ref(*args)
-        # plan_cache: the tile map and argument checks once per step, not once per layer
-        return mixed_attention.mixed_attention(*args, ctx.num_leading_decodes,
-                                               plan_cache=ctx.attn_plans)
+        # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
+        prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
+                          if is_cuda else (prefill_attention.prefill_attention_ref, {}))
+        return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
+                       ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len, **extra)

@@ -24,9 +24,6 @@ class ForwardContext:
     max_seq_len: int
     # True when every request has exactly one query token (a pure decode step).
     is_decode_only: bool = False
-    # Requests 0..num_leading_decodes-1 have one query token each (the decodes ahead of the
-    # prefill chunks of a mixed step): a host int.
-    num_leading_decodes: int = 0
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
 
