@@ -86,7 +86,7 @@ JOB_OPTIONS = [
     opt("metrics_json", Optional[Path], ("--metrics-json",), "Write the run's metrics here as JSON."),
     opt("overwrite", bool, ("--overwrite",),
         "If the output folder holds a different job, delete its parts and start again.",
-         default=False),
+        default=False),
     opt("quiet", bool, ("--quiet", "-q"), "No progress display and no summary.", default=False),
 ]
 FLAG_FIELDS = {  # option -> JobConfig field (sampling options go to JobConfig.sampling)
