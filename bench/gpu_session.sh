@@ -21,8 +21,6 @@ for step in "${@:-8b}"; do
           --profile decode,baseline --out "$OUT/llama3-8b-decode.json" 2>&1 | tee "$OUT/llama3-8b-decode.log" ;;
     sweep-prefill) python bench/kernel_sweep.py --only prefill,bandwidth \
           --out "$OUT/kernel-sweep-prefill.json" 2>&1 | tee "$OUT/kernel-sweep-prefill.log" ;;
-    sweep-fresh) python bench/kernel_sweep.py --only fresh \
-          --out "$OUT/kernel-sweep-fresh.json" 2>&1 | tee "$OUT/kernel-sweep-fresh.log" ;;
     sweep) python bench/kernel_sweep.py --out "$OUT/kernel-sweep.json" 2>&1 | tee "$OUT/kernel-sweep.log" ;;
     sweep-gemm-prefill) python bench/kernel_sweep.py --only gemm,prefill --out "$OUT/kernel-sweep.json" \
           2>&1 | tee "$OUT/kernel-sweep.log" ;;

@@ -1,13 +1,12 @@
 """Times the attention kernels' tile choices on the shapes the workloads run (GPU only).
 
-    python bench/kernel_sweep.py --out $OUT/sweep.json [--only gemm,prefill,fresh,decode]
+    python bench/kernel_sweep.py --out $OUT/sweep.json [--only gemm,prefill,decode]
 
 Each case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads, dim 128;
 llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a workload; each config is timed over
 several launches (CUDA events, median) and checked against the default config's output. Decode
 is reported as KV bytes read per second, prefill as attention TFLOP/s (causal: the keys each
-query sees). `fresh` times prompts with no cached prefix through their block tables against
-from the step's own K/V (prefill_attention's step_kv).
+query sees).
 """
 from __future__ import annotations
 
@@ -34,12 +33,6 @@ PREFILL_CASES = {
     "mixed 12 x 416+256 and 900 decodes (reviews)": (128, [(416, 256)] * 12 + [(1, 499)] * 900),
     "mixed, llama-1b (small)": (64, [(416, 256)] * 12 + [(1, 499)] * 900),
 }
-# Fresh prompts only: timed through the block tables and from the step's own K/V (step_kv).
-FRESH_CASES = {"prefill 16 x 1024 (prefill workload)": PREFILL_CASES[
-    "prefill 16 x 1024 (prefill workload)"]}
-FRESH_TILES = [None, (64, 64, 4, 3, True), (64, 32, 4, 2, True), (64, 64, 8, 2, True),
-               (128, 64, 8, 2, True), (128, 64, 8, 3, True), (128, 128, 8, 3, True),
-               (128, 64, 4, 3, True), (128, 32, 8, 2, False)]
 # (BLOCK_N, num_warps, num_stages, K_ROWS) and (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS)
 DECODE_CONFIGS = list(itertools.product((64, 128), (2, 4), (2, 3, 4), (False, True)))
 PREFILL_CONFIGS = (list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False,)))
@@ -76,19 +69,6 @@ def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, bloc
         block_tables=block_tables, query_start_loc=query_start_loc,
         seq_lens=seq_lens.to(torch.int32), scale=head_dim ** -0.5,
         max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
-
-
-def step_kv(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's K/V [T, KVH, D] as the caches hold them (each request's query positions)."""
-    from batchgen.kernels.prefill_attention import gather_kv_ref
-
-    seq_lens = batch["seq_lens"].long()
-    q_lens = (batch["query_start_loc"][1:] - batch["query_start_loc"][:-1]).long()
-    positions = torch.arange(batch["max_seq_len"], device=seq_lens.device)
-    is_step = ((positions[None, :] < seq_lens[:, None])
-               & (positions[None, :] >= (seq_lens - q_lens)[:, None]))
-    return tuple(gather_kv_ref(batch[name], batch["block_tables"], batch["max_seq_len"])[is_step]
-                 for name in ("key_cache", "value_cache"))
 
 
 def time_ms(fn, reps: int = 15) -> float:
@@ -199,15 +179,6 @@ def main(argv=None) -> int:
     def run_prefill(b, config):
         return prefill_attention(**b, tuning=config)
 
-    def run_fresh(b, config):
-        # config: (tiles, from step_kv?); None = today's default (tables)
-        tiles, use_step_kv = config or (None, False)
-        if use_step_kv and "step_kv" not in b:
-            b["step_kv"] = step_kv(b)
-        extra = {"step_kv": b["step_kv"]} if use_step_kv else {}
-        return prefill_attention(**{k: v for k, v in b.items() if k != "step_kv"},
-                                 tuning=tiles, **extra)
-
     def decode_bytes(head_dim, lens):  # K and V read, bf16; bytes / ms / 1e9 = TB/s
         return sum(q + p for q, p in lens) * 2 * NUM_KV_HEADS * head_dim * 2
 
@@ -221,10 +192,6 @@ def main(argv=None) -> int:
     if "prefill" in sections:
         results["prefill (TFLOP/s)"] = sweep(PREFILL_CASES, PREFILL_CONFIGS, run_prefill,
                                              prefill_flops, "TFLOP/s")
-    if "fresh" in sections:
-        configs = [(tiles, use) for use in (False, True) for tiles in FRESH_TILES]
-        results["fresh prompts (TFLOP/s)"] = sweep(FRESH_CASES, configs, run_fresh,
-                                                   prefill_flops, "TFLOP/s")
     if "decode" in sections:
         results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS, run_decode,
                                          decode_bytes, "TB/s")

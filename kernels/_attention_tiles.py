@@ -20,29 +20,22 @@ CAUSAL = _constexpr(2)  # KEY_BOUND, and row r sees keys up to row_positions[r] 
 def attend_keys(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims,
                 key_start, key_end, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr, PAGED: tl.constexpr,
-                first_token):
+                DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr):
     # q: [ROWS, HEAD_DIM]; acc [ROWS, HEAD_DIM], l_i / m_i [ROWS] fp32 (m_i in log2 units,
     # qk_scale includes log2(e)); key_ptr / value_ptr point at the kv head's first element.
     # Keys key_start.. key_end in steps of BLOCK_N; key_start is a multiple of BLOCK_N.
     # Keeping the unmasked tiles in a loop of their own lets the compiler pipeline it.
     # K_ROWS: load K as [BLOCK_N, HEAD_DIM] and transpose it in the dot (else [HEAD_DIM,
     # BLOCK_N] straight away); which is faster is measured by bench/kernel_sweep.py.
-    # PAGED false: key i is row first_token + i of a plain [tokens, KVH, D] tensor whose rows
-    # are cache_slot_stride apart (the step's own K/V), so no block table is read.
     for start in range(key_start, key_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        if MASK != NO_MASK:
-            is_key = keys < num_keys
-        if not PAGED:
-            slot_offsets = (first_token + keys).to(tl.int64) * cache_slot_stride
+        if MASK == NO_MASK:
+            block_ids = tl.load(block_table_row + keys // BLOCK_SIZE)
         else:
-            if MASK == NO_MASK:
-                block_ids = tl.load(block_table_row + keys // BLOCK_SIZE)
-            else:
-                block_ids = tl.load(block_table_row + keys // BLOCK_SIZE, mask=is_key, other=0)
-            slot_offsets = (block_ids.to(tl.int64) * cache_block_stride
-                            + (keys % BLOCK_SIZE) * cache_slot_stride)
+            is_key = keys < num_keys
+            block_ids = tl.load(block_table_row + keys // BLOCK_SIZE, mask=is_key, other=0)
+        slot_offsets = (block_ids.to(tl.int64) * cache_block_stride
+                        + (keys % BLOCK_SIZE) * cache_slot_stride)
         kv_offsets = slot_offsets[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
         if MASK == NO_MASK:
             v = tl.load(value_ptr + kv_offsets)

@@ -71,12 +71,12 @@ def _decode_attention_kernel(
         acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, rows, dims, split_start,
         full_end, split_end, qk_scale, cache_block_stride, cache_slot_stride,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION,
-        K_ROWS=K_ROWS, PAGED=True, first_token=0)
+        K_ROWS=K_ROWS)
     acc, l_i, m_i = attend_keys(
         acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, rows, dims, full_end,
         split_end, split_end, qk_scale, cache_block_stride, cache_slot_stride,
         BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=KEY_BOUND, DOT_PRECISION=DOT_PRECISION,
-        K_ROWS=K_ROWS, PAGED=True, first_token=0)
+        K_ROWS=K_ROWS)
 
     if NUM_SPLITS == 1:
         # A request with no context (a padded graph slot) gets zeros, not 0 / 0.

@@ -79,40 +79,18 @@ def prefill_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
     return out
 
 
-@jit
-def _attend_causal(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims,
-                   open_end, num_keys, qk_scale, block_stride, slot_stride, first_token,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr, PAGED: tl.constexpr):
-    # Keys [0, open_end) without a mask, then [open_end, num_keys) with the causal one.
-    acc, l_i, m_i = attend_keys(
-        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, 0, open_end,
-        num_keys, qk_scale, block_stride, slot_stride, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N,
-        MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS, PAGED=PAGED,
-        first_token=first_token)
-    return attend_keys(
-        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, open_end,
-        num_keys, num_keys, qk_scale, block_stride, slot_stride, BLOCK_SIZE=BLOCK_SIZE,
-        BLOCK_N=BLOCK_N, MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS, PAGED=PAGED,
-        first_token=first_token)
-
-
 @jit(do_not_specialize=["num_reqs", "block_table_stride"])
 def _prefill_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
-        seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, step_key_ptr, step_value_ptr,
-        qk_scale, num_reqs, q_token_stride, q_head_stride, out_token_stride, out_head_stride,
+        seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, qk_scale, num_reqs,
+        q_token_stride, q_head_stride, out_token_stride, out_head_stride,
         cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
-        step_token_stride, step_head_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        K_ROWS: tl.constexpr, HAS_STEP_KV: tl.constexpr):
+        K_ROWS: tl.constexpr):
     # grid: (query tiles, KVH). A tile is BLOCK_M rows of one request, row r being query
     # token r // GROUP of the request and query head kv_head * GROUP + r % GROUP: the GROUP
     # heads sharing a kv head are packed into one tl.dot and read each K/V tile once.
-    # HAS_STEP_KV: a request with no cached prefix reads its keys from the step's own K/V
-    # (step_key_ptr, step_value_ptr: [tokens, KVH, D]) at plain strided addresses, not
-    # through its block table (the same values: they were just written to the cache).
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = tl.load(tile_reqs_ptr + tile)
@@ -146,27 +124,15 @@ def _prefill_attention_kernel(
     head_offset = kv_head.to(tl.int64) * cache_head_stride
     key_ptr = key_cache_ptr + head_offset
     value_ptr = value_cache_ptr + head_offset
-    if HAS_STEP_KV:
-        if context_start == 0:
-            step_head_offset = kv_head.to(tl.int64) * step_head_stride
-            acc, l_i, m_i = _attend_causal(
-                acc, l_i, m_i, q, step_key_ptr + step_head_offset,
-                step_value_ptr + step_head_offset, block_table_row, row_positions, dims,
-                open_end, num_keys, qk_scale, 0, step_token_stride, q_start,
-                BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-                K_ROWS=K_ROWS, PAGED=False)
-        else:
-            acc, l_i, m_i = _attend_causal(
-                acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims,
-                open_end, num_keys, qk_scale, cache_block_stride, cache_slot_stride, 0,
-                BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-                K_ROWS=K_ROWS, PAGED=True)
-    else:
-        acc, l_i, m_i = _attend_causal(
-            acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims,
-            open_end, num_keys, qk_scale, cache_block_stride, cache_slot_stride, 0,
-            BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            K_ROWS=K_ROWS, PAGED=True)
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, 0, open_end,
+        num_keys, qk_scale, cache_block_stride, cache_slot_stride, BLOCK_SIZE=BLOCK_SIZE,
+        BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, open_end,
+        num_keys, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
+        K_ROWS=K_ROWS)
     out = acc / l_i[:, None]
     out_offsets = tokens64[:, None] * out_token_stride + row_heads[:, None] * out_head_stride
     tl.store(out_ptr + out_offsets + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -224,32 +190,15 @@ def check_paged_attention_args(op: str, q: torch.Tensor, key_cache: torch.Tensor
                       block_tables=block_tables, seq_lens=seq_lens)
 
 
-def _check_step_kv(op: str, q: torch.Tensor, key_cache: torch.Tensor, key: torch.Tensor,
-                   value: torch.Tensor) -> None:
-    want = (q.shape[0], key_cache.shape[2], key_cache.shape[3])
-    for name, t in (("key", key), ("value", value)):
-        if tuple(t.shape) != want or t.dtype != q.dtype or t.stride(2) != 1:
-            raise ValueError(f"{op}: step_kv's {name} must be {want} {q.dtype}, contiguous in "
-                             f"head_dim, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
-    if key.stride() != value.stride():
-        raise ValueError(f"{op}: step_kv's key and value must share strides, got "
-                         f"{key.stride()} and {value.stride()}")
-    check_same_device(op, q=q, key=key, value=value)
-
-
-def _tile_sizes(head_dim: int, num_rows: int, has_step_kv: bool
-                ) -> tuple[int, int, int, int, bool]:
+def _tile_sizes(head_dim: int, num_rows: int) -> tuple[int, int, int, int, bool]:
     # -> (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS); rows are (token, head) pairs of a
     # request. Measured on an H200 (bf16, triton 3.6, `bench/kernel_sweep.py`): on the
     # workloads' steps (16 x 1024-token prompts; 12 x 416-token chunks beside 900 decodes)
     # (64, 64, 4, 2) with K loaded by rows was best or within 3% of best for dims 64 and 128,
     # 1.18x (dim 128) and 1.35x (dim 64) faster on the mixed step than the tiles tuned before
-    # on 4 x 4096-token prompts. Fresh prompts read from step_kv pipeline their plain strided
-    # loads best with a third stage: 16 x 1024-token prompts 0.77 ms against 1.13-1.17 ms for
-    # 2 stages, or for 3 through the tables, in one sweep (`--only fresh`).
+    # on 4 x 4096-token prompts.
     if head_dim <= 128:
-        block_m, block_n, num_warps, k_rows = 64, 64, 4, True
-        num_stages = 3 if has_step_kv else 2
+        block_m, block_n, num_warps, num_stages, k_rows = 64, 64, 4, 2, True
     else:
         block_m, block_n, num_warps, num_stages, k_rows = 64, 32, 4, 2, False
     block_m = min(block_m, max(16, next_power_of_2(num_rows)))  # short chunks / decodes
@@ -260,19 +209,16 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
                       max_seq_len: int, plan_cache: dict | None = None,
-                      tuning: tuple[int, int, int, int, bool] | None = None,
-                      step_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      tuning: tuple[int, int, int, int, bool] | None = None) -> torch.Tensor:
     """plan_cache: a dict that lives for one step (every layer passes the same one): the
     argument checks and the tile map are then done once per step, not once per layer.
-    tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) instead of _tile_sizes'.
-    step_kv: this step's keys and values [T, KVH, D] as written into the caches; requests
-    with no cached prefix then read them there instead of through their block tables."""
+    tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) instead of _tile_sizes'."""
     op = "prefill_attention"
     num_tokens, num_heads, head_dim = q.shape
     num_reqs = seq_lens.shape[0]
     group = num_heads // key_cache.shape[2]
     block_m, block_n, num_warps, num_stages, k_rows = (
-        tuning or _tile_sizes(head_dim, max_query_len * group, step_kv is not None))
+        tuning or _tile_sizes(head_dim, max_query_len * group))
     plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape))
     plan = plan_cache.get(plan_key) if plan_cache is not None else None
     if plan is None:
@@ -282,24 +228,19 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                              f"{tuple(query_start_loc.shape)}")
         check_same_device(op, q=q, query_start_loc=query_start_loc)
         plan = _tile_map(query_start_loc, num_tokens, num_reqs, group, block_m)
-        if step_kv is not None:
-            _check_step_kv(op, q, key_cache, *step_kv)
         if plan_cache is not None:
             plan_cache[plan_key] = plan
     out = torch.empty_like(q)
     if num_tokens == 0 or num_reqs == 0:
         return out
     tile_reqs, tile_first_rows = plan
-    step_key, step_value = step_kv if step_kv is not None else (key_cache, value_cache)
     grid = (tile_reqs.shape[0], key_cache.shape[2])
     _prefill_attention_kernel[grid](
         q, key_cache, value_cache, out, block_tables, query_start_loc, seq_lens,
-        tile_reqs, tile_first_rows, step_key, step_value, scale * math.log2(math.e),
+        tile_reqs, tile_first_rows, scale * math.log2(math.e),
         num_reqs, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        step_key.stride(0), step_key.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        K_ROWS=k_rows, HAS_STEP_KV=step_kv is not None, num_warps=num_warps,
-        num_stages=num_stages)
+        K_ROWS=k_rows, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -47,22 +47,6 @@ def test_staging_layout_pads_rows_and_keeps_the_table_narrow():
     assert table.tolist() == [[3, 9, 0], [5, 0, 0], [7, 2, 8], [0, 0, 0]]
 
 
-def test_fresh_prompts_are_the_steps_whose_context_starts_there():
-    sched = _decode_sched()
-    assert not build_input_batch(sched, block_size=16).has_fresh_prompts
-    fresh = Request("fresh", list(range(1, 9)), SamplingParams())  # 8 tokens, none cached
-    chunk = Request("chunk", list(range(1, 30)), SamplingParams())
-    chunk.num_computed_tokens = 16  # its second chunk: the context started a step earlier
-    for extra, expected in (([chunk], False), ([chunk, fresh], True)):
-        mixed = SimpleNamespace(
-            requests=sched.requests + extra,
-            num_scheduled_tokens=[1, 1, 1] + [13, 8][:len(extra)],
-            num_computed_before=sched.num_computed_before + [16, 0][:len(extra)],
-            block_ids=sched.block_ids + [[1, 4], [6]][:len(extra)],
-            needs_sample=[True] * (3 + len(extra)))
-        assert build_input_batch(mixed, block_size=16).has_fresh_prompts is expected
-
-
 @pytest.mark.gpu
 def test_graph_replay_matches_the_eager_forward():
     """A decode step replayed from its captured graph (padded to its bucket) gives the eager

@@ -153,44 +153,6 @@ def test_prefill_attention_long_chunk_spans_many_tiles(dtype, poisoned_empty):
     _assert_close(prefill_attention(**batch), prefill_attention_ref(**batch))
 
 
-def _step_kv(batch):
-    """This step's K/V [T, KVH, D] as the cache holds them: each request's query positions."""
-    keys, values = [], []
-    block_size = batch["key_cache"].shape[1]
-    starts = batch["query_start_loc"].tolist()
-    for b, seq_len in enumerate(batch["seq_lens"].tolist()):
-        blocks = batch["block_tables"][b].tolist()
-        positions = range(seq_len - (starts[b + 1] - starts[b]), seq_len)
-        slots = [blocks[p // block_size] * block_size + p % block_size for p in positions]
-        keys.append(batch["key_cache"].flatten(0, 1)[slots])
-        values.append(batch["value_cache"].flatten(0, 1)[slots])
-    return torch.cat(keys), torch.cat(values)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_attention_reads_fresh_prompts_from_the_step_kv(dtype, poisoned_empty):
-    # Requests 0 and 4 have no cached prefix: their keys come from step_kv, the rest's from
-    # the cache. Scrambling step_kv changes only the fresh requests' rows: the path is taken.
-    batch = _paged_batch(QUERY_LENS, PREFIX_LENS, 8, 2, 64, 16, dtype, seed=6)
-    key, value = _step_kv(batch)
-    expected = prefill_attention_ref(**batch)
-    _assert_close(prefill_attention(**batch, step_kv=(key, value)), expected)
-    scrambled = prefill_attention(**batch, step_kv=(key.flip(0), value.flip(0)))
-    is_fresh_token = torch.tensor([b for b, n in enumerate(QUERY_LENS) for _ in range(n)],
-                                  device=DEVICE)
-    is_fresh_token = torch.tensor(PREFIX_LENS, device=DEVICE)[is_fresh_token] == 0
-    _assert_close(scrambled[~is_fresh_token], expected[~is_fresh_token])
-    assert not torch.allclose(scrambled[is_fresh_token], expected[is_fresh_token])
-    # The step's K/V as a view of a fused qkv row (strided tokens), as the model passes it.
-    qkv = torch.cat([key.flatten(1), value.flatten(1), key.flatten(1)], dim=1)
-    kv_size = key.shape[1] * key.shape[2]
-    strided = (qkv[:, :kv_size].view(key.shape), qkv[:, kv_size:2 * kv_size].view(key.shape))
-    _assert_close(prefill_attention(**batch, step_kv=strided), expected)
-    with pytest.raises(ValueError, match="step_kv"):
-        prefill_attention(**batch, step_kv=(key[1:], value[1:]))
-
-
 def _decode_args(batch):
     return (batch["q"], batch["key_cache"], batch["value_cache"], batch["block_tables"],
             batch["seq_lens"], batch["scale"], batch["max_seq_len"])

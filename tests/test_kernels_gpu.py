@@ -7,7 +7,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-from kernel_sweep import paged_batch, step_kv  # noqa: E402  (the sweep times the same batches)
+from kernel_sweep import paged_batch  # noqa: E402  (the sweep times the same batches)
 
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref
@@ -36,13 +36,6 @@ SHAPES = [(32, 8, 128), (9, 3, 64), (4, 4, 256)]
 def test_prefill_attention_bf16(shape, query_lens, prefix_lens):
     batch = paged_batch(query_lens, prefix_lens, *shape)
     torch.testing.assert_close(prefill_attention(**batch), prefill_attention_ref(**batch), **BF16)
-
-
-def test_prefill_attention_bf16_from_the_step_kv():
-    # Fresh prompts (no cached prefix) read this step's K/V, the others their block tables.
-    batch = paged_batch([4099, 300, 1, 77], [0, 100, 900, 0], 32, 8, 128)
-    torch.testing.assert_close(prefill_attention(**batch, step_kv=step_kv(batch)),
-                               prefill_attention_ref(**batch), **BF16)
 
 
 @pytest.mark.parametrize("block_size", [8, 64, 128])

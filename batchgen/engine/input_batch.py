@@ -38,12 +38,6 @@ class InputBatch:
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
 
-    @property
-    def has_fresh_prompts(self) -> bool:
-        """Some request's context starts in this step (no cached prefix, no earlier chunk)."""
-        return not self.is_decode_only and bool(
-            (self.seq_lens == np.diff(self.query_start_loc)).any())
-
 
 def build_input_batch(sched, block_size: int) -> InputBatch:
     """sched: a SchedulerOutput (requests, num_scheduled_tokens, num_computed_before, block_ids,

@@ -172,8 +172,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            is_decode_only=batch.is_decode_only,
-            has_fresh_prompts=batch.has_fresh_prompts)
+            is_decode_only=batch.is_decode_only)
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()

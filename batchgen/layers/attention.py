@@ -36,13 +36,8 @@ class Attention(nn.Module):
                       else decode_attention.decode_attention_ref)
             return decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
                           self.scale, ctx.max_seq_len)
-        # CUDA: plan_cache does the tile map and argument checks once per step, not per layer;
-        # step_kv lets prompts with no cached prefix read this step's K/V without the tables.
-        if is_cuda:
-            prefill = prefill_attention.prefill_attention
-            use_step_kv = ctx.has_fresh_prompts and k.stride() == v.stride()
-            extra = {"plan_cache": ctx.attn_plans, "step_kv": (k, v) if use_step_kv else None}
-        else:
-            prefill, extra = prefill_attention.prefill_attention_ref, {}
+        # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
+        prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
+                          if is_cuda else (prefill_attention.prefill_attention_ref, {}))
         return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
                        ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len, **extra)

@@ -24,9 +24,6 @@ class ForwardContext:
     max_seq_len: int
     # True when every request has exactly one query token (a pure decode step).
     is_decode_only: bool = False
-    # True when some request's context starts in this step (a prompt with no cached prefix):
-    # prefill attention then reads those keys from the step's own K/V.
-    has_fresh_prompts: bool = False
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
 
