@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill: bench/kernel_sweep.py)
-# (overlap: bench/overlap_probe.py; gemm-silu: bench/gemm_silu_sweep.py)
+# (overlap: bench/overlap_probe.py)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -25,7 +25,6 @@ for step in "${@:-8b}"; do
     sweep-gemm-prefill) python bench/kernel_sweep.py --only gemm,prefill --out "$OUT/kernel-sweep.json" \
           2>&1 | tee "$OUT/kernel-sweep.log" ;;
     overlap) python bench/overlap_probe.py --out "$OUT/overlap.json" 2>&1 | tee "$OUT/overlap.log" ;;
-    gemm-silu) python bench/gemm_silu_sweep.py --out "$OUT/gemm-silu.json" 2>&1 | tee "$OUT/gemm-silu.log" ;;
     tests) python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -8 ;;
   esac
 done
