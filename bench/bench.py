@@ -89,8 +89,11 @@ def describe_environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
     try:
-        env["git_sha"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        # --dirty: a copied working tree (the device machine's) can carry an older .git; the
+        # suffix then says the code is not that commit's.
+        env["git_sha"] = subprocess.run(["git", "describe", "--always", "--dirty"],
+                                        capture_output=True, text=True, cwd=Path(__file__).parent,
+                                        timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001
         env["git_sha"] = None
     return env
