@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_sweep import paged_batch  # noqa: E402
+from kernel_sweep import paged_batch, time_ms  # noqa: E402
 
 from batchgen.kernels.decode_attention import decode_attention  # noqa: E402
 from batchgen.kernels.silu_and_mul import silu_and_mul  # noqa: E402
@@ -137,19 +136,9 @@ def graph_ms(fn, reps: int = 10) -> tuple[float, str]:
     except Exception as e:  # noqa: BLE001
         torch.cuda.synchronize()
         run, how = fn, f"eager ({type(e).__name__}: {e})"[:200]
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    ms = time_ms(run, reps)
     del graph
-    return statistics.median(times), how
+    return ms, how
 
 
 def carveout(k: int | None) -> None:
