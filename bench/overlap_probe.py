@@ -9,15 +9,16 @@ mid-run step (500 sequences of 640 tokens), captured as CUDA graphs and timed:
 - `one stream`: the whole batch in order, as the engine runs a decode step today;
 - `halves, carveout k`: the batch cut into two halves, every GEMM on one stream and every
   attention kernel on another, pipelined (A0's attention under B's GEMMs, then B0's under
-  A's, ...), with cuBLAS told to leave k SMs to the attention
-  (torch._C._set_sm_carveout_experimental). Session 4 ran halves without a carveout and lost:
-  both kinds of kernel fill all 132 SMs;
+  A's, ...), with the BLAS told to leave k SMs to the attention
+  (torch._C._set_sm_carveout_experimental: cuBLASLt honours it, cuBLAS does not). Session 4
+  ran halves without a carveout and lost: both kinds of kernel fill all 132 SMs;
 - `halves, carveout k, attention on green k`: the attention stream confined to a green
   context of k SMs (where torch and the driver have them).
 
 Each piece alone is timed too (the GEMMs of one half at each carveout, the attention of one
 half), so the result says why. The step's floor is max(GEMM alone, KV + weight bytes / copy
-rate); today's step is the sum of the two.
+rate); today's step is the sum of the two. Session 6's outcome (no variant beat one stream)
+is in bench/RESULTS.md.
 """
 from __future__ import annotations
 
