@@ -1,12 +1,15 @@
-"""Times the attention kernels' tile choices on the shapes the workloads run (GPU only).
+"""Times the attention kernels' tile choices on the shapes the workloads run, the projections
+under each BLAS library, and the copy and read bandwidth (GPU only).
 
-    python bench/kernel_sweep.py --out $OUT/sweep.json [--only gemm,prefill,decode]
+    python bench/kernel_sweep.py --out $OUT/sweep.json [--only gemm,prefill,decode,bandwidth]
 
-Each case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads, dim 128;
-llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a workload; each config is timed over
-several launches (CUDA events, median) and checked against the default config's output. Decode
-is reported as KV bytes read per second, prefill as attention TFLOP/s (causal: the keys each
-query sees).
+Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
+dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
+workload; each config is timed over several launches (CUDA events, median) and checked
+against the default config's output. Decode is reported as KV bytes read per second, prefill
+as attention TFLOP/s (causal: the keys each query sees). The shuffled blocks make the timings
+pessimistic next to the engine, whose fresh prompts get mostly consecutive blocks: compare
+configs with each other here, and confirm a winner end to end (RESULTS.md, session 6).
 """
 from __future__ import annotations
 
