@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
-# (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill: bench/kernel_sweep.py)
+# (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill / sweep-cascade:
+# bench/kernel_sweep.py)
 # (overlap: bench/overlap_probe.py)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
@@ -21,6 +22,8 @@ for step in "${@:-8b}"; do
           --profile decode,baseline --out "$OUT/llama3-8b-decode.json" 2>&1 | tee "$OUT/llama3-8b-decode.log" ;;
     sweep-prefill) python bench/kernel_sweep.py --only prefill,bandwidth \
           --out "$OUT/kernel-sweep-prefill.json" 2>&1 | tee "$OUT/kernel-sweep-prefill.log" ;;
+    sweep-cascade) python bench/kernel_sweep.py --only cascade \
+          --out "$OUT/kernel-sweep-cascade.json" 2>&1 | tee "$OUT/kernel-sweep-cascade.log" ;;
     sweep) python bench/kernel_sweep.py --out "$OUT/kernel-sweep.json" 2>&1 | tee "$OUT/kernel-sweep.log" ;;
     sweep-gemm-prefill) python bench/kernel_sweep.py --only gemm,prefill --out "$OUT/kernel-sweep.json" \
           2>&1 | tee "$OUT/kernel-sweep.log" ;;

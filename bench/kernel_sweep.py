@@ -1,13 +1,15 @@
 """Times the attention kernels' tile choices on the shapes the workloads run, the projections
 under each BLAS library, and the copy and read bandwidth (GPU only).
 
-    python bench/kernel_sweep.py --out $OUT/sweep.json [--only gemm,prefill,decode,bandwidth]
+    python bench/kernel_sweep.py --out $OUT/sweep.json \
+        [--only gemm,prefill,decode,cascade,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
 workload; each config is timed over several launches (CUDA events, median) and checked
 against the default config's output. Decode is reported as KV bytes read per second, prefill
-as attention TFLOP/s (causal: the keys each query sees). The shuffled blocks make the timings
+as attention TFLOP/s (causal: the keys each query sees). `cascade` times decode steps whose
+requests share a prompt prefix's blocks with the shared keys read per request and once. The shuffled blocks make the timings
 pessimistic next to the engine, whose fresh prompts get mostly consecutive blocks: compare
 configs with each other here, and confirm a winner end to end (RESULTS.md, session 6).
 """
@@ -35,6 +37,12 @@ PREFILL_CASES = {
     "prefill 16 x 1024 (prefill workload)": (128, [(1024, 0)] * 16),
     "mixed 12 x 416+256 and 900 decodes (reviews)": (128, [(416, 256)] * 12 + [(1, 499)] * 900),
     "mixed, llama-1b (small)": (64, [(416, 256)] * 12 + [(1, 499)] * 900),
+}
+# name -> (batch size, shared prefix keys, each request's own keys after it)
+CASCADE_CASES = {
+    "reviews decode step: 933 x (256 shared + 344)": (933, 256, 344),
+    "baseline set: 64 x (256 shared + 484)": (64, 256, 484),
+    "long shared prompt: 256 x (2048 shared + 128)": (256, 2048, 128),
 }
 # (BLOCK_N, num_warps, num_stages, K_ROWS) and (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS)
 DECODE_CONFIGS = list(itertools.product((64, 128), (2, 4), (2, 3, 4), (False, True)))
@@ -121,6 +129,29 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     return results
 
 
+def sweep_cascade(run_decode) -> dict:
+    """Decode over requests sharing their first blocks: ms with the shared keys read per
+    request (plain) and once for the batch (cascade), and the largest difference."""
+    results = {}
+    for name, (num_reqs, shared, own) in CASCADE_CASES.items():
+        batch = paged_batch([1] * num_reqs, [shared + own - 1] * num_reqs, NUM_HEADS,
+                            NUM_KV_HEADS, 128, BLOCK_SIZE)
+        num_blocks = shared // BLOCK_SIZE
+        batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
+        length = torch.tensor([shared], dtype=torch.int32, device="cuda")
+        plain = run_decode(batch, None)
+        diff = (run_decode(batch, None, length).float() - plain.float()).abs().max().item()
+        row = {"plain ms": time_ms(lambda: run_decode(batch, None)),
+               "cascade ms": time_ms(lambda: run_decode(batch, None, length)),
+               "max_abs_diff": diff}
+        print(f"{name}: plain {row['plain ms']:.3f} ms, cascade {row['cascade ms']:.3f} ms "
+              f"(x{row['plain ms'] / row['cascade ms']:.2f}), max diff {diff:.2e}")
+        results[name] = row
+        del batch
+        torch.cuda.empty_cache()
+    return results
+
+
 def sweep_bandwidth() -> dict:
     """Read-only (a sum) and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings."""
     x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda").normal_()
@@ -162,7 +193,7 @@ def sweep_gemm() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--only", default="decode,prefill,gemm,bandwidth",
+    p.add_argument("--only", default="decode,prefill,gemm,cascade,bandwidth",
                    help="comma list of sections")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
@@ -172,12 +203,13 @@ def main(argv=None) -> int:
     from batchgen.kernels.decode_attention import choose_num_splits, decode_attention
     from batchgen.kernels.prefill_attention import prefill_attention
 
-    def run_decode(b, config):
+    def run_decode(b, config, shared_prefix_len=None):
         splits = choose_num_splits(b["q"].shape[0], NUM_KV_HEADS, GRAPH_MAX_SEQ_LEN,
                                    b["q"].device)
         return decode_attention(b["q"], b["key_cache"], b["value_cache"], b["block_tables"],
                                 b["seq_lens"], b["scale"], GRAPH_MAX_SEQ_LEN,
-                                num_splits=splits, tuning=config)
+                                num_splits=splits, tuning=config,
+                                shared_prefix_len=shared_prefix_len)
 
     def run_prefill(b, config):
         return prefill_attention(**b, tuning=config)
@@ -198,6 +230,8 @@ def main(argv=None) -> int:
     if "decode" in sections:
         results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS, run_decode,
                                          decode_bytes, "TB/s")
+    if "cascade" in sections:
+        results["cascade"] = sweep_cascade(run_decode)
     if "bandwidth" in sections:
         results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:

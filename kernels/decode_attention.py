@@ -1,5 +1,12 @@
 """Attention of one new query per request over its paged KV context (flash-decoding: the
-context is cut into splits processed in parallel, then their partial softmaxes combined)."""
+context is cut into splits processed in parallel, then their partial softmaxes combined).
+
+Cascade: when every request's block table starts with the same physical blocks (a prompt
+prefix served from the prefix cache, e.g. a recipe's instruction), those shared keys are
+attended once for the whole batch (`_shared_prefix_kernel`: all requests' query heads against
+each K/V tile, read once) and each request's own program continues the online softmax from
+that state over the rest of its context. A batch of B requests sharing P keys then reads P
+keys once instead of B times."""
 from __future__ import annotations
 
 import math
@@ -18,6 +25,10 @@ _MAX_SPLITS = 32
 # (BLOCK_N keys per iteration, num_warps, num_stages, K_ROWS) by head_dim;
 # bench/kernel_sweep.py times the alternatives.
 _TUNING = {64: (64, 4, 2, False), 128: (64, 4, 2, False), 256: (32, 4, 2, False)}
+# The shared-prefix kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS): rows are
+# (request, query head) pairs, as in the prefill kernel, whose measured tiles it takes.
+_PREFIX_TUNING = {64: (64, 64, 4, 2, True), 128: (64, 64, 4, 2, True),
+                  256: (64, 32, 4, 2, False)}
 
 
 def decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -33,21 +44,28 @@ def decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 @jit(do_not_specialize=["block_table_stride"])
 def _decode_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
-        partial_max_ptr, partial_sum_ptr, partial_acc_ptr, qk_scale,
+        partial_max_ptr, partial_sum_ptr, partial_acc_ptr, prefix_len_ptr, state_max_ptr,
+        state_sum_ptr, state_acc_ptr, qk_scale,
         q_req_stride, q_head_stride, out_req_stride, out_head_stride,
         cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr, CASCADE: tl.constexpr):
     # grid: (B, KVH, NUM_SPLITS). Rows are the GROUP query heads of one kv head, padded to
     # BLOCK_G >= 16 for tl.dot. With one split the program writes the output itself;
     # otherwise it writes its (max, sum, acc) to the partial buffers [B, H, NUM_SPLITS(, D)].
+    # CASCADE: keys below *prefix_len_ptr were attended by _shared_prefix_kernel; the splits
+    # cut the keys after them, and split 0 starts from that kernel's state [B, H(, D)].
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
-    keys_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    split_start = split * keys_per_split
+    key_base = 0
+    if CASCADE:
+        key_base = tl.load(prefix_len_ptr)
+    keys_per_split = tl.cdiv(tl.cdiv(tl.maximum(seq_len - key_base, 0), NUM_SPLITS),
+                             BLOCK_N) * BLOCK_N
+    split_start = key_base + split * keys_per_split
     split_end = tl.minimum(split_start + keys_per_split, seq_len)
 
     rows = tl.arange(0, BLOCK_G)
@@ -61,6 +79,14 @@ def _decode_attention_kernel(
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    if CASCADE:
+        # (is_row, and split 0 of a step with a prefix: a scalar & a block is not portable)
+        from_prefix = rows < tl.where((split == 0) & (key_base > 0), GROUP, 0)
+        state_rows = req64 * GROUP * tl.num_programs(1) + heads
+        m_i = tl.load(state_max_ptr + state_rows, mask=from_prefix, other=-1.0e30)
+        l_i = tl.load(state_sum_ptr + state_rows, mask=from_prefix, other=0.0)
+        acc = tl.load(state_acc_ptr + state_rows[:, None] * HEAD_DIM + dims[None, :],
+                      mask=from_prefix[:, None], other=0.0)
     block_table_row = block_tables_ptr + req64 * block_table_stride
     head_offset = kv_head.to(tl.int64) * cache_head_stride
     key_ptr = key_cache_ptr + head_offset
@@ -90,6 +116,52 @@ def _decode_attention_kernel(
         tl.store(partial_sum_ptr + partial_rows, l_i, mask=is_row)
         tl.store(partial_acc_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :], acc,
                  mask=is_row[:, None])
+
+
+@jit(do_not_specialize=["num_reqs"])
+def _shared_prefix_kernel(
+        q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, prefix_len_ptr,
+        state_max_ptr, state_sum_ptr, state_acc_ptr, qk_scale, num_reqs,
+        q_req_stride, q_head_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        K_ROWS: tl.constexpr):
+    # grid: (cdiv(B * GROUP, BLOCK_M), KVH). Keys 0..prefix_len of request 0's block table,
+    # which every request shares, against BLOCK_M rows of the whole batch: row r is request
+    # r // GROUP, query head kv_head * GROUP + r % GROUP. Writes each row's unnormalised
+    # softmax state (max in log2 units, sum, acc) for the decode kernel to continue.
+    prefix_len = tl.load(prefix_len_ptr)
+    if prefix_len == 0:
+        return
+    kv_head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    is_row = rows < num_reqs * GROUP
+    reqs = (rows // GROUP).to(tl.int64)
+    heads = kv_head * GROUP + rows % GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + reqs[:, None] * q_req_stride + heads[:, None] * q_head_stride
+                + dims[None, :], mask=is_row[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    head_offset = kv_head.to(tl.int64) * cache_head_stride
+    key_ptr = key_cache_ptr + head_offset
+    value_ptr = value_cache_ptr + head_offset
+    full_end = prefix_len // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_tables_ptr, rows, dims, 0, full_end,
+        prefix_len, qk_scale, cache_block_stride, cache_slot_stride, BLOCK_SIZE=BLOCK_SIZE,
+        BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_tables_ptr, rows, dims, full_end,
+        prefix_len, prefix_len, qk_scale, cache_block_stride, cache_slot_stride,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=KEY_BOUND, DOT_PRECISION=DOT_PRECISION,
+        K_ROWS=K_ROWS)
+    state_rows = reqs * GROUP * tl.num_programs(1) + heads
+    tl.store(state_max_ptr + state_rows, m_i, mask=is_row)
+    tl.store(state_sum_ptr + state_rows, l_i, mask=is_row)
+    tl.store(state_acc_ptr + state_rows[:, None] * HEAD_DIM + dims[None, :], acc,
+             mask=is_row[:, None])
 
 
 @jit
@@ -132,10 +204,17 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      max_seq_len: int, out: torch.Tensor | None = None,
                      num_splits: int | None = None,
-                     tuning: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
+                     tuning: tuple[int, int, int, bool] | None = None,
+                     shared_prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     """Never syncs the device (safe under CUDA-graph capture); scratch sizes come from host
     ints. `out` may be preallocated; `num_splits` overrides choose_num_splits and `tuning`
-    the (BLOCK_N, num_warps, num_stages, K_ROWS) of _TUNING."""
+    the (BLOCK_N, num_warps, num_stages, K_ROWS) of _TUNING.
+
+    shared_prefix_len: [1] int32 on the device, or None (no cascade). The keys 0..that length
+    are held in the same blocks by every request's table (request 0's row is read for them),
+    and lie before every request's newest key; a multiple of the block size, or 0 (then the
+    cascade kernel returns at once). The caller checks the sharing on the host
+    (batchgen.engine.input_batch.shared_prefix_len): the kernels trust it."""
     op = "decode_attention"
     check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
     if out is None:
@@ -144,6 +223,12 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
         raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype} contiguous in head_dim,"
                          f" got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
     check_same_device(op, q=q, out=out)
+    cascade = shared_prefix_len is not None
+    if cascade:
+        if shared_prefix_len.shape != (1,) or shared_prefix_len.dtype != torch.int32:
+            raise ValueError(f"{op}: shared_prefix_len must be a [1] int32 tensor, got "
+                             f"{tuple(shared_prefix_len.shape)} {shared_prefix_len.dtype}")
+        check_same_device(op, q=q, shared_prefix_len=shared_prefix_len)
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
     if num_reqs == 0:
@@ -153,20 +238,39 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if num_splits < 1:
         raise ValueError(f"{op}: num_splits must be >= 1, got {num_splits}")
     group = num_heads // num_kv_heads
-    block_n, num_warps, num_stages, k_rows = tuning or _TUNING[max(64, min(head_dim, 256))]
+    tile_dim = max(64, min(head_dim, 256))
+    block_n, num_warps, num_stages, k_rows = tuning or _TUNING[tile_dim]
     partial_shape = (num_reqs, num_heads, num_splits) if num_splits > 1 else (1,)
     partial_max = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     partial_sum = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     partial_acc = torch.empty((*partial_shape, head_dim) if num_splits > 1 else (1,),
                               dtype=torch.float32, device=q.device)
+    qk_scale = scale * math.log2(math.e)
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    state = (partial_max, partial_sum, partial_acc)  # placeholders when there is no cascade
+    if cascade:
+        state = (torch.empty((num_reqs, num_heads), dtype=torch.float32, device=q.device),
+                 torch.empty((num_reqs, num_heads), dtype=torch.float32, device=q.device),
+                 torch.empty((num_reqs, num_heads, head_dim), dtype=torch.float32,
+                             device=q.device))
+        block_m, prefix_block_n, prefix_warps, prefix_stages, prefix_k_rows = \
+            _PREFIX_TUNING[tile_dim]
+        _shared_prefix_kernel[(-(-num_reqs * group // block_m), num_kv_heads)](
+            q, key_cache, value_cache, block_tables, shared_prefix_len, *state, qk_scale,
+            num_reqs, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+            key_cache.stride(2), GROUP=group, HEAD_DIM=head_dim,
+            BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m, BLOCK_N=prefix_block_n,
+            DOT_PRECISION=dot_precision, K_ROWS=prefix_k_rows, num_warps=prefix_warps,
+            num_stages=prefix_stages)
     _decode_attention_kernel[(num_reqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, out, block_tables, seq_lens, partial_max, partial_sum,
-        partial_acc, scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        block_tables.stride(0), GROUP=group, BLOCK_G=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        K_ROWS=k_rows, num_warps=num_warps, num_stages=num_stages)
+        partial_acc, shared_prefix_len if cascade else seq_lens, *state, qk_scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), key_cache.stride(0),
+        key_cache.stride(1), key_cache.stride(2), block_tables.stride(0), GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=key_cache.shape[1], BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        DOT_PRECISION=dot_precision, K_ROWS=k_rows, CASCADE=cascade, num_warps=num_warps,
+        num_stages=num_stages)
     if num_splits > 1:
         _combine_splits_kernel[(num_reqs, num_heads)](
             partial_max, partial_sum, partial_acc, out, out.stride(0), out.stride(1),

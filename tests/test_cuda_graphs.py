@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from batchgen.engine.cuda_graphs import graph_batch_sizes, stage_decode_inputs
-from batchgen.engine.input_batch import build_input_batch
+from batchgen.engine.input_batch import (MIN_CASCADE_SAVED_KEYS, build_input_batch,
+                                         shared_prefix_len)
 from batchgen.engine.request import Request
 from batchgen.sampling_params import SamplingParams
 
@@ -35,22 +36,63 @@ def test_staging_layout_pads_rows_and_keeps_the_table_narrow():
     batch = build_input_batch(_decode_sched(), block_size=16)
     bs, nb = 4, batch.block_tables.shape[1]
     assert nb == 3  # the widest row, not max_model_len / block_size
-    host = np.full(bs * (4 + nb), 777, dtype=np.int64)
+    host = np.full(bs * (4 + nb) + 1, 777, dtype=np.int64)
     stage_decode_inputs(batch, bs, host)
+    assert host[-1] == 0  # no block is shared
     ids, pos, slots, lens = (host[k * bs:(k + 1) * bs] for k in range(4))
     assert ids.tolist() == [100, 101, 102, 0]
     assert pos.tolist() == [20, 10, 40, 0]
     # position 20 of request 0 sits in its 2nd block (9) at offset 4; padding writes nothing
     assert slots.tolist() == [9 * 16 + 4, 5 * 16 + 10, 8 * 16 + 8, -1]
     assert lens.tolist() == [21, 11, 41, 1]
-    table = host[4 * bs:].reshape(bs, nb)
+    table = host[4 * bs:-1].reshape(bs, nb)
     assert table.tolist() == [[3, 9, 0], [5, 0, 0], [7, 2, 8], [0, 0, 0]]
 
 
+def _decode_batch(tables, seq_lens, block_size=16):
+    reqs = []
+    for i, seq_len in enumerate(seq_lens):
+        r = Request(str(i), list(range(1, seq_len)), SamplingParams())
+        r.output_token_ids = [7]
+        r.num_computed_tokens = seq_len - 1
+        reqs.append(r)
+    sched = SimpleNamespace(requests=reqs, num_scheduled_tokens=[1] * len(reqs),
+                            num_computed_before=[s - 1 for s in seq_lens], block_ids=tables,
+                            needs_sample=[True] * len(reqs))
+    return build_input_batch(sched, block_size)
+
+
+def test_shared_prefix_len_counts_whole_common_blocks_before_every_newest_key():
+    tables = np.array([[4, 5, 6, 9], [4, 5, 6, 2], [4, 5, 8, 3]], dtype=np.int32)
+    assert shared_prefix_len(tables, np.array([64, 60, 50]), 16) == 32  # block 6 is not common
+    # request 2 writes its newest key (position 32) into block 8: the common 4, 5 stay
+    assert shared_prefix_len(tables[:2], np.array([64, 33]), 16) == 32
+    # its newest key is position 31, in block 5 (a block one request writes is never shared,
+    # but the count must not rely on that)
+    assert shared_prefix_len(tables[:2], np.array([64, 32]), 16) == 16
+    assert shared_prefix_len(tables[:1], np.array([64]), 16) == 0  # one request: no cascade
+    assert shared_prefix_len(tables[[0, 2]][:, ::-1].copy(), np.array([64, 64]), 16) == 0
+
+
+def test_decode_batches_cascade_only_when_enough_key_reads_are_saved():
+    blocks = 4096 // 16  # the prefix every table shares, in blocks
+    prefix = list(range(1, blocks + 1))
+    tables = [prefix + [1000 + i] for i in range(3)]
+    lens = [blocks * 16 + 5] * 3
+    batch = _decode_batch(tables, lens)
+    assert batch.shared_prefix_len == 4096  # 2 of 3 requests skip 4096 reads each
+    assert _decode_batch(tables[:1], lens[:1]).shared_prefix_len == 0
+    short = [prefix[:8] + [1000 + i] for i in range(3)]  # 2 x 128 keys: not worth a launch
+    assert _decode_batch(short, [8 * 16 + 5] * 3).shared_prefix_len == 0
+    assert MIN_CASCADE_SAVED_KEYS > 2 * 128
+
+
 @pytest.mark.gpu
-def test_graph_replay_matches_the_eager_forward():
+@pytest.mark.parametrize("shared_blocks", [0, 1])
+def test_graph_replay_matches_the_eager_forward(shared_blocks):
     """A decode step replayed from its captured graph (padded to its bucket) gives the eager
-    forward's hidden states."""
+    forward's hidden states; with a shared first block, the cascade graph (prefix keys read
+    once for the batch) gives what the eager forward gets reading them per request."""
     import torch
 
     from batchgen.config import EngineConfig
@@ -68,19 +110,21 @@ def test_graph_replay_matches_the_eager_forward():
         value.copy_(torch.randn(value.shape, generator=gen))
     runner.capture_cuda_graphs(max_num_seqs=32)
     num_reqs = 21  # bucket 32: 11 padding rows
-    lens = torch.randint(1, 48, (num_reqs,), generator=gen)
+    lens = torch.randint(1 + 16 * shared_blocks, 48, (num_reqs,), generator=gen)
     tables = (torch.randperm(63, generator=gen)[:num_reqs * 3] + 1).view(num_reqs, 3).int()
+    tables[:, :shared_blocks] = tables[0, :shared_blocks].clone()
     positions = (lens - 1).numpy()
     batch = SimpleNamespace(
         num_reqs=num_reqs, is_decode_only=True, block_tables=tables.numpy(),
         input_ids=torch.randint(0, 128, (num_reqs,), generator=gen).numpy(),
-        positions=positions, seq_lens=lens.int().numpy(),
+        positions=positions, seq_lens=lens.int().numpy(), shared_prefix_len=16 * shared_blocks,
         slot_mapping=tables.numpy()[np.arange(num_reqs), positions // 16].astype(np.int64) * 16
         + positions % 16)
     assert runner.graphs.can_run(batch)
     graphs = runner.graphs
     with torch.inference_mode():
         replayed = graphs.run(batch).clone()
+        assert graphs.shared_prefix_len.item() == 16 * shared_blocks
         # the replay wrote this step's K/V; the eager forward writes the same values again
         ctx = graphs._context(32)
         eager_ctx = dataclasses.replace(

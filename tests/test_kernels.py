@@ -172,6 +172,45 @@ def test_decode_attention_matches_ref(shape, num_splits, dtype):
     _assert_close(out, decode_attention_ref(*_decode_args(batch)))
 
 
+def _share_prefix(batch, num_blocks):
+    """Every request's table starts with request 0's first blocks (a cached prompt prefix):
+    the keys there become request 0's, for the reference as for the kernels."""
+    batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
+    return torch.tensor([num_blocks * batch["key_cache"].shape[1]], dtype=torch.int32,
+                        device=DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("shape", [ATTENTION_SHAPES[0], ATTENTION_SHAPES[2], ATTENTION_SHAPES[3]])
+def test_decode_attention_cascade_matches_ref(shape, num_splits, dtype, poisoned_empty):
+    # 7 requests (9 with padding-like rows of one key); 2 shared blocks, i.e. keys the
+    # shared-prefix kernel's 64-key tiles end on a partial one.
+    num_heads, num_kv_heads, head_dim, block_size = shape
+    batch = _paged_batch([1] * 7, [40, 70, 33, 99, 48, 2 * block_size, 130], num_heads,
+                         num_kv_heads, head_dim, block_size, dtype, seed=7)
+    shared = _share_prefix(batch, 2)
+    expected = decode_attention_ref(*_decode_args(batch))
+    _assert_close(decode_attention(*_decode_args(batch), num_splits=num_splits,
+                                   shared_prefix_len=shared), expected)
+    # a length of 0 (what a captured graph gets when no prefix is shared) is plain decode
+    _assert_close(decode_attention(*_decode_args(batch), num_splits=num_splits,
+                                   shared_prefix_len=torch.zeros_like(shared)), expected)
+
+
+@needs_triton
+def test_decode_attention_cascade_reads_shared_keys_once_from_request_0():
+    # The kernels trust the caller: with tables that do not share, request 1's prefix keys
+    # are taken from request 0's blocks, so its output changes and request 0's does not.
+    batch = _paged_batch([1, 1], [64, 64], 8, 2, 64, 16, torch.float32, seed=8)
+    expected = decode_attention_ref(*_decode_args(batch))
+    shared = torch.tensor([32], dtype=torch.int32, device=DEVICE)
+    out = decode_attention(*_decode_args(batch), shared_prefix_len=shared)
+    _assert_close(out[0], expected[0])
+    assert not torch.allclose(out[1], expected[1], atol=1e-3)
+
+
 @needs_triton
 def test_decode_attention_agrees_with_prefill_on_single_queries(poisoned_empty):
     batch = _paged_batch([1] * 3, [9, 40, 0], 8, 2, 64, 16, torch.float32, seed=3)
@@ -204,6 +243,9 @@ def test_attention_wrappers_reject_bad_arguments():
         prefill_attention(**{**batch, "query_start_loc": batch["query_start_loc"][:1]})
     with pytest.raises(ValueError, match="out"):
         decode_attention(*_decode_args(batch), out=torch.empty(2, 8, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="shared_prefix_len"):
+        decode_attention(*_decode_args(batch),
+                         shared_prefix_len=torch.zeros(1, dtype=torch.int64, device=DEVICE))
 
 
 # --- row-wise ops ---------------------------------------------------------------------------

@@ -53,6 +53,18 @@ def test_decode_attention_bf16_long_context(shape):
                                **BF16)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_decode_attention_bf16_cascade(shape, num_splits):
+    # 48 requests whose first 4,096 keys (256 blocks) are request 0's, contexts to 4,099+
+    batch = paged_batch([1] * 48, [4096 + 37 * i for i in range(48)], *shape, seed=3)
+    batch["block_tables"][:, :256] = batch["block_tables"][0, :256].clone()
+    shared = torch.tensor([4096], dtype=torch.int32, device="cuda")
+    torch.testing.assert_close(
+        decode_attention(*_decode_args(batch), num_splits=num_splits, shared_prefix_len=shared),
+        decode_attention_ref(*_decode_args(batch)), **BF16)
+
+
 def test_decode_attention_replays_in_a_cuda_graph():
     # Tables hold 1,000 tokens per request; the replay runs shorter contexts than the capture.
     batch = paged_batch([1] * 64, [999] * 64, 32, 8, 128, seed=2)

@@ -1,5 +1,9 @@
 """DecodeGraphs: the model's forward for pure-decode steps, captured once per bucketed batch
-size and replayed, so a decode step costs one graph launch instead of hundreds of kernels."""
+size and replayed, so a decode step costs one graph launch instead of hundreds of kernels.
+
+Each size >= 2 has a second graph whose attention reads the blocks every request shares once
+for the batch (cascade; the shared length is an input, so one graph serves every prefix).
+Steps with no shared prefix replay the plain graph and pay nothing for the option."""
 from __future__ import annotations
 
 import bisect
@@ -29,22 +33,28 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((self.max_bs, self.max_blocks), dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=dev)
+        # keyed by (batch size, cascade)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.pool = None
 
-    def _context(self, bs: int) -> ForwardContext:
+    def _context(self, bs: int, cascade: bool = False) -> ForwardContext:
         return ForwardContext(
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
             kv_caches=self.runner.kv_caches, max_query_len=1,
-            max_seq_len=self.runner.max_model_len, is_decode_only=True)
+            max_seq_len=self.runner.max_model_len, is_decode_only=True,
+            shared_prefix_len=self.shared_prefix_len if cascade else None)
 
     @torch.inference_mode()
     def capture(self) -> None:
         model = self.runner.model
-        for bs in reversed(self.sizes):
-            ctx = self._context(bs)
+        keys = [(bs, cascade) for bs in reversed(self.sizes) for cascade in (False, True)
+                if bs >= 2 or not cascade]
+        for key in keys:
+            bs = key[0]
+            ctx = self._context(*key)
             # Warm-up outside the graph (Triton compiles, cuBLAS picks algorithms).
             model(self.input_ids[:bs], self.positions[:bs], ctx)
             torch.cuda.synchronize(self.device)
@@ -53,8 +63,8 @@ class DecodeGraphs:
                 out = model(self.input_ids[:bs], self.positions[:bs], ctx)
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[bs] = graph
-            self.outputs[bs] = out
+            self.graphs[key] = graph
+            self.outputs[key] = out
         torch.cuda.synchronize(self.device)
 
     def can_run(self, batch) -> bool:
@@ -70,7 +80,7 @@ class DecodeGraphs:
         # One pinned staging tensor, one H2D copy. A fresh one from torch's caching host
         # allocator each step: it is not reused before its copy has run, which matters when
         # the host runs a step ahead of the device (overlapped steps).
-        staging = torch.empty(bs * (4 + nb), dtype=torch.int64, pin_memory=True)
+        staging = torch.empty(bs * (4 + nb) + 1, dtype=torch.int64, pin_memory=True)
         stage_decode_inputs(batch, bs, staging.numpy())
         dev = staging.to(self.device, non_blocking=True)
         self.input_ids[:bs].copy_(dev[0:bs])
@@ -80,17 +90,21 @@ class DecodeGraphs:
         # Only the batch's widest row: the kernels read no block past a sequence's length, so
         # the stale columns beyond are never touched (a full max_model_len-wide table would
         # be 67 MB a step for a 128k-context model).
-        self.block_tables[:bs, :nb].copy_(dev[4 * bs:].view(bs, nb))
+        self.block_tables[:bs, :nb].copy_(dev[4 * bs:-1].view(bs, nb))
+        key = (bs, batch.shared_prefix_len > 0 and bs >= 2)
+        if key[1]:
+            self.shared_prefix_len.copy_(dev[-1:])
         if fixup is not None:
             self.input_ids[fixup[0]] = fixup[1]
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        self.graphs[key].replay()
+        return self.outputs[key][:n]
 
 
 def stage_decode_inputs(batch, bs: int, host) -> None:
-    """Fill `host` ([bs * (4 + nb)] int64) for a decode batch of n <= bs requests padded to bs:
-    ids | positions | slots | seq_lens | block table rows [bs, nb]. Padding rows write no KV
-    (slot -1) and attend to one key of block 0."""
+    """Fill `host` ([bs * (4 + nb) + 1] int64) for a decode batch of n <= bs requests padded to
+    bs: ids | positions | slots | seq_lens | block table rows [bs, nb] | shared prefix length.
+    Padding rows write no KV (slot -1) and attend to one key of block 0 (and, with a shared
+    prefix, to the prefix: their output is dropped)."""
     n, nb = batch.num_reqs, batch.block_tables.shape[1]
     host[:2 * bs] = 0
     host[0:n] = batch.input_ids
@@ -102,3 +116,4 @@ def stage_decode_inputs(batch, bs: int, host) -> None:
     table = host[4 * bs:4 * bs + bs * nb].reshape(bs, nb)
     table[:n] = batch.block_tables
     table[n:] = 0
+    host[-1] = batch.shared_prefix_len

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# A decode step reads the blocks all its requests share once for the batch (cascade
+# attention) when that saves at least this many key reads: below it, the extra kernel launch
+# and the softmax state it writes and reads back (~8 keys' worth of bytes per request) cost
+# about what the reads saved.
+MIN_CASCADE_SAVED_KEYS = 4096
+
 
 @dataclass
 class InputBatch:
@@ -25,6 +31,9 @@ class InputBatch:
     # the previous step's sampled tensor at row placeholder_prev_row.
     placeholder_index: np.ndarray | None = None  # [P] int64
     placeholder_prev_row: np.ndarray | None = None  # [P] int64
+    # Decode steps: keys at the start of every context held in the same blocks, read once
+    # for the whole batch (0: no cascade).
+    shared_prefix_len: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -80,12 +89,33 @@ def build_input_batch(sched, block_size: int) -> InputBatch:
     blocks = block_tables[req_of_token, positions // block_size].astype(np.int64)
     slot_mapping = blocks * block_size + positions % block_size
 
+    max_query_len = int(q_lens.max()) if num_reqs else 0
+    shared = 0
+    if max_query_len == 1:
+        shared = shared_prefix_len(block_tables, seq_lens, block_size)
+        if (num_reqs - 1) * shared < MIN_CASCADE_SAVED_KEYS:
+            shared = 0
     sample_rows = [i for i, s in enumerate(sched.needs_sample) if s]
     logits_indices = cu[1:][sample_rows] - 1 if sample_rows else np.zeros(0, dtype=np.int64)
     return InputBatch(
         input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
         query_start_loc=cu.astype(np.int32), seq_lens=seq_lens.astype(np.int32),
         block_tables=block_tables, logits_indices=np.asarray(logits_indices, dtype=np.int64),
-        sample_rows=sample_rows, max_query_len=int(q_lens.max()) if num_reqs else 0,
+        sample_rows=sample_rows, max_query_len=max_query_len,
         max_seq_len=int(seq_lens.max()) if num_reqs else 0,
-        placeholder_index=placeholder_index, placeholder_prev_row=placeholder_prev_row)
+        placeholder_index=placeholder_index, placeholder_prev_row=placeholder_prev_row,
+        shared_prefix_len=shared)
+
+
+def shared_prefix_len(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:
+    """Keys at the start of every request's context that sit in the same physical blocks for
+    all of them (a prompt prefix the prefix cache shares): whole blocks, all before every
+    request's newest key (the one this step writes). 0 for fewer than two requests."""
+    if block_tables.shape[0] < 2:
+        return 0
+    limit = min(int(seq_lens.min()) - 1, block_tables.shape[1] * block_size) // block_size
+    if limit <= 0:
+        return 0
+    head = block_tables[:, :limit]
+    same = (head == head[0]).all(axis=0)
+    return (limit if same.all() else int(same.argmin())) * block_size

@@ -163,8 +163,9 @@ class ModelRunner:
     def _send_step(self, batch: InputBatch, caches=None):
         """An eager step's inputs in two copies (int32, int64) -> (ForwardContext, input_ids,
         positions, logits_indices) on the device."""
-        query_start_loc, seq_lens, block_tables = self._send(
-            batch.query_start_loc, batch.seq_lens, batch.block_tables)
+        shared = np.asarray([batch.shared_prefix_len], dtype=np.int32)
+        query_start_loc, seq_lens, block_tables, shared_prefix_len = self._send(
+            batch.query_start_loc, batch.seq_lens, batch.block_tables, shared)
         slot_mapping, input_ids, positions, logits_indices = self._send(
             batch.slot_mapping, batch.input_ids, batch.positions, batch.logits_indices)
         ctx = ForwardContext(
@@ -172,7 +173,8 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            is_decode_only=batch.is_decode_only)
+            is_decode_only=batch.is_decode_only,
+            shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None)
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()

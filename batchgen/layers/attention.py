@@ -32,10 +32,13 @@ class Attention(nn.Module):
         write = kv_cache_write.write_kv_cache if is_cuda else kv_cache_write.write_kv_cache_ref
         write(k, v, key_cache, value_cache, ctx.slot_mapping)
         if ctx.is_decode_only:
-            decode = (decode_attention.decode_attention if is_cuda
-                      else decode_attention.decode_attention_ref)
-            return decode(q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens,
-                          self.scale, ctx.max_seq_len)
+            if not is_cuda:  # the reference gives what the cascade does, keys read per request
+                return decode_attention.decode_attention_ref(
+                    q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, self.scale,
+                    ctx.max_seq_len)
+            return decode_attention.decode_attention(
+                q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, self.scale,
+                ctx.max_seq_len, shared_prefix_len=ctx.shared_prefix_len)
         # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
         prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
                           if is_cuda else (prefill_attention.prefill_attention_ref, {}))
