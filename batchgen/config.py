@@ -40,6 +40,9 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy" (seeded random weights from config.json)
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # no CUDA graphs
+    # Decode steps read a prompt prefix every running request shares once for the batch
+    # when it pays (batchgen.engine.input_batch); True always reads it per request.
+    disable_cascade_attn: bool = False
     # Schedule and launch step n+1 while the device runs step n (None: on for CUDA).
     async_scheduling: bool | None = None
 

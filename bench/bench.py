@@ -35,7 +35,8 @@ if importlib.util.find_spec("batchgen") is None:
 from floor import Ceilings, compute_floor, measure_ceilings
 from report import print_table, print_workload
 from shapes import SHAPES, Shape, get_shape
-from workloads import REFERENCES, WORKLOAD_NAMES, cap_outputs, draw_workload, fit_to_vocab
+from workloads import (EXTRA_WORKLOADS, REFERENCES, WORKLOAD_NAMES, cap_outputs, draw_workload,
+                       fit_to_vocab)
 
 NUM_WARMUP_REQUESTS = 16
 WARMUP_MAX_TOKENS = 32  # warm-up compiles and captures; it need not decode long
@@ -112,7 +113,8 @@ def build_llm(shape: Shape, folder: Path, args):
     return LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype=shape.dtype,
                enable_prefix_caching=True, gpu_memory_utilization=0.9, max_model_len=4096,
                seed=0, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+               disable_cascade_attn=args.disable_cascade_attn)
 
 
 def generate(llm, requests) -> tuple[float, list]:
@@ -190,7 +192,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--workloads", default="reviews,decode,prefill",
-                   help=f"comma-separated, of {','.join(WORKLOAD_NAMES)}")
+                   help=f"comma-separated, of {','.join(WORKLOAD_NAMES + EXTRA_WORKLOADS)}")
     p.add_argument("--baseline", action="store_true", help="transformers generate_batch beside us")
     p.add_argument("--skip-numerics", action="store_true")
     p.add_argument("--skip-ceilings", action="store_true", help="no floor either")
@@ -199,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--disable-cascade-attn", action="store_true",
+                   help="read shared prompt prefixes per request in decode steps")
     p.add_argument("--profile", default="",
                    help="comma list of workloads (or baseline) to run once more under "
                         "torch.profiler")
@@ -207,9 +211,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
-    bad = [w for w in args.workloads if w not in WORKLOAD_NAMES]
+    bad = [w for w in args.workloads if w not in WORKLOAD_NAMES + EXTRA_WORKLOADS]
     if bad:
-        p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOAD_NAMES)}")
+        p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOAD_NAMES + EXTRA_WORKLOADS)}")
     args.profile = [w for w in args.profile.split(",") if w]
     not_run = sorted(set(args.profile) - set(args.workloads) - ({"baseline"} if args.baseline
                                                                  else set()))
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             is_as_published = (shape.name == w.default_shape and args.limit is None
                                and args.max_output_tokens is None)
             fig = run_workload(llm, shape, name, requests, ceilings,
-                               REFERENCES[name] if is_as_published else None)
+                               REFERENCES.get(name) if is_as_published else None)
             results["workloads"][name] = fig
             print_workload(name, fig)
         if name in args.profile:

@@ -46,6 +46,9 @@ CASCADE_CASES = {
 }
 # (BLOCK_N, num_warps, num_stages, K_ROWS) and (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS)
 DECODE_CONFIGS = list(itertools.product((64, 128), (2, 4), (2, 3, 4), (False, True)))
+# Short contexts: smaller tiles, fewer warps and stages (less shared memory, more programs
+# resident per SM to hide the latency of each program's first loads)
+SHORT_DECODE_CONFIGS = list(itertools.product((16, 32, 64), (1, 2, 4), (1, 2, 3), (False,)))
 PREFILL_CONFIGS = (list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False,)))
                    + list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (True,))))
 # llama3-8b's projections (out, in) and the tokens per step the workloads run
@@ -130,25 +133,48 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
 
 
 def sweep_cascade(run_decode) -> dict:
-    """Decode over requests sharing their first blocks: ms with the shared keys read per
-    request (plain) and once for the batch (cascade), and the largest difference."""
+    """Decode over requests sharing their first blocks, ms: the shared keys read per request
+    (plain) and once for the batch (cascade, with the decode kernel's tile variants for the
+    keys after the prefix), and the parts: the requests' own keys alone (plain, no prefix)
+    and the prefix alone (cascade over contexts of the prefix and one key)."""
     results = {}
     for name, (num_reqs, shared, own) in CASCADE_CASES.items():
-        batch = paged_batch([1] * num_reqs, [shared + own - 1] * num_reqs, NUM_HEADS,
-                            NUM_KV_HEADS, 128, BLOCK_SIZE)
-        num_blocks = shared // BLOCK_SIZE
-        batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
         length = torch.tensor([shared], dtype=torch.int32, device="cuda")
-        plain = run_decode(batch, None)
-        diff = (run_decode(batch, None, length).float() - plain.float()).abs().max().item()
-        row = {"plain ms": time_ms(lambda: run_decode(batch, None)),
-               "cascade ms": time_ms(lambda: run_decode(batch, None, length)),
-               "max_abs_diff": diff}
-        print(f"{name}: plain {row['plain ms']:.3f} ms, cascade {row['cascade ms']:.3f} ms "
-              f"(x{row['plain ms'] / row['cascade ms']:.2f}), max diff {diff:.2e}")
+        row = {}
+        for part, prefix_lens in (("own keys only", own - 1), ("prefix only", shared),
+                                  ("whole", shared + own - 1)):
+            batch = paged_batch([1] * num_reqs, [prefix_lens] * num_reqs, NUM_HEADS,
+                                NUM_KV_HEADS, 128, BLOCK_SIZE)
+            if part == "own keys only":
+                row[part] = time_ms(lambda: run_decode(batch, None))
+                continue
+            num_blocks = shared // BLOCK_SIZE
+            batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
+            plain = run_decode(batch, None)
+            if part == "prefix only":
+                row[part] = time_ms(lambda: run_decode(batch, None, length))
+                continue
+            row["max_abs_diff"] = 0.0
+            for config in [None, *SHORT_DECODE_CONFIGS]:
+                for kind, shared_len in (("plain", None), ("cascade", length)):
+                    try:
+                        out = run_decode(batch, config, shared_len)
+                        ms = time_ms(lambda: run_decode(batch, config, shared_len))
+                    except Exception:  # noqa: BLE001 - a config may not compile
+                        continue
+                    row["max_abs_diff"] = max(row["max_abs_diff"],
+                                              (out.float() - plain.float()).abs().max().item())
+                    row[f"{kind} {config}"] = ms
+            del batch
+            torch.cuda.empty_cache()
+        best = {kind: min((k for k in row if k.startswith(kind)), key=row.get)
+                for kind in ("plain", "cascade")}
+        print(f"{name}: plain {row['plain None']:.3f} ms (best {best['plain']}: "
+              f"{row[best['plain']]:.3f}), cascade {row['cascade None']:.3f} ms (best "
+              f"{best['cascade']}: {row[best['cascade']]:.3f}); own keys only "
+              f"{row['own keys only']:.3f}, prefix only {row['prefix only']:.3f}; max diff "
+              f"{row['max_abs_diff']:.2e}")
         results[name] = row
-        del batch
-        torch.cuda.empty_cache()
     return results
 
 
@@ -228,8 +254,8 @@ def main(argv=None) -> int:
         results["prefill (TFLOP/s)"] = sweep(PREFILL_CASES, PREFILL_CONFIGS, run_prefill,
                                              prefill_flops, "TFLOP/s")
     if "decode" in sections:
-        results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS, run_decode,
-                                         decode_bytes, "TB/s")
+        results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS + SHORT_DECODE_CONFIGS,
+                                         run_decode, decode_bytes, "TB/s")
     if "cascade" in sections:
         results["cascade"] = sweep_cascade(run_decode)
     if "bandwidth" in sections:

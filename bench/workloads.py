@@ -7,6 +7,8 @@ Each workload draws from its own `random.Random(seed)` (seed 0), token ids in [1
     decode:  [(tok(128), 1024) x 500]
     prefill: [(tok(1024), 8) x 1000]
     small:   the reviews requests (run on llama-1b)
+    fewshot: prefix = tok(2048); [(prefix + tok(randint(32, 160)), randint(64, 256)) x 1000]
+             (ours: no vLLM figure or bar)
 
 Draws are sequential, so the first N requests of a limited draw equal the first N of the full one.
 """
@@ -62,6 +64,10 @@ REFERENCES: dict[str, Reference] = {
 }
 
 WORKLOAD_NAMES = ("reviews", "decode", "prefill", "small")
+# Ours, not BENCHMARKS.md's (no vLLM figure, no bar): a long few-shot instruction every row
+# shares, short rows (what cascade decode attention is for).
+EXTRA_WORKLOADS = ("fewshot",)
+FEWSHOT_PREFIX_LEN = 2048
 
 
 def _token_drawer(rng: random.Random):
@@ -88,19 +94,30 @@ def draw_prefill(num_requests: int = 1000, seed: int = 0) -> list[Request]:
     return [(tok(1024), 8) for _ in range(num_requests)]
 
 
-_FULL_SIZES = {"reviews": 2000, "decode": 500, "prefill": 1000, "small": 2000}
+def draw_fewshot(num_requests: int = 1000, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    tok = _token_drawer(rng)
+    prefix = tok(FEWSHOT_PREFIX_LEN)
+    return [(prefix + tok(rng.randint(32, 160)), rng.randint(64, 256))
+            for _ in range(num_requests)]
+
+
+_FULL_SIZES = {"reviews": 2000, "decode": 500, "prefill": 1000, "small": 2000, "fewshot": 1000}
 
 
 def draw_workload(name: str, limit: int | None = None, seed: int = 0) -> Workload:
     """The named workload; `limit` keeps only its first `limit` requests (smoke runs)."""
     if name not in _FULL_SIZES:
-        raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOAD_NAMES)}")
+        raise ValueError(f"unknown workload {name!r}; choose from "
+                         f"{list(WORKLOAD_NAMES + EXTRA_WORKLOADS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     n = _FULL_SIZES[name] if limit is None else min(limit, _FULL_SIZES[name])
     if name in ("reviews", "small"):
         return Workload(name, draw_reviews(n, seed), REVIEWS_PREFIX_LEN,
                         "llama-1b" if name == "small" else "llama3-8b")
+    if name == "fewshot":
+        return Workload(name, draw_fewshot(n, seed), FEWSHOT_PREFIX_LEN, "llama3-8b")
     draw = draw_decode if name == "decode" else draw_prefill
     return Workload(name, draw(n, seed), 0, "llama3-8b")
 

@@ -62,6 +62,15 @@ def test_reviews_shape_and_limit():
     assert small.requests == full.requests[:3] and small.default_shape == "llama-1b"
 
 
+def test_fewshot_shares_a_long_prefix_before_short_rows():
+    w = workloads.draw_workload("fewshot", limit=50)
+    assert w.num_shared_prefix_tokens == 2048 and w.default_shape == "llama3-8b"
+    prefix = w.requests[0][0][:2048]
+    for prompt, n in w.requests:
+        assert prompt[:2048] == prefix and 32 <= len(prompt) - 2048 <= 160 and 64 <= n <= 256
+    assert "fewshot" not in workloads.REFERENCES  # ours: no bar to print
+
+
 def test_decode_prefill_sizes():
     d = workloads.draw_workload("decode")
     p = workloads.draw_workload("prefill")

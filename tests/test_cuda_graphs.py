@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from batchgen.engine.cuda_graphs import graph_batch_sizes, stage_decode_inputs
-from batchgen.engine.input_batch import (MIN_CASCADE_SAVED_KEYS, build_input_batch,
+from batchgen.engine.input_batch import (MIN_CASCADE_SAVED_KEYS,
+                                         MIN_CASCADE_SHARED_PER_OWN_KEY, build_input_batch,
                                          shared_prefix_len)
 from batchgen.engine.request import Request
 from batchgen.sampling_params import SamplingParams
@@ -74,7 +75,7 @@ def test_shared_prefix_len_counts_whole_common_blocks_before_every_newest_key():
     assert shared_prefix_len(tables[[0, 2]][:, ::-1].copy(), np.array([64, 64]), 16) == 0
 
 
-def test_decode_batches_cascade_only_when_enough_key_reads_are_saved():
+def test_decode_batches_cascade_only_when_shared_keys_dominate_and_enough_reads_are_saved():
     blocks = 4096 // 16  # the prefix every table shares, in blocks
     prefix = list(range(1, blocks + 1))
     tables = [prefix + [1000 + i] for i in range(3)]
@@ -85,6 +86,10 @@ def test_decode_batches_cascade_only_when_enough_key_reads_are_saved():
     short = [prefix[:8] + [1000 + i] for i in range(3)]  # 2 x 128 keys: not worth a launch
     assert _decode_batch(short, [8 * 16 + 5] * 3).shared_prefix_len == 0
     assert MIN_CASCADE_SAVED_KEYS > 2 * 128
+    # 4096 shared keys against 3000 own ones each: L2 serves the prefix to the plain kernel
+    long_own = [prefix + list(range(2000 + 200 * i, 2000 + 200 * i + 188)) for i in range(3)]
+    own = int(4096 / MIN_CASCADE_SHARED_PER_OWN_KEY) + 904
+    assert _decode_batch(long_own, [4096 + own] * 3).shared_prefix_len == 0
 
 
 @pytest.mark.gpu
@@ -133,3 +138,55 @@ def test_graph_replay_matches_the_eager_forward(shared_blocks):
                for name in ("seq_lens", "block_tables", "slot_mapping")})
         eager = model(graphs.input_ids[:num_reqs], graphs.positions[:num_reqs], eager_ctx)
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=0)
+
+
+def _shared_prefix_run(model_dir, monkeypatch, device: str, **llm_kwargs):
+    """32 prompts sharing 192 tokens (12 blocks) before 3-11 of their own, 16 greedy tokens
+    each (fp32) -> (token ids per prompt, each step's shared_prefix_len)."""
+    from batchgen import LLM, SamplingParams
+    from batchgen.engine import model_runner
+
+    shared_lens = []
+
+    def spy(*args, **kwargs):
+        batch = build_input_batch(*args, **kwargs)
+        shared_lens.append(batch.shared_prefix_len)
+        return batch
+    monkeypatch.setattr(model_runner, "build_input_batch", spy)
+    prefix = [(7 * k) % 120 + 5 for k in range(192)]
+    prompts = [{"prompt_token_ids": prefix + [(11 * i + j) % 120 + 5 for j in range(3 + i % 9)]}
+               for i in range(32)]
+    llm = LLM(str(model_dir), device=device, dtype="float32", skip_tokenizer_init=True,
+              max_model_len=256, num_kv_blocks=600, **llm_kwargs)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0,
+                                                   ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outputs], shared_lens
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    from test_models import perturbed_hf_model, tiny_config
+    perturbed_hf_model(tiny_config("llama3-untied")).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_engine_plans_cascade_decode_steps_for_a_shared_prefix(tiny_model_dir, monkeypatch):
+    _, shared_lens = _shared_prefix_run(tiny_model_dir, monkeypatch, "cpu")
+    assert shared_lens[0] == 0 and set(shared_lens[1:]) == {192}  # the prefill, then decodes
+    _, shared_lens = _shared_prefix_run(tiny_model_dir, monkeypatch, "cpu",
+                                        disable_cascade_attn=True)
+    assert set(shared_lens) == {0}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_cascade_decode_gives_the_tokens_of_plain_decode(tiny_model_dir, monkeypatch,
+                                                          enforce_eager):
+    """The engine with cascade decode steps (graphs, or eager) gives the tokens it gives
+    without them."""
+    tokens, shared_lens = _shared_prefix_run(tiny_model_dir, monkeypatch, "cuda",
+                                             enforce_eager=enforce_eager)
+    assert max(shared_lens) == 192
+    plain, _ = _shared_prefix_run(tiny_model_dir, monkeypatch, "cuda",
+                                  enforce_eager=enforce_eager, disable_cascade_attn=True)
+    assert tokens == plain

@@ -1,9 +1,9 @@
 """DecodeGraphs: the model's forward for pure-decode steps, captured once per bucketed batch
 size and replayed, so a decode step costs one graph launch instead of hundreds of kernels.
 
-Each size >= 2 has a second graph whose attention reads the blocks every request shares once
-for the batch (cascade; the shared length is an input, so one graph serves every prefix).
-Steps with no shared prefix replay the plain graph and pay nothing for the option."""
+A size >= 2 gets a second graph, at the first step that needs it, whose attention reads the
+blocks every request shares once for the batch (cascade; the shared length is an input, so
+one graph serves every prefix). Other steps replay the plain graph and pay nothing for it."""
 from __future__ import annotations
 
 import bisect
@@ -49,23 +49,28 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        model = self.runner.model
-        keys = [(bs, cascade) for bs in reversed(self.sizes) for cascade in (False, True)
-                if bs >= 2 or not cascade]
-        for key in keys:
-            bs = key[0]
-            ctx = self._context(*key)
-            # Warm-up outside the graph (Triton compiles, cuBLAS picks algorithms).
-            model(self.input_ids[:bs], self.positions[:bs], ctx)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = model(self.input_ids[:bs], self.positions[:bs], ctx)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[key] = graph
-            self.outputs[key] = out
+        """Start-up: the plain graph of every size. A cascade graph is captured at the first
+        step that needs it (`run`): only jobs with a long shared prompt prefix use them."""
+        for bs in reversed(self.sizes):
+            self._capture((bs, False))
         torch.cuda.synchronize(self.device)
+
+    def _capture(self, key: tuple[int, bool]) -> None:
+        bs = key[0]
+        ctx = self._context(*key)
+        model = self.runner.model
+        # Warm-up outside the graph (Triton compiles, cuBLAS picks algorithms). At start-up
+        # the padding inputs write no KV; mid-run it writes this step's K/V, which the
+        # replay then writes again.
+        model(self.input_ids[:bs], self.positions[:bs], ctx)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = model(self.input_ids[:bs], self.positions[:bs], ctx)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[key] = graph
+        self.outputs[key] = out
 
     def can_run(self, batch) -> bool:
         return batch.is_decode_only and batch.num_reqs <= self.max_bs \
@@ -96,6 +101,8 @@ class DecodeGraphs:
             self.shared_prefix_len.copy_(dev[-1:])
         if fixup is not None:
             self.input_ids[fixup[0]] = fixup[1]
+        if key not in self.graphs:
+            self._capture(key)
         self.graphs[key].replay()
         return self.outputs[key][:n]
 

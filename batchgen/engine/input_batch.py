@@ -9,9 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 
 # A decode step reads the blocks all its requests share once for the batch (cascade
-# attention) when that saves at least this many key reads: below it, the extra kernel launch
-# and the softmax state it writes and reads back (~8 keys' worth of bytes per request) cost
-# about what the reads saved.
+# attention) when the shared keys outnumber each request's own keys after them at least
+# this many times, and save at least MIN_CASCADE_SAVED_KEYS reads in all. Below that the
+# plain kernel is as fast or faster: the H200's L2 already serves a short shared prefix to
+# every request (bench/kernel_sweep.py --only cascade, RESULTS.md: x1.0 at 933 requests of
+# 256 shared + 344 own keys, x0.8 at 64 of 256 + 484, x2.3 at 256 of 2,048 + 128).
+MIN_CASCADE_SHARED_PER_OWN_KEY = 2.0
 MIN_CASCADE_SAVED_KEYS = 4096
 
 
@@ -48,9 +51,9 @@ class InputBatch:
         return self.max_query_len == 1
 
 
-def build_input_batch(sched, block_size: int) -> InputBatch:
+def build_input_batch(sched, block_size: int, cascade: bool = True) -> InputBatch:
     """sched: a SchedulerOutput (requests, num_scheduled_tokens, num_computed_before, block_ids,
-    needs_sample)."""
+    needs_sample). cascade: look for a shared prefix to read once (decode steps)."""
     reqs = sched.requests
     num_reqs = len(reqs)
     q_lens = np.asarray(sched.num_scheduled_tokens, dtype=np.int64)
@@ -91,9 +94,11 @@ def build_input_batch(sched, block_size: int) -> InputBatch:
 
     max_query_len = int(q_lens.max()) if num_reqs else 0
     shared = 0
-    if max_query_len == 1:
+    if max_query_len == 1 and cascade:
         shared = shared_prefix_len(block_tables, seq_lens, block_size)
-        if (num_reqs - 1) * shared < MIN_CASCADE_SAVED_KEYS:
+        mean_own_keys = float(seq_lens.mean()) - shared if num_reqs else 0.0
+        if (num_reqs - 1) * shared < MIN_CASCADE_SAVED_KEYS \
+                or shared < MIN_CASCADE_SHARED_PER_OWN_KEY * mean_own_keys:
             shared = 0
     sample_rows = [i for i, s in enumerate(sched.needs_sample) if s]
     logits_indices = cu[1:][sample_rows] - 1 if sample_rows else np.zeros(0, dtype=np.int64)

@@ -187,7 +187,8 @@ class ModelRunner:
         """Enqueue one step's forward and sampling on the device; no host sync. Placeholder
         tokens in the batch are read from `prev`'s sampled tensor on the device."""
         timer = self.timer
-        batch = build_input_batch(sched, self.block_size)
+        batch = build_input_batch(sched, self.block_size,
+                                  cascade=not self.config.disable_cascade_attn)
         fixup = None
         if batch.placeholder_index is not None:
             assert prev is not None and prev.sampled is not None, "placeholder with no step before"
