@@ -2,7 +2,7 @@
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill / sweep-cascade:
 # bench/kernel_sweep.py)
-# (overlap: bench/overlap_probe.py)
+# (overlap: bench/overlap_probe.py; fewshot: that workload with and without cascade attention)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -28,6 +28,10 @@ for step in "${@:-8b}"; do
     sweep-gemm-prefill) python bench/kernel_sweep.py --only gemm,prefill --out "$OUT/kernel-sweep.json" \
           2>&1 | tee "$OUT/kernel-sweep.log" ;;
     overlap) python bench/overlap_probe.py --out "$OUT/overlap.json" 2>&1 | tee "$OUT/overlap.log" ;;
+    fewshot) for flag in "" --disable-cascade-attn; do
+          python bench/bench.py --shape llama3-8b --workloads fewshot --skip-numerics $flag \
+            --out "$OUT/fewshot${flag:+-plain}.json" 2>&1 | tee "$OUT/fewshot${flag:+-plain}.log" | tail -4
+        done ;;
     tests) python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -8 ;;
   esac
 done
