@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from batchgen.engine import input_batch
 from batchgen.engine.cuda_graphs import graph_batch_sizes, stage_decode_inputs
 from batchgen.engine.input_batch import (MIN_CASCADE_SAVED_KEYS,
                                          MIN_CASCADE_SHARED_PER_OWN_KEY, build_input_batch,
@@ -75,7 +76,9 @@ def test_shared_prefix_len_counts_whole_common_blocks_before_every_newest_key():
     assert shared_prefix_len(tables[[0, 2]][:, ::-1].copy(), np.array([64, 64]), 16) == 0
 
 
-def test_decode_batches_cascade_only_when_shared_keys_dominate_and_enough_reads_are_saved():
+def test_decode_batches_cascade_only_when_shared_keys_dominate_and_enough_reads_are_saved(
+        monkeypatch):
+    monkeypatch.setattr(input_batch, "MIN_CASCADE_SAVED_KEYS", 4096)
     blocks = 4096 // 16  # the prefix every table shares, in blocks
     prefix = list(range(1, blocks + 1))
     tables = [prefix + [1000 + i] for i in range(3)]
@@ -85,7 +88,10 @@ def test_decode_batches_cascade_only_when_shared_keys_dominate_and_enough_reads_
     assert _decode_batch(tables[:1], lens[:1]).shared_prefix_len == 0
     short = [prefix[:8] + [1000 + i] for i in range(3)]  # 2 x 128 keys: not worth a launch
     assert _decode_batch(short, [8 * 16 + 5] * 3).shared_prefix_len == 0
-    assert MIN_CASCADE_SAVED_KEYS > 2 * 128
+    # at the default bar, 3 requests never pay: it takes a batch of hundreds
+    monkeypatch.undo()
+    assert _decode_batch(tables, lens).shared_prefix_len == 0
+    assert MIN_CASCADE_SAVED_KEYS // 4096 > 64
     # 4096 shared keys against 3000 own ones each: L2 serves the prefix to the plain kernel
     long_own = [prefix + list(range(2000 + 200 * i, 2000 + 200 * i + 188)) for i in range(3)]
     own = int(4096 / MIN_CASCADE_SHARED_PER_OWN_KEY) + 904
@@ -146,6 +152,8 @@ def _shared_prefix_run(model_dir, monkeypatch, device: str, **llm_kwargs):
     from batchgen import LLM, SamplingParams
     from batchgen.engine import model_runner
 
+    # 31 x 192 shared keys: far below the bar a real batch needs, lowered to reach it here
+    monkeypatch.setattr(input_batch, "MIN_CASCADE_SAVED_KEYS", 4096)
     shared_lens = []
 
     def spy(*args, **kwargs):

@@ -10,12 +10,13 @@ import numpy as np
 
 # A decode step reads the blocks all its requests share once for the batch (cascade
 # attention) when the shared keys outnumber each request's own keys after them at least
-# this many times, and save at least MIN_CASCADE_SAVED_KEYS reads in all. Below that the
-# plain kernel is as fast or faster: the H200's L2 already serves a short shared prefix to
-# every request (bench/kernel_sweep.py --only cascade, RESULTS.md: x1.0 at 933 requests of
-# 256 shared + 344 own keys, x0.8 at 64 of 256 + 484, x2.3 at 256 of 2,048 + 128).
+# this many times, and (requests - 1) x shared keys reach MIN_CASCADE_SAVED_KEYS. Below
+# that the plain kernel is as fast or faster: the H200's L2 already serves one layer's shared
+# prefix to every request (bench/kernel_sweep.py --only cascade, RESULTS.md: x1.0 at 933
+# requests of 256 shared + 344 own keys (239k saved), x0.8 at 64 of 256 + 484, x2.3 at 256
+# of 2,048 + 128 (522k saved)).
 MIN_CASCADE_SHARED_PER_OWN_KEY = 2.0
-MIN_CASCADE_SAVED_KEYS = 4096
+MIN_CASCADE_SAVED_KEYS = 1 << 19
 
 
 @dataclass
