@@ -9,9 +9,10 @@ dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like
 workload; each config is timed over several launches (CUDA events, median) and checked
 against the default config's output. Decode is reported as KV bytes read per second, prefill
 as attention TFLOP/s (causal: the keys each query sees). `cascade` times decode steps whose
-requests share a prompt prefix's blocks with the shared keys read per request and once. The shuffled blocks make the timings
-pessimistic next to the engine, whose fresh prompts get mostly consecutive blocks: compare
-configs with each other here, and confirm a winner end to end (RESULTS.md, session 6).
+requests share a prompt prefix's blocks, the shared keys read per request and once. The
+shuffled blocks make the timings pessimistic next to the engine, whose fresh prompts get
+mostly consecutive blocks: compare configs with each other here, and confirm a winner end to
+end (RESULTS.md, session 6).
 """
 from __future__ import annotations
 
