@@ -23,7 +23,8 @@ def attend_keys(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_posit
                 DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr):
     # q: [ROWS, HEAD_DIM]; acc [ROWS, HEAD_DIM], l_i / m_i [ROWS] fp32 (m_i in log2 units,
     # qk_scale includes log2(e)); key_ptr / value_ptr point at the kv head's first element.
-    # Keys key_start.. key_end in steps of BLOCK_N; key_start is a multiple of BLOCK_N.
+    # Keys key_start.. key_end in steps of BLOCK_N (key_start: a multiple of the block size at
+    # least, so a tile's loads stay within whole blocks' runs).
     # Keeping the unmasked tiles in a loop of their own lets the compiler pipeline it.
     # K_ROWS: load K as [BLOCK_N, HEAD_DIM] and transpose it in the dot (else [HEAD_DIM,
     # BLOCK_N] straight away); which is faster is measured by bench/kernel_sweep.py.
@@ -62,3 +63,23 @@ def attend_keys(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_posit
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@jit
+def attend_key_range(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims,
+                     key_start, open_end, num_keys, qk_scale, cache_block_stride,
+                     cache_slot_stride, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     EDGE_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     K_ROWS: tl.constexpr):
+    # Keys key_start..num_keys: the whole tiles below open_end (a multiple of BLOCK_N past
+    # key_start) unmasked, then the rest under EDGE_MASK (KEY_BOUND or CAUSAL).
+    acc, l_i, m_i = attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, key_start,
+        open_end, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION,
+        K_ROWS=K_ROWS)
+    return attend_keys(
+        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, open_end,
+        num_keys, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=EDGE_MASK, DOT_PRECISION=DOT_PRECISION,
+        K_ROWS=K_ROWS)

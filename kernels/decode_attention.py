@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._attention_tiles import KEY_BOUND, NO_MASK, attend_keys
+from ._attention_tiles import KEY_BOUND, attend_key_range
 from ._triton import check_same_device, jit, next_power_of_2, tl
 from .prefill_attention import check_paged_attention_args, gather_kv_ref, padded_attention_ref
 
@@ -93,16 +93,11 @@ def _decode_attention_kernel(
     value_ptr = value_cache_ptr + head_offset
     # Whole tiles unmasked, then the split's last, partial tile (if any) bounds-checked.
     full_end = split_start + tl.maximum(split_end - split_start, 0) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = attend_keys(
+    acc, l_i, m_i = attend_key_range(
         acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, rows, dims, split_start,
         full_end, split_end, qk_scale, cache_block_stride, cache_slot_stride,
-        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION,
-        K_ROWS=K_ROWS)
-    acc, l_i, m_i = attend_keys(
-        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, rows, dims, full_end,
-        split_end, split_end, qk_scale, cache_block_stride, cache_slot_stride,
-        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=KEY_BOUND, DOT_PRECISION=DOT_PRECISION,
-        K_ROWS=K_ROWS)
+        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, EDGE_MASK=KEY_BOUND,
+        DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
 
     if NUM_SPLITS == 1:
         # A request with no context (a padded graph slot) gets zeros, not 0 / 0.
@@ -148,15 +143,10 @@ def _shared_prefix_kernel(
     key_ptr = key_cache_ptr + head_offset
     value_ptr = value_cache_ptr + head_offset
     full_end = prefix_len // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = attend_keys(
+    acc, l_i, m_i = attend_key_range(
         acc, l_i, m_i, q, key_ptr, value_ptr, block_tables_ptr, rows, dims, 0, full_end,
         prefix_len, qk_scale, cache_block_stride, cache_slot_stride, BLOCK_SIZE=BLOCK_SIZE,
-        BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
-    acc, l_i, m_i = attend_keys(
-        acc, l_i, m_i, q, key_ptr, value_ptr, block_tables_ptr, rows, dims, full_end,
-        prefix_len, prefix_len, qk_scale, cache_block_stride, cache_slot_stride,
-        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=KEY_BOUND, DOT_PRECISION=DOT_PRECISION,
-        K_ROWS=K_ROWS)
+        BLOCK_N=BLOCK_N, EDGE_MASK=KEY_BOUND, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
     state_rows = reqs * GROUP * tl.num_programs(1) + heads
     tl.store(state_max_ptr + state_rows, m_i, mask=is_row)
     tl.store(state_sum_ptr + state_rows, l_i, mask=is_row)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._attention_tiles import CAUSAL, NO_MASK, attend_keys
+from ._attention_tiles import CAUSAL, attend_key_range
 from ._triton import (check_dtype, check_same_device, jit, next_power_of_2, require_triton,
                       tl)
 
@@ -124,15 +124,10 @@ def _prefill_attention_kernel(
     head_offset = kv_head.to(tl.int64) * cache_head_stride
     key_ptr = key_cache_ptr + head_offset
     value_ptr = value_cache_ptr + head_offset
-    acc, l_i, m_i = attend_keys(
+    acc, l_i, m_i = attend_key_range(
         acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, 0, open_end,
         num_keys, qk_scale, cache_block_stride, cache_slot_stride, BLOCK_SIZE=BLOCK_SIZE,
-        BLOCK_N=BLOCK_N, MASK=NO_MASK, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
-    acc, l_i, m_i = attend_keys(
-        acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims, open_end,
-        num_keys, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
-        BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION,
-        K_ROWS=K_ROWS)
+        BLOCK_N=BLOCK_N, EDGE_MASK=CAUSAL, DOT_PRECISION=DOT_PRECISION, K_ROWS=K_ROWS)
     out = acc / l_i[:, None]
     out_offsets = tokens64[:, None] * out_token_stride + row_heads[:, None] * out_head_stride
     tl.store(out_ptr + out_offsets + dims[None, :], out.to(out_ptr.dtype.element_ty),
