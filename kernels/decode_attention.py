@@ -6,7 +6,9 @@ prefix served from the prefix cache, e.g. a recipe's instruction), those shared 
 attended once for the whole batch (`_shared_prefix_kernel`: all requests' query heads against
 each K/V tile, read once) and each request's own program continues the online softmax from
 that state over the rest of its context. A batch of B requests sharing P keys then reads P
-keys once instead of B times."""
+keys once instead of B times. That pays only for long prefixes and large batches: the L2
+cache already serves a short shared prefix to every request (the caller's bar:
+batchgen.engine.input_batch)."""
 from __future__ import annotations
 
 import math
