@@ -35,8 +35,7 @@ if importlib.util.find_spec("batchgen") is None:
 from floor import Ceilings, compute_floor, measure_ceilings
 from report import print_table, print_workload
 from shapes import SHAPES, Shape, get_shape
-from workloads import (EXTRA_WORKLOADS, REFERENCES, WORKLOAD_NAMES, cap_outputs, draw_workload,
-                       fit_to_vocab)
+from workloads import ALL_WORKLOADS, REFERENCES, cap_outputs, draw_workload, fit_to_vocab
 
 NUM_WARMUP_REQUESTS = 16
 WARMUP_MAX_TOKENS = 32  # warm-up compiles and captures; it need not decode long
@@ -192,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--workloads", default="reviews,decode,prefill",
-                   help=f"comma-separated, of {','.join(WORKLOAD_NAMES + EXTRA_WORKLOADS)}")
+                   help=f"comma-separated, of {','.join(ALL_WORKLOADS)}")
     p.add_argument("--baseline", action="store_true", help="transformers generate_batch beside us")
     p.add_argument("--skip-numerics", action="store_true")
     p.add_argument("--skip-ceilings", action="store_true", help="no floor either")
@@ -211,9 +210,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
-    bad = [w for w in args.workloads if w not in WORKLOAD_NAMES + EXTRA_WORKLOADS]
+    bad = [w for w in args.workloads if w not in ALL_WORKLOADS]
     if bad:
-        p.error(f"unknown workload(s) {bad}; choose from {list(WORKLOAD_NAMES + EXTRA_WORKLOADS)}")
+        p.error(f"unknown workload(s) {bad}; choose from {list(ALL_WORKLOADS)}")
     args.profile = [w for w in args.profile.split(",") if w]
     not_run = sorted(set(args.profile) - set(args.workloads) - ({"baseline"} if args.baseline
                                                                  else set()))

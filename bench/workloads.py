@@ -67,6 +67,7 @@ WORKLOAD_NAMES = ("reviews", "decode", "prefill", "small")
 # Ours, not BENCHMARKS.md's (no vLLM figure, no bar): a long few-shot instruction every row
 # shares, short rows (what cascade decode attention is for).
 EXTRA_WORKLOADS = ("fewshot",)
+ALL_WORKLOADS = WORKLOAD_NAMES + EXTRA_WORKLOADS
 FEWSHOT_PREFIX_LEN = 2048
 
 
@@ -76,12 +77,18 @@ def _token_drawer(rng: random.Random):
     return tok
 
 
-def draw_reviews(num_requests: int = 2000, seed: int = 0) -> list[Request]:
+def _draw_shared_prefix(num_requests: int, seed: int, prefix_len: int, own: tuple[int, int],
+                        output: tuple[int, int]) -> list[Request]:
+    """One prefix every prompt starts with, then each prompt's own tokens."""
     rng = random.Random(seed)
     tok = _token_drawer(rng)
-    prefix = tok(REVIEWS_PREFIX_LEN)
+    prefix = tok(prefix_len)
     # Left to right as in the spec: the suffix length, the suffix, then the output length.
-    return [(prefix + tok(rng.randint(64, 768)), rng.randint(32, 256)) for _ in range(num_requests)]
+    return [(prefix + tok(rng.randint(*own)), rng.randint(*output)) for _ in range(num_requests)]
+
+
+def draw_reviews(num_requests: int = 2000, seed: int = 0) -> list[Request]:
+    return _draw_shared_prefix(num_requests, seed, REVIEWS_PREFIX_LEN, (64, 768), (32, 256))
 
 
 def draw_decode(num_requests: int = 500, seed: int = 0) -> list[Request]:
@@ -95,11 +102,7 @@ def draw_prefill(num_requests: int = 1000, seed: int = 0) -> list[Request]:
 
 
 def draw_fewshot(num_requests: int = 1000, seed: int = 0) -> list[Request]:
-    rng = random.Random(seed)
-    tok = _token_drawer(rng)
-    prefix = tok(FEWSHOT_PREFIX_LEN)
-    return [(prefix + tok(rng.randint(32, 160)), rng.randint(64, 256))
-            for _ in range(num_requests)]
+    return _draw_shared_prefix(num_requests, seed, FEWSHOT_PREFIX_LEN, (32, 160), (64, 256))
 
 
 _FULL_SIZES = {"reviews": 2000, "decode": 500, "prefill": 1000, "small": 2000, "fewshot": 1000}
@@ -108,8 +111,7 @@ _FULL_SIZES = {"reviews": 2000, "decode": 500, "prefill": 1000, "small": 2000, "
 def draw_workload(name: str, limit: int | None = None, seed: int = 0) -> Workload:
     """The named workload; `limit` keeps only its first `limit` requests (smoke runs)."""
     if name not in _FULL_SIZES:
-        raise ValueError(f"unknown workload {name!r}; choose from "
-                         f"{list(WORKLOAD_NAMES + EXTRA_WORKLOADS)}")
+        raise ValueError(f"unknown workload {name!r}; choose from {list(ALL_WORKLOADS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     n = _FULL_SIZES[name] if limit is None else min(limit, _FULL_SIZES[name])

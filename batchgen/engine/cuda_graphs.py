@@ -102,7 +102,7 @@ class DecodeGraphs:
         # the stale columns beyond are never touched (a full max_model_len-wide table would
         # be 67 MB a step for a 128k-context model).
         self.block_tables[:bs, :nb].copy_(dev[4 * bs:-1].view(bs, nb))
-        key = (bs, batch.shared_prefix_len > 0 and bs >= 2)
+        key = (bs, batch.shared_prefix_len > 0)  # > 0 only for two requests or more
         if key[1]:
             self.shared_prefix_len.copy_(dev[-1:])
         if fixup is not None:

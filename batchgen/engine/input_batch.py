@@ -95,7 +95,9 @@ def build_input_batch(sched, block_size: int, cascade: bool = True) -> InputBatc
 
     max_query_len = int(q_lens.max()) if num_reqs else 0
     shared = 0
-    if max_query_len == 1 and cascade:
+    # (no search when even a prefix of every context's older keys could not pass the bar)
+    if max_query_len == 1 and cascade \
+            and (num_reqs - 1) * (int(seq_lens.min()) - 1) >= MIN_CASCADE_SAVED_KEYS:
         shared = shared_prefix_len(block_tables, seq_lens, block_size)
         mean_own_keys = float(seq_lens.mean()) - shared if num_reqs else 0.0
         if (num_reqs - 1) * shared < MIN_CASCADE_SAVED_KEYS \
