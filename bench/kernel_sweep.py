@@ -2,7 +2,7 @@
 under each BLAS library, and the copy and read bandwidth (GPU only).
 
     python bench/kernel_sweep.py --out $OUT/sweep.json \
-        [--only gemm,prefill,decode,cascade,bandwidth]
+        [--only gemm,prefill,decode,cascade,stream,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
@@ -101,6 +101,25 @@ def time_ms(fn, reps: int = 15) -> float:
     return statistics.median(times)
 
 
+def time_graph_ms(fn, reps: int = 20) -> float:
+    """fn captured in a CUDA graph (as the engine replays decode steps), then `reps` replays
+    back to back between two events: no host launch time in the figure."""
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     """run(batch, config or None) -> output; work(head_dim, lens) -> work per launch."""
     results = {}
@@ -176,6 +195,69 @@ def sweep_cascade(run_decode) -> dict:
               f"{row['own keys only']:.3f}, prefix only {row['prefix only']:.3f}; max diff "
               f"{row['max_abs_diff']:.2e}")
         results[name] = row
+    return results
+
+
+STREAM_CASES = {
+    "decode 933 x 600 (reviews, decode steps)": [600] * 933,
+    "decode 933 x 600, consecutive blocks": [600] * 933,
+    "decode 500 x 640 (decode workload, mid-run)": [640] * 500,
+    "decode 64 x 740 (baseline set)": [740] * 64,
+    "decode 933 x 1 (fixed cost)": [1] * 933,
+    "decode 933 x 64-1024 (reviews' spread)": [64 + (i * 37) % 961 for i in range(933)],
+    "decode 8 x 4096 (few long)": [4096] * 8,
+}
+# (BLOCK_N, num_warps, num_stages, programs per SM, next tile's plan entries prefetched)
+STREAM_CONFIGS = list(itertools.product((32, 64), (2, 4), (2, 3, 4), (2, 4, 8), (False, True)))
+
+
+def sweep_stream(run_decode) -> dict:
+    """The tile-stream decode kernel (kernels/_decode_stream.py) against the per-request
+    grid, ms per launch replayed from a CUDA graph; the step's tile plan is timed apart (once
+    per step, not per layer)."""
+    from batchgen.kernels._decode_stream import (decode_attention_stream, plan_decode_tiles,
+                                                 stream_programs)
+    results = {}
+    for name, lens in STREAM_CASES.items():
+        b = paged_batch([1] * len(lens), [n - 1 for n in lens], NUM_HEADS, NUM_KV_HEADS, 128,
+                        BLOCK_SIZE)
+        if "consecutive" in name:
+            per_req = b["block_tables"].shape[1]
+            b["block_tables"] = (torch.arange(len(lens) * per_req, device="cuda",
+                                              dtype=torch.int32).view(len(lens), per_req)
+                                 % b["key_cache"].shape[0])
+        expected = run_decode(b, None)
+        row = {"plain": time_graph_ms(lambda: run_decode(b, None)), "max_abs_diff": 0.0}
+        args = (b["q"], b["key_cache"], b["value_cache"])
+        out = torch.empty_like(b["q"])
+        for block_n, warps, stages, per_sm, prefetch in STREAM_CONFIGS:
+            plan = plan_decode_tiles(b["seq_lens"], b["block_tables"], BLOCK_SIZE, block_n,
+                                     GRAPH_MAX_SEQ_LEN)
+            if f"plan {block_n}" not in row:
+                row[f"plan {block_n}"] = time_graph_ms(lambda: plan_decode_tiles(
+                    b["seq_lens"], b["block_tables"], BLOCK_SIZE, block_n, GRAPH_MAX_SEQ_LEN))
+            progs = stream_programs(NUM_KV_HEADS, b["q"].device, per_sm)
+
+            def run():
+                return decode_attention_stream(*args, plan, b["seq_lens"], b["scale"], out,
+                                               progs, warps, stages, prefetch=prefetch)
+            key = f"stream {(block_n, warps, stages, per_sm, prefetch)}"
+            try:
+                run()
+                err = (out.float() - expected.float()).abs().max().item()
+                row[key] = time_graph_ms(run)
+            except Exception as e:  # noqa: BLE001 - a config may not compile
+                row[key] = f"{type(e).__name__}: {e}"[:200]
+                continue
+            row["max_abs_diff"] = max(row["max_abs_diff"], err)
+        timed = {k: v for k, v in row.items() if k.startswith("stream") and isinstance(v, float)}
+        best = sorted(timed, key=timed.get)[:3]
+        print(f"{name}: plain {row['plain']:.3f} ms; stream best " + ", ".join(
+            f"{k[7:]} {timed[k]:.3f}" for k in best) + f"; plan {row.get('plan 64', 0):.3f} ms;"
+            f" max diff {row['max_abs_diff']:.2e}")
+        results[name] = row
+        del b
+        torch.cuda.empty_cache()
     return results
 
 
@@ -259,6 +341,8 @@ def main(argv=None) -> int:
                                          run_decode, decode_bytes, "TB/s")
     if "cascade" in sections:
         results["cascade"] = sweep_cascade(run_decode)
+    if "stream" in sections:
+        results["stream"] = sweep_stream(run_decode)
     if "bandwidth" in sections:
         results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:
