@@ -24,8 +24,8 @@ for step in "${@:-8b}"; do
           --out "$OUT/kernel-sweep-prefill.json" 2>&1 | tee "$OUT/kernel-sweep-prefill.log" ;;
     sweep-cascade) python bench/kernel_sweep.py --only cascade \
           --out "$OUT/kernel-sweep-cascade.json" 2>&1 | tee "$OUT/kernel-sweep-cascade.log" ;;
-    sweep-stream) python bench/kernel_sweep.py --only stream \
-          --out "$OUT/kernel-sweep-stream.json" 2>&1 | tee "$OUT/kernel-sweep-stream.log" ;;
+    sweep-decode) python bench/kernel_sweep.py --only decode \
+          --out "$OUT/kernel-sweep-decode.json" 2>&1 | tee "$OUT/kernel-sweep-decode.log" ;;
     sweep) python bench/kernel_sweep.py --out "$OUT/kernel-sweep.json" 2>&1 | tee "$OUT/kernel-sweep.log" ;;
     sweep-gemm-prefill) python bench/kernel_sweep.py --only gemm,prefill --out "$OUT/kernel-sweep.json" \
           2>&1 | tee "$OUT/kernel-sweep.log" ;;

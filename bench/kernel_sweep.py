@@ -2,7 +2,7 @@
 under each BLAS library, and the copy and read bandwidth (GPU only).
 
     python bench/kernel_sweep.py --out $OUT/sweep.json \
-        [--only gemm,prefill,decode,cascade,stream,bandwidth]
+        [--only gemm,prefill,decode,cascade,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
@@ -28,16 +28,20 @@ import torch
 NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZE = 32, 8, 16
 GRAPH_MAX_SEQ_LEN = 4096  # decode graphs are captured with max_model_len: splits follow it
 
-# name -> (head_dim, [(query length, prefix length)] of the step's requests)
+# name -> (head_dim, [(query length, prefix length)] of the step's requests, keys at the
+# start of every request held in the same blocks: a prompt prefix from the prefix cache)
 DECODE_CASES = {
-    "decode 500 x 640 (decode workload, mid-run)": (128, [(1, 639)] * 500),
-    "decode 933 x 600 (reviews, decode steps)": (128, [(1, 599)] * 933),
-    "decode 64 x 740 (baseline set)": (128, [(1, 739)] * 64),
+    "decode 500 x 640 (decode workload, mid-run)": (128, [(1, 639)] * 500, 0),
+    "decode 933 x (256 shared + 344) (reviews)": (128, [(1, 599)] * 933, 256),
+    "decode 64 x (256 shared + 484) (baseline set)": (128, [(1, 739)] * 64, 256),
+    "decode 1024 x (256 shared + 344), llama-1b (small)": (64, [(1, 599)] * 1024, 256),
+    "decode 8 x 4096 (few long)": (128, [(1, 4095)] * 8, 0),
 }
 PREFILL_CASES = {
-    "prefill 16 x 1024 (prefill workload)": (128, [(1024, 0)] * 16),
-    "mixed 12 x 416+256 and 900 decodes (reviews)": (128, [(416, 256)] * 12 + [(1, 499)] * 900),
-    "mixed, llama-1b (small)": (64, [(416, 256)] * 12 + [(1, 499)] * 900),
+    "prefill 16 x 1024 (prefill workload)": (128, [(1024, 0)] * 16, 0),
+    "mixed 12 x 416+256 and 900 decodes (reviews)":
+        (128, [(416, 256)] * 12 + [(1, 499)] * 900, 0),
+    "mixed, llama-1b (small)": (64, [(416, 256)] * 12 + [(1, 499)] * 900, 0),
 }
 # name -> (batch size, shared prefix keys, each request's own keys after it)
 CASCADE_CASES = {
@@ -50,6 +54,9 @@ DECODE_CONFIGS = list(itertools.product((64, 128), (2, 4), (2, 3, 4), (False, Tr
 # Short contexts: smaller tiles, fewer warps and stages (less shared memory, more programs
 # resident per SM to hide the latency of each program's first loads)
 SHORT_DECODE_CONFIGS = list(itertools.product((16, 32, 64), (1, 2, 4), (1, 2, 3), (False,)))
+# Batches too small to fill the SMs one program per (request, kv head): the split count too
+SPLIT_DECODE_CONFIGS = list(itertools.product((16, 32, 64), (1, 2, 4), (2,), (False,),
+                                              (1, 2, 4, 8, 16)))
 PREFILL_CONFIGS = (list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False,)))
                    + list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (True,))))
 # llama3-8b's projections (out, in) and the tokens per step the workloads run
@@ -121,18 +128,24 @@ def time_graph_ms(fn, reps: int = 20) -> float:
 
 
 def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
-    """run(batch, config or None) -> output; work(head_dim, lens) -> work per launch."""
+    """run(batch, config or None, plans) -> output (plans: a dict for the step's plans, which
+    the engine builds once per step: filled by the call before the capture); work(head_dim,
+    lens) -> work per launch. Timed replayed from a CUDA graph, as the engine runs them."""
     results = {}
-    for name, (head_dim, lens) in cases.items():
+    for name, (head_dim, lens, shared) in cases.items():
         batch = paged_batch([q for q, _ in lens], [p for _, p in lens], NUM_HEADS,
                             NUM_KV_HEADS, head_dim, BLOCK_SIZE)
-        expected = run(batch, None)
+        shared_blocks = shared // BLOCK_SIZE
+        batch["block_tables"][:, :shared_blocks] = \
+            batch["block_tables"][0, :shared_blocks].clone()
+        expected = run(batch, None, {})
         rows = []
         for config in [None, *configs]:
+            plans = {}
             try:
-                out = run(batch, config)
+                out = run(batch, config, plans)
                 err = (out.float() - expected.float()).abs().max().item()
-                ms = time_ms(lambda: run(batch, config))
+                ms = time_graph_ms(lambda: run(batch, config, plans))
             except Exception as e:  # noqa: BLE001 - a config may not compile (shared memory)
                 rows.append({"config": config, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
@@ -161,17 +174,17 @@ def sweep_cascade(run_decode) -> dict:
     for name, (num_reqs, shared, own) in CASCADE_CASES.items():
         length = torch.tensor([shared], dtype=torch.int32, device="cuda")
         row = {}
-        for part, prefix_lens in (("own keys only", own - 1), ("prefix only", shared),
-                                  ("whole", shared + own - 1)):
+        for part, prefix_lens in (("own keys only", own - 1), ("unshared", shared + own - 1),
+                                  ("prefix only", shared), ("whole", shared + own - 1)):
             batch = paged_batch([1] * num_reqs, [prefix_lens] * num_reqs, NUM_HEADS,
                                 NUM_KV_HEADS, 128, BLOCK_SIZE)
-            if part == "own keys only":
-                row[part] = time_ms(lambda: run_decode(batch, None))
+            if part in ("own keys only", "unshared"):  # every request its own blocks
+                row[part] = time_graph_ms(lambda: run_decode(batch, None))
                 continue
             num_blocks = shared // BLOCK_SIZE
             batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
             if part == "prefix only":
-                row[part] = time_ms(lambda: run_decode(batch, None, length))
+                row[part] = time_graph_ms(lambda: run_decode(batch, None, length))
                 continue
             plain = run_decode(batch, None)
             row["max_abs_diff"] = 0.0
@@ -179,7 +192,7 @@ def sweep_cascade(run_decode) -> dict:
                 for kind, shared_len in (("plain", None), ("cascade", length)):
                     try:
                         out = run_decode(batch, config, shared_len)
-                        ms = time_ms(lambda: run_decode(batch, config, shared_len))
+                        ms = time_graph_ms(lambda: run_decode(batch, config, shared_len))
                     except Exception:  # noqa: BLE001 - a config may not compile
                         continue
                     row["max_abs_diff"] = max(row["max_abs_diff"],
@@ -192,72 +205,9 @@ def sweep_cascade(run_decode) -> dict:
         print(f"{name}: plain {row['plain None']:.3f} ms (best {best['plain']}: "
               f"{row[best['plain']]:.3f}), cascade {row['cascade None']:.3f} ms (best "
               f"{best['cascade']}: {row[best['cascade']]:.3f}); own keys only "
-              f"{row['own keys only']:.3f}, prefix only {row['prefix only']:.3f}; max diff "
+              f"{row['own keys only']:.3f}, unshared {row['unshared']:.3f}, prefix only {row['prefix only']:.3f}; max diff "
               f"{row['max_abs_diff']:.2e}")
         results[name] = row
-    return results
-
-
-STREAM_CASES = {
-    "decode 933 x 600 (reviews, decode steps)": [600] * 933,
-    "decode 933 x 600, consecutive blocks": [600] * 933,
-    "decode 500 x 640 (decode workload, mid-run)": [640] * 500,
-    "decode 64 x 740 (baseline set)": [740] * 64,
-    "decode 933 x 1 (fixed cost)": [1] * 933,
-    "decode 933 x 64-1024 (reviews' spread)": [64 + (i * 37) % 961 for i in range(933)],
-    "decode 8 x 4096 (few long)": [4096] * 8,
-}
-# (BLOCK_N, num_warps, num_stages, programs per SM, next tile's plan entries prefetched)
-STREAM_CONFIGS = list(itertools.product((32, 64), (2, 4), (2, 3, 4), (2, 4, 8), (False, True)))
-
-
-def sweep_stream(run_decode) -> dict:
-    """The tile-stream decode kernel (kernels/_decode_stream.py) against the per-request
-    grid, ms per launch replayed from a CUDA graph; the step's tile plan is timed apart (once
-    per step, not per layer)."""
-    from batchgen.kernels._decode_stream import (decode_attention_stream, plan_decode_tiles,
-                                                 stream_programs)
-    results = {}
-    for name, lens in STREAM_CASES.items():
-        b = paged_batch([1] * len(lens), [n - 1 for n in lens], NUM_HEADS, NUM_KV_HEADS, 128,
-                        BLOCK_SIZE)
-        if "consecutive" in name:
-            per_req = b["block_tables"].shape[1]
-            b["block_tables"] = (torch.arange(len(lens) * per_req, device="cuda",
-                                              dtype=torch.int32).view(len(lens), per_req)
-                                 % b["key_cache"].shape[0])
-        expected = run_decode(b, None)
-        row = {"plain": time_graph_ms(lambda: run_decode(b, None)), "max_abs_diff": 0.0}
-        args = (b["q"], b["key_cache"], b["value_cache"])
-        out = torch.empty_like(b["q"])
-        for block_n, warps, stages, per_sm, prefetch in STREAM_CONFIGS:
-            plan = plan_decode_tiles(b["seq_lens"], b["block_tables"], BLOCK_SIZE, block_n,
-                                     GRAPH_MAX_SEQ_LEN)
-            if f"plan {block_n}" not in row:
-                row[f"plan {block_n}"] = time_graph_ms(lambda: plan_decode_tiles(
-                    b["seq_lens"], b["block_tables"], BLOCK_SIZE, block_n, GRAPH_MAX_SEQ_LEN))
-            progs = stream_programs(NUM_KV_HEADS, b["q"].device, per_sm)
-
-            def run():
-                return decode_attention_stream(*args, plan, b["seq_lens"], b["scale"], out,
-                                               progs, warps, stages, prefetch=prefetch)
-            key = f"stream {(block_n, warps, stages, per_sm, prefetch)}"
-            try:
-                run()
-                err = (out.float() - expected.float()).abs().max().item()
-                row[key] = time_graph_ms(run)
-            except Exception as e:  # noqa: BLE001 - a config may not compile
-                row[key] = f"{type(e).__name__}: {e}"[:200]
-                continue
-            row["max_abs_diff"] = max(row["max_abs_diff"], err)
-        timed = {k: v for k, v in row.items() if k.startswith("stream") and isinstance(v, float)}
-        best = sorted(timed, key=timed.get)[:3]
-        print(f"{name}: plain {row['plain']:.3f} ms; stream best " + ", ".join(
-            f"{k[7:]} {timed[k]:.3f}" for k in best) + f"; plan {row.get('plan 64', 0):.3f} ms;"
-            f" max diff {row['max_abs_diff']:.2e}")
-        results[name] = row
-        del b
-        torch.cuda.empty_cache()
     return results
 
 
@@ -313,15 +263,18 @@ def main(argv=None) -> int:
     from batchgen.kernels.prefill_attention import prefill_attention
 
     def run_decode(b, config, shared_prefix_len=None):
+        # config: (BLOCK_N, num_warps, num_stages, K_ROWS[, splits]); splits None = chosen
         splits = choose_num_splits(b["q"].shape[0], NUM_KV_HEADS, GRAPH_MAX_SEQ_LEN,
                                    b["q"].device)
+        if config is not None and len(config) == 5:
+            config, splits = config[:4], config[4] or splits
         return decode_attention(b["q"], b["key_cache"], b["value_cache"], b["block_tables"],
                                 b["seq_lens"], b["scale"], GRAPH_MAX_SEQ_LEN,
                                 num_splits=splits, tuning=config,
                                 shared_prefix_len=shared_prefix_len)
 
-    def run_prefill(b, config):
-        return prefill_attention(**b, tuning=config)
+    def run_prefill(b, config, plans):
+        return prefill_attention(**b, tuning=config, plan_cache=plans)
 
     def decode_bytes(head_dim, lens):  # K and V read, bf16; bytes / ms / 1e9 = TB/s
         return sum(q + p for q, p in lens) * 2 * NUM_KV_HEADS * head_dim * 2
@@ -337,12 +290,12 @@ def main(argv=None) -> int:
         results["prefill (TFLOP/s)"] = sweep(PREFILL_CASES, PREFILL_CONFIGS, run_prefill,
                                              prefill_flops, "TFLOP/s")
     if "decode" in sections:
-        results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS + SHORT_DECODE_CONFIGS,
-                                         run_decode, decode_bytes, "TB/s")
+        results["decode (TB/s)"] = sweep(DECODE_CASES, DECODE_CONFIGS + SHORT_DECODE_CONFIGS
+                                         + SPLIT_DECODE_CONFIGS,
+                                         lambda b, config, _: run_decode(b, config),
+                                         decode_bytes, "TB/s")
     if "cascade" in sections:
         results["cascade"] = sweep_cascade(run_decode)
-    if "stream" in sections:
-        results["stream"] = sweep_stream(run_decode)
     if "bandwidth" in sections:
         results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:

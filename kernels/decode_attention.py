@@ -19,14 +19,16 @@ from ._attention_tiles import KEY_BOUND, attend_key_range
 from ._triton import check_same_device, jit, next_power_of_2, tl
 from .prefill_attention import check_paged_attention_args, gather_kv_ref, padded_attention_ref
 
-# Enough programs to fill every SM several times; a split below this many keys does not pay.
-# H200, bf16: 32 splits beat fewer for B*KVH <= 256 up to 32k keys; 128 splits were 2x slower.
-_PROGRAMS_PER_SM = 8
+# Enough programs to fill every SM a few times; a split below this many keys does not pay.
+# H200, bf16, timed replayed from CUDA graphs (bench/kernel_sweep.py): 64 requests x 8 kv
+# heads (512 programs) ran fastest unsplit, 8 x 4,096 keys with 8 splits.
+_PROGRAMS_PER_SM = 3
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 32
-# (BLOCK_N keys per iteration, num_warps, num_stages, K_ROWS) by head_dim;
-# bench/kernel_sweep.py times the alternatives.
-_TUNING = {64: (64, 4, 2, False), 128: (64, 4, 2, False), 256: (32, 4, 2, False)}
+# (BLOCK_N keys per iteration, num_warps, num_stages, K_ROWS) by head_dim, from the same
+# sweep: against (64, 4, 2) 1.09x on a reviews decode step (933 requests, 600 keys), 1.28x
+# on the baseline set's (64 x 740), 1.27x on small's (dim 64: one warp), equal elsewhere.
+_TUNING = {64: (64, 1, 2, False), 128: (64, 2, 2, False), 256: (32, 4, 2, False)}
 # The shared-prefix kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS): rows are
 # (request, query head) pairs, as in the prefill kernel, whose measured tiles it takes.
 _PREFIX_TUNING = {64: (64, 64, 4, 2, True), 128: (64, 64, 4, 2, True),
