@@ -6,7 +6,9 @@ under each BLAS library, and the copy and read bandwidth (GPU only).
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
-workload; each config is timed over several launches (CUDA events, median) and checked
+workload, optionally with a prompt prefix's blocks shared by every request; each config is
+captured in a CUDA graph and timed over 20 replays (the engine replays decode steps from
+graphs; an eager call's host launch work, 0.03-0.1 ms, would count otherwise) and checked
 against the default config's output. Decode is reported as KV bytes read per second, prefill
 as attention TFLOP/s (causal: the keys each query sees). `cascade` times decode steps whose
 requests share a prompt prefix's blocks, the shared keys read per request and once. The
@@ -94,6 +96,8 @@ def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, bloc
 
 
 def time_ms(fn, reps: int = 15) -> float:
+    """Median of single eager calls between two events: host launch time included (for
+    GEMMs and copies, whose launch is short next to the work)."""
     for _ in range(3):  # compile, and bring the clocks up (the first timing ran ~20% slow)
         fn()
     torch.cuda.synchronize()
@@ -168,8 +172,9 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
 def sweep_cascade(run_decode) -> dict:
     """Decode over requests sharing their first blocks, ms: the shared keys read per request
     (plain) and once for the batch (cascade, with the decode kernel's tile variants for the
-    keys after the prefix), and the parts: the requests' own keys alone (plain, no prefix)
-    and the prefix alone (cascade over contexts of the prefix and one key)."""
+    keys after the prefix), and the parts: the requests' own keys alone (plain, no prefix),
+    the same lengths with no block shared, and the prefix alone (cascade over contexts of the
+    prefix and one key)."""
     results = {}
     for name, (num_reqs, shared, own) in CASCADE_CASES.items():
         length = torch.tensor([shared], dtype=torch.int32, device="cuda")
@@ -205,8 +210,8 @@ def sweep_cascade(run_decode) -> dict:
         print(f"{name}: plain {row['plain None']:.3f} ms (best {best['plain']}: "
               f"{row[best['plain']]:.3f}), cascade {row['cascade None']:.3f} ms (best "
               f"{best['cascade']}: {row[best['cascade']]:.3f}); own keys only "
-              f"{row['own keys only']:.3f}, unshared {row['unshared']:.3f}, prefix only {row['prefix only']:.3f}; max diff "
-              f"{row['max_abs_diff']:.2e}")
+              f"{row['own keys only']:.3f}, unshared {row['unshared']:.3f}, prefix only "
+              f"{row['prefix only']:.3f}; max diff {row['max_abs_diff']:.2e}")
         results[name] = row
     return results
 
