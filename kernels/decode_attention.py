@@ -199,10 +199,12 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
                      max_seq_len: int, out: torch.Tensor | None = None,
                      num_splits: int | None = None,
                      tuning: tuple[int, int, int, bool] | None = None,
-                     shared_prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                     shared_prefix_len: torch.Tensor | None = None,
+                     plan_cache: dict | None = None) -> torch.Tensor:
     """Never syncs the device (safe under CUDA-graph capture); scratch sizes come from host
     ints. `out` may be preallocated; `num_splits` overrides choose_num_splits and `tuning`
-    the (BLOCK_N, num_warps, num_stages, K_ROWS) of _TUNING.
+    the (BLOCK_N, num_warps, num_stages, K_ROWS) of _TUNING. plan_cache: a dict that lives
+    for one step (every layer passes the same one): the arguments are checked once a step.
 
     shared_prefix_len: [1] int32 on the device, or None (no cascade). The keys 0..that length
     are held in the same blocks by every request's table (request 0's row is read for them),
@@ -210,19 +212,23 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     cascade kernel returns at once). The caller checks the sharing on the host
     (batchgen.engine.input_batch.shared_prefix_len): the kernels trust it."""
     op = "decode_attention"
-    check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
+    cascade = shared_prefix_len is not None
+    checked = (op, tuple(q.shape), q.dtype, tuple(key_cache.shape), cascade)
+    if plan_cache is None or checked not in plan_cache:
+        check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
+        if cascade:
+            if shared_prefix_len.shape != (1,) or shared_prefix_len.dtype != torch.int32:
+                raise ValueError(f"{op}: shared_prefix_len must be a [1] int32 tensor, got "
+                                 f"{tuple(shared_prefix_len.shape)} {shared_prefix_len.dtype}")
+            check_same_device(op, q=q, shared_prefix_len=shared_prefix_len)
+        if plan_cache is not None:
+            plan_cache[checked] = True
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
         raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype} contiguous in head_dim,"
                          f" got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
     check_same_device(op, q=q, out=out)
-    cascade = shared_prefix_len is not None
-    if cascade:
-        if shared_prefix_len.shape != (1,) or shared_prefix_len.dtype != torch.int32:
-            raise ValueError(f"{op}: shared_prefix_len must be a [1] int32 tensor, got "
-                             f"{tuple(shared_prefix_len.shape)} {shared_prefix_len.dtype}")
-        check_same_device(op, q=q, shared_prefix_len=shared_prefix_len)
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
     if num_reqs == 0:

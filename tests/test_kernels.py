@@ -363,6 +363,21 @@ def test_references_import_and_run_without_triton():
 
 
 @needs_triton
+def test_decode_attention_checks_once_per_step_with_a_plan_cache(poisoned_empty):
+    # Two "layers" of one step share one check; a step of another batch size checks anew.
+    plans: dict = {}
+    for num_reqs in (4, 4, 3):
+        batch = _paged_batch([1] * num_reqs, [16, 150, 299, 7][:num_reqs], 8, 2, 64, 16,
+                             torch.float32, seed=num_reqs)
+        _assert_close(decode_attention(*_decode_args(batch), plan_cache=plans),
+                      decode_attention_ref(*_decode_args(batch)))
+    assert len(plans) == 2
+    with pytest.raises(ValueError, match="kv heads of dim"):  # a new shape is checked
+        bad = _paged_batch([1], [5], 8, 2, 64, 16, torch.float32)
+        decode_attention(bad["q"][..., :48], *_decode_args(bad)[1:], plan_cache=plans)
+
+
+@needs_triton
 def test_prefill_attention_plan_cache_is_shared_across_layers(poisoned_empty):
     # Two "layers" of one step: same layout, other q and caches; one plan, built once.
     plans: dict = {}

@@ -38,7 +38,8 @@ class Attention(nn.Module):
                     ctx.max_seq_len)
             return decode_attention.decode_attention(
                 q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, self.scale,
-                ctx.max_seq_len, shared_prefix_len=ctx.shared_prefix_len)
+                ctx.max_seq_len, shared_prefix_len=ctx.shared_prefix_len,
+                plan_cache=ctx.attn_plans)
         # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
         prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
                           if is_cuda else (prefill_attention.prefill_attention_ref, {}))
