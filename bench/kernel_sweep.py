@@ -134,7 +134,8 @@ def time_graph_ms(fn, reps: int = 20) -> float:
 def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     """run(batch, config or None, plans) -> output (plans: a dict for the step's plans, which
     the engine builds once per step: filled by the call before the capture); work(head_dim,
-    lens) -> work per launch. Timed replayed from a CUDA graph, as the engine runs them."""
+    lens) -> work per launch. Timed replayed from a CUDA graph: GPU time only, as in the
+    engine, whose decode steps replay graphs and whose eager steps launch ahead of the GPU."""
     results = {}
     for name, (head_dim, lens, shared) in cases.items():
         batch = paged_batch([q for q, _ in lens], [p for _, p in lens], NUM_HEADS,
