@@ -203,10 +203,10 @@ class Engine:
         tokens, lps = {}, None
         for req, tok in zip(pending.sched.requests, result.sampled_token_ids):
             if tok is not None:
-                tokens[id(req)] = tok
+                tokens[req.request_id] = tok
         if result.logprobs is not None:
-            lps = {id(req): lp for req, lp in zip(pending.sched.requests, result.logprobs)
-                   if lp is not None}
+            lps = {req.request_id: lp for req, lp in zip(pending.sched.requests,
+                                                         result.logprobs) if lp is not None}
         # Finished by length at placeholder time (a stop found since moved them out of the
         # list and emitted them; an abort dropped them).
         finished = list(pending.finished)

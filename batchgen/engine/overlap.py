@@ -46,18 +46,18 @@ def is_stop_token(req: Request, token: int, num_output: int) -> bool:
     return (token in req.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
 
 
-def fill_placeholders(pending: PendingStep, tokens: dict[int, int],
-                      logprobs: dict[int, tuple] | None) -> list[tuple[Request, int, int]]:
-    """Put the real tokens in place. tokens / logprobs: id(request) -> value. Returns
+def fill_placeholders(pending: PendingStep, tokens: dict[str, int],
+                      logprobs: dict[str, tuple] | None) -> list[tuple[Request, int, int]]:
+    """Put the real tokens in place. tokens / logprobs: request id -> value. Returns
     (request, token, index) for every request whose token was filled and is still live."""
     filled = []
     for req, index in pending.placeholders:
         if index >= len(req.output_token_ids):
             continue  # truncated: the request stopped one step earlier
-        token = tokens[id(req)]
+        token = tokens[req.request_id]
         req.output_token_ids[index] = token
         if logprobs is not None and req.sampling_params.logprobs is not None:
-            req.logprobs.append(logprobs[id(req)])
+            req.logprobs.append(logprobs[req.request_id])
         filled.append((req, token, index))
     return filled
 
