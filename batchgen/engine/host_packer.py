@@ -6,6 +6,11 @@ import numpy as np
 import torch
 
 
+# Every segment starts on a 16-byte boundary: Triton compiles a kernel variant per pointer
+# alignment, so a segment whose offset followed the batch size would compile a second one.
+ALIGN_BYTES = 16
+
+
 class HostPacker:
     """Concatenates named host segments of one dtype; `send` copies them to the device at
     once and hands back device views by name (flat; callers reshape)."""
@@ -13,6 +18,7 @@ class HostPacker:
     def __init__(self, dtype: torch.dtype, np_dtype) -> None:
         self.dtype = dtype
         self.np_dtype = np_dtype
+        self._align = max(1, ALIGN_BYTES // np.dtype(np_dtype).itemsize)
         self._parts: list[np.ndarray] = []
         self._spans: dict[str, tuple[int, int]] = {}
         self._size = 0
@@ -21,6 +27,10 @@ class HostPacker:
         if isinstance(values, torch.Tensor):
             values = values.numpy()
         a = np.asarray(values, dtype=self.np_dtype).reshape(-1)
+        pad = -self._size % self._align
+        if pad:
+            self._parts.append(np.zeros(pad, dtype=self.np_dtype))
+            self._size += pad
         self._parts.append(a)
         self._spans[name] = (self._size, self._size + a.size)
         self._size += a.size

@@ -99,7 +99,7 @@ def build_input_batch(sched, block_size: int, cascade: bool = True) -> InputBatc
     if max_query_len == 1 and cascade \
             and (num_reqs - 1) * (int(seq_lens.min()) - 1) >= MIN_CASCADE_SAVED_KEYS:
         shared = shared_prefix_len(block_tables, seq_lens, block_size)
-        mean_own_keys = float(seq_lens.mean()) - shared if num_reqs else 0.0
+        mean_own_keys = float(seq_lens.mean()) - shared  # (two requests or more here)
         if (num_reqs - 1) * shared < MIN_CASCADE_SAVED_KEYS \
                 or shared < MIN_CASCADE_SHARED_PER_OWN_KEY * mean_own_keys:
             shared = 0
