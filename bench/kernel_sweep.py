@@ -95,6 +95,13 @@ def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, bloc
         max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
 
 
+def share_prefix(batch: dict, num_keys: int, block_size: int = BLOCK_SIZE) -> None:
+    """Every request's first num_keys keys (whole blocks) become request 0's: its table's
+    first blocks in every row, as a prompt prefix from the prefix cache."""
+    num_blocks = num_keys // block_size
+    batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
+
+
 def time_ms(fn, reps: int = 15) -> float:
     """Median of single eager calls between two events: host launch time included (for
     GEMMs and copies, whose launch is short next to the work)."""
@@ -140,9 +147,7 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     for name, (head_dim, lens, shared) in cases.items():
         batch = paged_batch([q for q, _ in lens], [p for _, p in lens], NUM_HEADS,
                             NUM_KV_HEADS, head_dim, BLOCK_SIZE)
-        shared_blocks = shared // BLOCK_SIZE
-        batch["block_tables"][:, :shared_blocks] = \
-            batch["block_tables"][0, :shared_blocks].clone()
+        share_prefix(batch, shared)
         expected = run(batch, None, {})
         rows = []
         for config in [None, *configs]:
@@ -187,8 +192,7 @@ def sweep_cascade(run_decode) -> dict:
             if part in ("own keys only", "unshared"):  # every request its own blocks
                 row[part] = time_graph_ms(lambda: run_decode(batch, None))
                 continue
-            num_blocks = shared // BLOCK_SIZE
-            batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
+            share_prefix(batch, shared)
             if part == "prefix only":
                 row[part] = time_graph_ms(lambda: run_decode(batch, None, length))
                 continue

@@ -7,7 +7,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-from kernel_sweep import paged_batch  # noqa: E402  (the sweep times the same batches)
+from kernel_sweep import paged_batch, share_prefix  # noqa: E402  (the sweep times the same batches)
 
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref
@@ -58,7 +58,7 @@ def test_decode_attention_bf16_long_context(shape):
 def test_decode_attention_bf16_cascade(shape, num_splits):
     # 48 requests whose first 4,096 keys (256 blocks) are request 0's, contexts to 4,099+
     batch = paged_batch([1] * 48, [4096 + 37 * i for i in range(48)], *shape, seed=3)
-    batch["block_tables"][:, :256] = batch["block_tables"][0, :256].clone()
+    share_prefix(batch, 4096)
     shared = torch.tensor([4096], dtype=torch.int32, device="cuda")
     torch.testing.assert_close(
         decode_attention(*_decode_args(batch), num_splits=num_splits, shared_prefix_len=shared),
