@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(p)) for name, p in (
     ("attention_prefill", r"prefill_attention"),
     ("attention_decode", r"decode_attention|combine_splits"),
+    ("rotary_kv_write", r"rotary_kv_write"),
     ("kv_write", r"write_kv_cache"),
     ("norm", r"rms_norm"),
     ("activation", r"silu"),

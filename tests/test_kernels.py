@@ -20,6 +20,8 @@ from batchgen.kernels.prefill_attention import (prefill_attention,  # noqa: E402
 from batchgen.kernels.rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref,  # noqa: E402
                                        rms_norm, rms_norm_ref)
 from batchgen.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from batchgen.kernels.rotary_kv_write import (rotary_kv_write, rotary_kv_write_ref,  # noqa: E402
+                                              rotate_ref)
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -345,6 +347,60 @@ def test_write_kv_cache_matches_ref(num_tokens, dtype):
     assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())
     written = slots[slots >= 0]
     assert torch.equal(caches[2].view(-1, 3, 64)[written.to(DEVICE)], key[slots.to(DEVICE) >= 0])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, is_neox", [(1, True), (7, True), (333, True), (7, False)])
+def test_rotary_kv_write_matches_ref(num_tokens, is_neox, dtype):
+    # 9 q heads over 3 kv heads; every third token a padding one (slot -1: q rotated, no store)
+    num_blocks, block_size = 30, 16
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[1::3] = -1
+    slots = slots.to(DEVICE)
+    positions = torch.randint(0, 500, (num_tokens,), generator=gen).to(DEVICE)
+    q = _randn(num_tokens, 9, 64, dtype=dtype)
+    k, v = _randn(num_tokens, 3, 64, dtype=dtype, seed=1), _randn(num_tokens, 3, 64, dtype=dtype, seed=2)
+    k_before = k.clone()
+    cos_sin = _cos_sin_cache(500, 64)
+    caches = [torch.full((num_blocks, block_size, 3, 64), float("nan"), dtype=dtype,
+                         device=DEVICE) for _ in range(4)]
+    expected_q = rotary_kv_write_ref(q.clone(), k, v, positions, cos_sin, caches[2], caches[3],
+                                     slots, is_neox)
+    out_q = rotary_kv_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots, is_neox)
+    assert out_q.data_ptr() == q.data_ptr() and torch.equal(k, k_before)
+    _assert_close(out_q, expected_q)
+    for got, want in zip(caches[:2], caches[2:]):
+        assert torch.equal(got.isnan(), want.isnan())  # the same slots written, no others
+        _assert_close(got.nan_to_num(), want.nan_to_num())
+    is_stored = slots >= 0
+    stored_k = caches[2].view(-1, 3, 64)[slots[is_stored]]
+    _assert_close(stored_k, rotate_ref(k[is_stored], positions[is_stored], cos_sin, is_neox))
+    assert torch.equal(caches[3].view(-1, 3, 64)[slots[is_stored]], v[is_stored])
+
+
+@needs_triton
+def test_rotary_kv_write_refuses_partial_rotary():
+    q, k = _randn(2, 4, 64), _randn(2, 2, 64)
+    caches = [torch.zeros(4, 16, 2, 64, device=DEVICE) for _ in range(2)]
+    with pytest.raises(ValueError, match="whole head"):
+        rotary_kv_write(q, k, k, torch.zeros(2, dtype=torch.int64, device=DEVICE),
+                        _cos_sin_cache(10, 32), *caches,
+                        torch.zeros(2, dtype=torch.int64, device=DEVICE))
+
+
+def test_rotate_ref_matches_complex_rotation():
+    # NeoX pairs (d, d + D/2) rotate as complex numbers x1 + i x2 by e^(i * pos * freq).
+    q = _randn(6, 2, 16).double()
+    positions = torch.tensor([0, 1, 5, 17, 99, 3], device=DEVICE)
+    out_q = rotate_ref(q, positions, _cos_sin_cache(100, 16))
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    turn = torch.polar(torch.ones(6, 8, dtype=torch.float64),
+                       positions.cpu().double()[:, None] * inv_freq)[:, None]
+    rotated = torch.complex(q[..., :8].cpu(), q[..., 8:].cpu()) * turn
+    torch.testing.assert_close(out_q.cpu(), torch.cat((rotated.real, rotated.imag), -1),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_references_import_and_run_without_triton():

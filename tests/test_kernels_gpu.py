@@ -15,6 +15,7 @@ from batchgen.kernels.prefill_attention import prefill_attention, prefill_attent
 from batchgen.kernels.rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm,
                                        rms_norm_ref)
 from batchgen.kernels.rotary import apply_rotary, apply_rotary_ref
+from batchgen.kernels.rotary_kv_write import rotary_kv_write, rotary_kv_write_ref
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 pytestmark = pytest.mark.gpu
@@ -107,3 +108,15 @@ def test_rowwise_ops_bf16(num_tokens):
     write_kv_cache(k, q[:, :8], caches[0], caches[1], slots)
     write_kv_cache_ref(k, q[:, :8], caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    # q, k, v as the engine has them: views into one qkv projection; padding slots skipped
+    q, k, v = (t.view(num_tokens, -1, 128)
+               for t in randn(num_tokens, 6144).split([4096, 1024, 1024], dim=1))
+    slots[::5] = -1
+    for cache in caches:
+        cache.zero_()
+    want_q = rotary_kv_write_ref(q.clone(), k, v, positions, cos_sin, caches[2], caches[3],
+                                 slots)
+    rotary_kv_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots)
+    torch.testing.assert_close(q, want_q, **BF16)
+    torch.testing.assert_close(caches[0], caches[2], **BF16)
+    assert torch.equal(caches[1], caches[3])

@@ -1,4 +1,5 @@
-"""Paged attention of one layer: store this step's K/V in the cache, then attend.
+"""Paged attention of one layer: rotate q and k, store this step's K/V in the cache (one fused
+kernel on CUDA), then attend.
 
 Query i of request b sits at position seq_lens[b] - q_len_b + i and sees keys 0..that
 position of its request, all read back from the paged cache (prefix + this step)."""
@@ -8,11 +9,12 @@ import torch
 from torch import nn
 
 from batchgen.layers.context import ForwardContext
+from batchgen.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 layer_idx: int) -> None:
+                 layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(
@@ -22,15 +24,18 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.layer_idx = layer_idx
+        # One table shared by every layer (the same module object; its buffer is not saved).
+        self.rotary_emb = rotary_emb
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, KVH, D] -> out [T, H, D]
-        from batchgen.kernels import decode_attention, kv_cache_write, prefill_attention
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # positions: [T]; q: [T, H, D] (rotated in place); k, v: [T, KVH, D] -> out [T, H, D]
+        from batchgen.kernels import decode_attention, prefill_attention, rotary_kv_write
         is_cuda = q.is_cuda
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
-        write = kv_cache_write.write_kv_cache if is_cuda else kv_cache_write.write_kv_cache_ref
-        write(k, v, key_cache, value_cache, ctx.slot_mapping)
+        store = rotary_kv_write.rotary_kv_write if is_cuda else rotary_kv_write.rotary_kv_write_ref
+        store(q, k, v, positions, self.rotary_emb.cos_sin_cache, key_cache, value_cache,
+              ctx.slot_mapping)
         if ctx.is_decode_only:
             if not is_cuda:  # the reference gives what the cascade does, keys read per request
                 return decode_attention.decode_attention_ref(

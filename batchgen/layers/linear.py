@@ -33,6 +33,15 @@ class Linear(nn.Module):
         # x: [T, in_features] -> [T, out_features]
         return F.linear(x, self.weight, self.bias)
 
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out += this layer of x, in place (returned). The add rides in the matmul's epilogue
+        (beta = 1), rounded once, instead of a pass that reads the product and `out` again."""
+        # x: [T, in_features]; out: [T, out_features]
+        out.addmm_(x, self.weight.t())
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out
+
 
 class MergedLinear(Linear):
     """Several projections of the same input stacked along the output dim; shard i is the

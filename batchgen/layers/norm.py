@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm (the residual add before it rides in the previous projection's matmul:
+`Linear.add_to`)."""
 from __future__ import annotations
 
 import torch
@@ -11,12 +12,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, hidden] -> normed x; with a residual: (norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> normed x
         from batchgen.kernels import rms_norm as ops
-        if residual is None:
-            op = ops.rms_norm if x.is_cuda else ops.rms_norm_ref
-            return op(x, self.weight, self.eps)
-        fused = ops.fused_add_rms_norm if x.is_cuda else ops.fused_add_rms_norm_ref
-        return fused(x, residual, self.weight, self.eps)
+        op = ops.rms_norm if x.is_cuda else ops.rms_norm_ref
+        return op(x, self.weight, self.eps)

@@ -1,7 +1,7 @@
 """Rotary position embedding: one fp32 cos/sin table per model, indexed by position.
 
 The table is [max_position, head_dim]: the first head_dim/2 columns are cos, the last sin
-(the layout the `apply_rotary` kernel reads). Supported rope types: default, linear,
+(the layout the `rotary_kv_write` kernel reads). Supported rope types: default, linear,
 llama3, yarn. "dynamic" NTK rescales every position once a sequence grows past the trained
 length, which a fixed table cannot express, so it is refused with a clear error.
 """
@@ -115,7 +115,8 @@ def build_cos_sin_cache(inv_freq: torch.Tensor, max_position: int, attention_fac
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rope (rotate-half / neox layout, as HF Llama) to q [T, H, D] and k [T, KVH, D]."""
+    """The rope table (rotate-half / neox layout, as HF Llama) every attention layer reads:
+    `Attention` rotates q and k by it as it stores the step's keys."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -133,9 +134,3 @@ class RotaryEmbedding(nn.Module):
         """Recompute the table on its current device (after the model left the meta device)."""
         self.cos_sin_cache = build_cos_sin_cache(
             self.inv_freq, self.max_position, self.attention_factor, self.cos_sin_cache.device)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        from batchgen.kernels import rotary
-        apply = rotary.apply_rotary if q.is_cuda else rotary.apply_rotary_ref
-        return apply(q, k, positions, self.cos_sin_cache, True)

@@ -40,9 +40,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden] -> gate_up [T, 2 * I] -> [T, I] -> [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> gate_up [T, 2 * I] -> [T, I] -> added into residual [T, hidden]
+        return self.down_proj.add_to(self.act_fn(self.gate_up_proj(x)), residual)
 
 
 class LlamaAttention(nn.Module):
@@ -59,13 +59,12 @@ class LlamaAttention(nn.Module):
         if has_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        # One table shared by every layer (the same module object; its buffer is not saved).
-        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                              self.head_dim ** -0.5, layer_idx)
+                              self.head_dim ** -0.5, layer_idx, rotary_emb)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
+        # hidden: [T, hidden] normed input -> the attention output added into residual
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         # q: [T, H, D]; k, v: [T, KVH, D] (views into the fused output, rows contiguous)
@@ -75,9 +74,9 @@ class LlamaAttention(nn.Module):
         if self.has_qk_norm:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, ctx)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        out = self.attn(positions, q, k, v, ctx)
+        return self.o_proj.add_to(out.reshape(num_tokens, self.num_heads * self.head_dim),
+                                  residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -91,18 +90,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None, ctx: ForwardContext
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is carried separately so each add fuses into the next norm.
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    def forward(self, positions: torch.Tensor, residual: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        # residual: [T, hidden], the residual stream: each block's output projection adds
+        # into it in place, so no norm reads a block's output and the stream apart.
+        self.self_attn(positions, self.input_layernorm(residual), residual, ctx)
+        return self.mlp(self.post_attention_layernorm(residual), residual)
 
 
 class LlamaModel(nn.Module):
@@ -119,12 +112,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
+        residual = self.embed_tokens(input_ids)  # a fresh tensor: the layers add into it
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, ctx)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+            residual = layer(positions, residual, ctx)
+        return self.norm(residual)
 
 
 class LlamaForCausalLM(nn.Module):
