@@ -2,7 +2,7 @@
 under each BLAS library, and the copy and read bandwidth (GPU only).
 
     python bench/kernel_sweep.py --out $OUT/sweep.json \
-        [--only gemm,prefill,decode,cascade,fusion,bandwidth]
+        [--only gemm,prefill,decode,cascade,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
@@ -65,8 +65,6 @@ PREFILL_CONFIGS = (list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (
 GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
                "down": (4096, 14336), "lm_head": (128256, 4096)}
 GEMM_TOKENS = (64, 512, 1024, 8192, 16384)
-# Tokens per step for the fused passes: decode batches, a reviews mixed step, a prefill step
-FUSION_TOKENS = (512, 1024, 8192, 16384)
 
 
 def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size=16,
@@ -105,8 +103,8 @@ def share_prefix(batch: dict, num_keys: int, block_size: int = BLOCK_SIZE) -> No
 
 
 def time_ms(fn, reps: int = 15) -> float:
-    """Median of single eager calls between two events: host launch time included (for
-    GEMMs and copies, whose launch is short next to the work)."""
+    """Median of single eager calls between two events: host launch time included (for the
+    4 GiB bandwidth passes, whose launch is short next to the work)."""
     for _ in range(3):  # compile, and bring the clocks up (the first timing ran ~20% slow)
         fn()
     torch.cuda.synchronize()
@@ -238,7 +236,9 @@ def sweep_bandwidth() -> dict:
 
 
 def sweep_gemm() -> dict:
-    """F.linear at the model's shapes under each BLAS library torch can call: TFLOP/s."""
+    """F.linear at the model's shapes under each BLAS library torch can call: TFLOP/s, graph
+    timed. Replays reuse one weight, which L2 (50 MB) may hold where it is small (o_proj's
+    34 MB): the engine reads every layer's from HBM, so take these as upper bounds."""
     import torch.nn.functional as F
 
     results = {}
@@ -261,51 +261,10 @@ def sweep_gemm() -> dict:
     return results
 
 
-def sweep_fusion() -> dict:
-    """Each fused pass of a llama3-8b layer against the kernels it replaces, ms a layer:
-    rotary then the KV write against `rotary_kv_write`; a projection then the residual add +
-    RMSNorm against the add in the matmul's epilogue (`addmm_`) then RMSNorm."""
-    import torch.nn.functional as F
-
-    from batchgen.kernels.kv_cache_write import write_kv_cache
-    from batchgen.kernels.rms_norm import fused_add_rms_norm, rms_norm
-    from batchgen.kernels.rotary import apply_rotary
-    from batchgen.kernels.rotary_kv_write import rotary_kv_write
-
-    def randn(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-
-    results = {}
-    cos_sin = torch.randn(4096, 128, device="cuda")
-    for m in FUSION_TOKENS:
-        q, k, v = (t.view(m, -1, 128) for t in randn(m, 6144).split([4096, 1024, 1024], 1))
-        caches = [randn(m // BLOCK_SIZE + 1, BLOCK_SIZE, NUM_KV_HEADS, 128) for _ in range(2)]
-        slots = torch.arange(m, device="cuda")
-        positions = torch.randint(0, 4096, (m,), device="cuda")
-
-        def separate():
-            apply_rotary(q, k, positions, cos_sin)
-            write_kv_cache(k, v, *caches, slots)
-        cases = {"rotary + kv write": (separate, lambda: rotary_kv_write(
-            q, k, v, positions, cos_sin, *caches, slots))}
-        norm_weight, residual = randn(4096), randn(m, 4096)
-        for name, k_in in (("o", 4096), ("down", 14336)):
-            x, w = randn(m, k_in), randn(4096, k_in) / k_in ** 0.5
-            cases[f"{name} + residual norm"] = (
-                lambda x=x, w=w: fused_add_rms_norm(F.linear(x, w), residual, norm_weight, 1e-5),
-                lambda x=x, w=w: rms_norm(residual.addmm_(x, w.t()), norm_weight, 1e-5))
-        for name, (before, fused) in cases.items():
-            row = {"separate ms": time_graph_ms(before), "fused ms": time_graph_ms(fused)}
-            results[f"{name} M={m}"] = row
-            print(f"fusion {name} M={m}: separate {row['separate ms']:.4f} ms, fused "
-                  f"{row['fused ms']:.4f} ms ({row['separate ms'] / row['fused ms']:.2f}x)")
-    return results
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--only", default="decode,prefill,gemm,cascade,fusion,bandwidth",
+    p.add_argument("--only", default="decode,prefill,gemm,cascade,bandwidth",
                    help="comma list of sections")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
@@ -349,8 +308,6 @@ def main(argv=None) -> int:
                                          decode_bytes, "TB/s")
     if "cascade" in sections:
         results["cascade"] = sweep_cascade(run_decode)
-    if "fusion" in sections:
-        results["fusion"] = sweep_fusion()
     if "bandwidth" in sections:
         results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:

@@ -14,12 +14,9 @@ import pytest  # noqa: E402
 
 from batchgen.kernels._triton import has_triton  # noqa: E402
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
-from batchgen.kernels.kv_cache_write import write_kv_cache, write_kv_cache_ref  # noqa: E402
 from batchgen.kernels.prefill_attention import (prefill_attention,  # noqa: E402
                                                 prefill_attention_ref)
-from batchgen.kernels.rms_norm import (fused_add_rms_norm, fused_add_rms_norm_ref,  # noqa: E402
-                                       rms_norm, rms_norm_ref)
-from batchgen.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
+from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from batchgen.kernels.rotary_kv_write import (rotary_kv_write, rotary_kv_write_ref,  # noqa: E402
                                               rotate_ref)
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
@@ -260,18 +257,6 @@ def test_rms_norm_matches_ref(num_tokens, dtype, poisoned_empty):
     _assert_close(rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6))
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", [1, 7, 333])
-def test_fused_add_rms_norm_matches_ref(num_tokens, dtype, poisoned_empty):
-    x, residual = _randn(num_tokens, 576, dtype=dtype), _randn(num_tokens, 576, dtype=dtype, seed=2)
-    weight = _randn(576, dtype=dtype, seed=1)
-    out, new_residual = fused_add_rms_norm(x, residual, weight, 1e-5)
-    expected_out, expected_residual = fused_add_rms_norm_ref(x, residual, weight, 1e-5)
-    _assert_close(new_residual, expected_residual)
-    _assert_close(out, expected_out)
-
-
 def test_rms_norm_ref_matches_float64_formula():
     x, weight = _randn(7, 100, dtype=torch.float16), _randn(100, dtype=torch.float16, seed=1)
     x64 = x.double()
@@ -298,55 +283,6 @@ def _cos_sin_cache(max_position, rot_dim, base=10000.0):
     inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
     angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq
     return torch.cat((angles.cos(), angles.sin()), dim=-1).float().to(DEVICE)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens, is_neox", [(1, True), (7, True), (333, True), (7, False)])
-def test_apply_rotary_matches_ref(num_tokens, is_neox, dtype):
-    q, k = _randn(num_tokens, 9, 64, dtype=dtype), _randn(num_tokens, 3, 64, dtype=dtype, seed=1)
-    positions = torch.randint(0, 500, (num_tokens,), generator=torch.Generator().manual_seed(0))
-    positions = positions.to(DEVICE)
-    cache = _cos_sin_cache(500, 64)
-    expected_q, expected_k = apply_rotary_ref(q.clone(), k.clone(), positions, cache, is_neox)
-    out_q, out_k = apply_rotary(q, k, positions, cache, is_neox)
-    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
-    _assert_close(out_q, expected_q)
-    _assert_close(out_k, expected_k)
-
-
-def test_apply_rotary_ref_matches_complex_rotation():
-    # NeoX pairs (d, d + D/2) rotate as complex numbers x1 + i x2 by e^(i * pos * freq).
-    q, k = _randn(6, 2, 16).double(), _randn(6, 1, 16, seed=1).double()
-    positions = torch.tensor([0, 1, 5, 17, 99, 3], device=DEVICE)
-    cache = _cos_sin_cache(100, 16)
-    out_q, _ = apply_rotary_ref(q.clone(), k.clone(), positions, cache)
-    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
-    turn = torch.polar(torch.ones(6, 8, dtype=torch.float64),
-                       positions.cpu().double()[:, None] * inv_freq)[:, None]
-    rotated = torch.complex(q[..., :8].cpu(), q[..., 8:].cpu()) * turn
-    torch.testing.assert_close(out_q.cpu(), torch.cat((rotated.real, rotated.imag), -1),
-                               rtol=1e-5, atol=1e-5)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", [1, 7, 333])
-def test_write_kv_cache_matches_ref(num_tokens, dtype):
-    num_blocks, block_size = 30, 16
-    gen = torch.Generator().manual_seed(0)
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    slots[::3] = -1  # padding tokens are skipped
-    key, value = _randn(num_tokens, 3, 64, dtype=dtype), _randn(num_tokens, 3, 64, dtype=dtype)
-    caches = [torch.full((num_blocks, block_size, 3, 64), float("nan"), dtype=dtype,
-                         device=DEVICE) for _ in range(4)]
-    write_kv_cache(key, value, caches[0], caches[1], slots.to(DEVICE))
-    write_kv_cache_ref(key, value, caches[2], caches[3], slots.to(DEVICE))
-    assert torch.equal(caches[0].isnan(), caches[2].isnan())
-    assert torch.equal(caches[0].nan_to_num(), caches[2].nan_to_num())
-    assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())
-    written = slots[slots >= 0]
-    assert torch.equal(caches[2].view(-1, 3, 64)[written.to(DEVICE)], key[slots.to(DEVICE) >= 0])
 
 
 @needs_triton
