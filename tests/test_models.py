@@ -159,6 +159,21 @@ def test_tied_model_shares_the_embedding_and_untied_has_its_own_head():
     assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_add_to_adds_the_projection_in_place(bias):
+    # The residual stream's adds (o_proj, down_proj): out += x W^T (+ b), no new tensor.
+    from batchgen.layers.linear import Linear
+    layer = Linear(6, 5, bias)
+    gen = torch.Generator().manual_seed(0)
+    for param in layer.parameters():
+        param.data = torch.randn(param.shape, generator=gen)
+    x, residual = torch.randn(3, 6, generator=gen), torch.randn(3, 5, generator=gen)
+    expected = residual + layer(x)
+    out = layer.add_to(x, residual)
+    assert out.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(out, expected)
+
+
 def test_qwen2_has_qkv_bias_and_qwen3_has_qk_norm():
     qwen2 = create_model(tiny_config("qwen2"))
     attn2 = qwen2.model.layers[0].self_attn
