@@ -33,6 +33,7 @@ if importlib.util.find_spec("batchgen") is None:
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from floor import Ceilings, compute_floor, measure_ceilings
+from power import ClockSampler
 from report import print_table, print_workload
 from shapes import SHAPES, Shape, get_shape
 from workloads import ALL_WORKLOADS, REFERENCES, cap_outputs, draw_workload, fit_to_vocab
@@ -139,7 +140,8 @@ def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | No
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     before = llm.engine.stats()
-    wall, outputs = generate(llm, requests)
+    with ClockSampler() as clocks:
+        wall, outputs = generate(llm, requests)
     stats = llm.engine.stats()
     num_prompt = sum(len(p) for p, _ in requests)
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -162,6 +164,8 @@ def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | No
         "num_steps": stats.num_steps - before.num_steps,
         # host seconds per step phase (wait_gpu = blocked on the device): the step profile
         "step_seconds": {k: round(v, 3) for k, v in stats.step_seconds.items()},
+        # SM clock and power through the run: how far below the burst rate the floor counts
+        "gpu_clocks": clocks.summary,
     }
     if ceilings is not None:
         fl = compute_floor(shape, requests, ceilings, kv_pool_tokens=stats.kv_pool_tokens,

@@ -2,6 +2,8 @@
 (so the device tool's output tail shows it)."""
 from __future__ import annotations
 
+from power import describe
+
 
 def print_workload(name: str, f: dict) -> None:
     print(f"  {name}: {f['num_requests']} requests, wall {f['wall_s']:.2f} s, "
@@ -18,6 +20,8 @@ def print_workload(name: str, f: dict) -> None:
           f"(waste {f['peak_kv_waste']:.1%}) | prefix hits {f['prefix_cache_hit_rate']:.1%} "
           f"| preemptions {f['num_preemptions']} | steps {f['num_steps']}")
     print(f"  step profile (host s): {f['step_seconds']}")
+    if "gpu_clocks" in f:
+        print(f"  {describe(f['gpu_clocks'])}")
     if "vllm_s" in f:
         print(f"  vLLM {f['vllm_s']:.1f} s: vLLM/ours {f['vllm_over_ours']:.2f}x; floor fraction "
               f"ours {f.get('floor_fraction', float('nan')):.1%} vs vLLM "

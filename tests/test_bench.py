@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import baseline_hf  # noqa: E402
 import check_numerics  # noqa: E402
 import floor  # noqa: E402
 import kernel_profile  # noqa: E402
+import power  # noqa: E402
 import schedule_sim  # noqa: E402
 import shapes  # noqa: E402
 import workloads  # noqa: E402
@@ -264,6 +266,7 @@ def test_kernel_profile_categories():
     assert cat("aten::addmm") == "gemm" and cat("aten::addmm_backward") != "gemm"
     assert cat("Memcpy HtoD (Pinned -> Device)") == "copy"
     assert cat("_gumbel_sample_kernel") == "sampling"
+    assert cat("_rotary_kv_write_kernel") == "rotary_kv_write"
     assert cat("void at::native::vectorized_elementwise_kernel<4, add>") == "other"
     prof = kernel_profile.summarize(
         [("nvjet_a", iv(0, 1e6)), ("_rms_norm_kernel", iv(1e6, 1.5e6)), ("nvjet_a", iv(2e6, 3e6))],
@@ -289,6 +292,37 @@ def test_kernel_profile_gaps_follow_the_kernel_that_ends_last():
     assert by_length["<20us"] == [25e-6, 2]
 
 
+def test_power_samples_parse_and_summarize():
+    text = ("1515, 693.20, 0x0000000000000004\n1980, 410.5, 0x0000000000000000\n"
+            "[N/A], [N/A], [N/A]\nsome warning\n1320, 704.0, 0x0000000000000005\n")
+    samples = power.parse_samples(text)
+    assert samples == [(1515.0, 693.2, 4), (1980.0, 410.5, 0), (1320.0, 704.0, 5)]
+    summary = power.summarize(samples)
+    assert summary == {"num_samples": 3, "sm_clock_mhz_median": 1515.0,
+                       "sm_clock_mhz_max": 1980.0, "power_w_median": 693.2,
+                       "power_capped_share": 2 / 3}
+    assert "SM median 1,515 MHz" in power.describe(summary)
+    assert "at the power cap in 67% of 3 samples" in power.describe(summary)
+    assert power.summarize([]) is None and "not sampled" in power.describe(None)
+
+
+def test_clock_sampler_runs_nvidia_smi_through_the_block(tmp_path, monkeypatch):
+    # A stand-in nvidia-smi on PATH prints a power-capped sample every 20 ms until stopped.
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nwhile true; do echo '1500, 690.5, 0x4'; sleep 0.02; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with power.ClockSampler() as clocks:
+        time.sleep(0.3)
+    assert clocks.summary["num_samples"] >= 3
+    assert clocks.summary["power_capped_share"] == 1.0
+    assert clocks.summary["sm_clock_mhz_median"] == 1500.0
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with power.ClockSampler() as clocks:
+        pass
+    assert clocks.summary is None
+
+
 def test_bench_smoke_tiny_cpu(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(BENCH / "bench.py"), "--shape", "tiny", "--workloads",
@@ -308,6 +342,7 @@ def test_bench_smoke_tiny_cpu(tmp_path):
         assert f["floor"]["floor_s"] > 0 and f["floor_fraction"] > 0
         assert f["kv_pool_tokens"] > 0 and 1 <= f["peak_num_running"] <= 3
         assert "vllm_s" not in f  # a cut workload is not the published one
+        assert "gpu_clocks" in f  # None without nvidia-smi
     prof = results["workloads"]["decode"]["profile"]
     assert prof["num_requests"] == 2 and prof["num_steps"] >= 12 and prof["num_kernels"] > 0
     assert prof["by_category"]["gemm"]["seconds"] > 0
