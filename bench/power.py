@@ -72,7 +72,7 @@ class ClockSampler:
 
 def describe(summary: dict | None) -> str:
     if summary is None:
-        return "GPU clocks: not sampled (no nvidia-smi)"
+        return "GPU clocks: not sampled (nvidia-smi missing, or it printed no samples)"
     return (f"GPU clocks: SM median {summary['sm_clock_mhz_median']:,.0f} MHz (max "
             f"{summary['sm_clock_mhz_max']:,.0f}), power median {summary['power_w_median']:.0f} W, "
             f"at the power cap in {summary['power_capped_share']:.0%} of "
