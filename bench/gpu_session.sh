@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill / sweep-cascade /
-# sweep-decode:
-# bench/kernel_sweep.py)
+# sweep-decode: bench/kernel_sweep.py)
 # (overlap: bench/overlap_probe.py; fewshot: that workload with and without cascade attention)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail

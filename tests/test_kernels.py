@@ -9,6 +9,7 @@ if not torch.cuda.is_available():  # must precede the first `import triton`
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -20,6 +21,9 @@ from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from batchgen.kernels.rotary_kv_write import (rotary_kv_write, rotary_kv_write_ref,  # noqa: E402
                                               rotate_ref)
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from kernel_sweep import share_prefix  # noqa: E402  (the sweep shares prefixes the same way)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is left out: the interpreter computes NaN for it (test_kernels_gpu.py covers bf16).
@@ -174,9 +178,9 @@ def test_decode_attention_matches_ref(shape, num_splits, dtype):
 def _share_prefix(batch, num_blocks):
     """Every request's table starts with request 0's first blocks (a cached prompt prefix):
     the keys there become request 0's, for the reference as for the kernels."""
-    batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
-    return torch.tensor([num_blocks * batch["key_cache"].shape[1]], dtype=torch.int32,
-                        device=DEVICE)
+    num_keys = num_blocks * batch["key_cache"].shape[1]
+    share_prefix(batch, num_keys, batch["key_cache"].shape[1])
+    return torch.tensor([num_keys], dtype=torch.int32, device=DEVICE)
 
 
 @needs_triton
