@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill / sweep-cascade /
-# sweep-decode: bench/kernel_sweep.py)
+# sweep-decode / sweep-mixed: bench/kernel_sweep.py)
 # (overlap: bench/overlap_probe.py; fewshot: that workload with and without cascade attention)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
@@ -24,6 +24,8 @@ for step in "${@:-8b}"; do
           --out "$OUT/kernel-sweep-prefill.json" 2>&1 | tee "$OUT/kernel-sweep-prefill.log" ;;
     sweep-cascade) python bench/kernel_sweep.py --only cascade \
           --out "$OUT/kernel-sweep-cascade.json" 2>&1 | tee "$OUT/kernel-sweep-cascade.log" ;;
+    sweep-mixed) python bench/kernel_sweep.py --only mixed \
+          --out "$OUT/kernel-sweep-mixed.json" 2>&1 | tee "$OUT/kernel-sweep-mixed.log" ;;
     sweep-decode) python bench/kernel_sweep.py --only decode \
           --out "$OUT/kernel-sweep-decode.json" 2>&1 | tee "$OUT/kernel-sweep-decode.log" ;;
     sweep) python bench/kernel_sweep.py --out "$OUT/kernel-sweep.json" 2>&1 | tee "$OUT/kernel-sweep.log" ;;

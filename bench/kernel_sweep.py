@@ -2,7 +2,7 @@
 under each BLAS library, and the copy and read bandwidth (GPU only).
 
     python bench/kernel_sweep.py --out $OUT/sweep.json \
-        [--only gemm,prefill,decode,cascade,bandwidth]
+        [--only gemm,prefill,decode,cascade,mixed,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
@@ -44,6 +44,16 @@ PREFILL_CASES = {
     "mixed 12 x 416+256 and 900 decodes (reviews)":
         (128, [(416, 256)] * 12 + [(1, 499)] * 900, 0),
     "mixed, llama-1b (small)": (64, [(416, 256)] * 12 + [(1, 499)] * 900, 0),
+}
+# Mixed steps as the engine lays them out: (head_dim, leading decodes' (1, prefix), then the
+# chunks' (query, prefix), keys every request holds in the same blocks)
+MIXED_CASES = {
+    "reviews: 900 decodes x (256 shared + 344) + 12 x 416 after 256 cached":
+        (128, [(1, 599)] * 900 + [(416, 256)] * 12, 256),
+    "prefill workload: 112 decodes x 1,030 + 15 x 1,024 fresh":
+        (128, [(1, 1029)] * 112 + [(1024, 0)] * 15, 0),
+    "small (llama-1b): 900 decodes x (256 shared + 344) + 12 x 416":
+        (64, [(1, 599)] * 900 + [(416, 256)] * 12, 256),
 }
 # name -> (batch size, shared prefix keys, each request's own keys after it)
 CASCADE_CASES = {
@@ -221,6 +231,45 @@ def sweep_cascade(run_decode) -> dict:
     return results
 
 
+def sweep_mixed(run_prefill) -> dict:
+    """Mixed steps, ms: every request by the prefill kernel (64-row tiles: a decode's GROUP
+    rows padded), against the leading decodes by the decode kernel (one split; plain, and
+    cascade over the shared keys) and the chunks by the prefill kernel, as the engine does."""
+    from batchgen.kernels.decode_attention import decode_attention
+
+    results = {}
+    for name, (head_dim, lens, shared) in MIXED_CASES.items():
+        batch = paged_batch([q for q, _ in lens], [p for _, p in lens], NUM_HEADS,
+                            NUM_KV_HEADS, head_dim, BLOCK_SIZE)
+        share_prefix(batch, shared)
+        nd = sum(1 for q, _ in lens if q == 1)
+        length = torch.tensor([shared], dtype=torch.int32, device="cuda")
+
+        def split(shared_len, plans):
+            out = run_prefill(dict(batch, first_req=nd), None, plans)
+            decode_attention(batch["q"][:nd], batch["key_cache"], batch["value_cache"],
+                             batch["block_tables"][:nd], batch["seq_lens"][:nd],
+                             batch["scale"], batch["max_seq_len"], out=out[:nd], num_splits=1,
+                             shared_prefix_len=shared_len)
+            return out
+        plans = {}
+        expected = run_prefill(batch, None, plans)
+        row = {"one kernel": time_graph_ms(lambda: run_prefill(batch, None, plans))}
+        variants = [("split", None)] + ([("split, cascade", length)] if shared else [])
+        for kind, shared_len in variants:
+            plans = {}
+            out = split(shared_len, plans)
+            row[f"{kind} max_abs_diff"] = (out.float() - expected.float()).abs().max().item()
+            row[kind] = time_graph_ms(lambda: split(shared_len, plans))
+        print(f"{name}: one kernel {row['one kernel']:.3f} ms; " + "; ".join(
+            f"{kind} {row[kind]:.3f} ms (x{row['one kernel'] / row[kind]:.2f}, max diff "
+            f"{row[kind + ' max_abs_diff']:.1e})" for kind, _ in variants))
+        results[name] = row
+        del batch
+        torch.cuda.empty_cache()
+    return results
+
+
 def sweep_bandwidth() -> dict:
     """Read-only (a sum) and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings."""
     x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda").normal_()
@@ -264,7 +313,7 @@ def sweep_gemm() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--only", default="decode,prefill,gemm,cascade,bandwidth",
+    p.add_argument("--only", default="decode,prefill,gemm,cascade,mixed,bandwidth",
                    help="comma list of sections")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
@@ -308,6 +357,8 @@ def main(argv=None) -> int:
                                          decode_bytes, "TB/s")
     if "cascade" in sections:
         results["cascade"] = sweep_cascade(run_decode)
+    if "mixed" in sections:
+        results["mixed (ms)"] = sweep_mixed(run_prefill)
     if "bandwidth" in sections:
         results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:

@@ -180,14 +180,23 @@ def _combine_splits_kernel(partial_max_ptr, partial_sum_ptr, partial_acc_ptr, ou
              out.to(out_ptr.dtype.element_ty))
 
 
+def _target_programs(device: torch.device) -> int:
+    num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device.type == "cuda" else 132)
+    return _PROGRAMS_PER_SM * num_sms
+
+
+def min_unsplit_batch(num_kv_heads: int, device: torch.device) -> int:
+    """The fewest requests that fill the GPU unsplit (choose_num_splits gives 1 from here)."""
+    return -(-_target_programs(device) // num_kv_heads)
+
+
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device) -> int:
     """Splits per request: enough programs for every SM, no split under 128 keys. Host ints
     only, so a CUDA graph captured for (B, max_seq_len bucket) replays with the same grid."""
-    num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device.type == "cuda" else 132)
     num_programs = num_reqs * num_kv_heads
-    target = _PROGRAMS_PER_SM * num_sms
+    target = _target_programs(device)
     if num_programs >= target:
         return 1
     return max(1, min(-(-target // num_programs), -(-max_seq_len // _MIN_KEYS_PER_SPLIT),

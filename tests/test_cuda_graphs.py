@@ -51,17 +51,23 @@ def test_staging_layout_pads_rows_and_keeps_the_table_narrow():
     assert table.tolist() == [[3, 9, 0], [5, 0, 0], [7, 2, 8], [0, 0, 0]]
 
 
-def _decode_batch(tables, seq_lens, block_size=16):
+def _decode_batch(tables, seq_lens, block_size=16, query_lens=None, **kwargs):
+    """Requests of seq_lens[i] tokens after the step; query_lens (default all 1) of them are
+    this step's: a decode (one output token so far) or a prompt chunk."""
+    query_lens = query_lens or [1] * len(seq_lens)
     reqs = []
-    for i, seq_len in enumerate(seq_lens):
-        r = Request(str(i), list(range(1, seq_len)), SamplingParams())
-        r.output_token_ids = [7]
-        r.num_computed_tokens = seq_len - 1
+    for i, (seq_len, q_len) in enumerate(zip(seq_lens, query_lens)):
+        if q_len == 1:
+            r = Request(str(i), list(range(1, seq_len)), SamplingParams())
+            r.output_token_ids = [7]
+        else:
+            r = Request(str(i), list(range(1, seq_len + 1)), SamplingParams())
+        r.num_computed_tokens = seq_len - q_len
         reqs.append(r)
-    sched = SimpleNamespace(requests=reqs, num_scheduled_tokens=[1] * len(reqs),
-                            num_computed_before=[s - 1 for s in seq_lens], block_ids=tables,
-                            needs_sample=[True] * len(reqs))
-    return build_input_batch(sched, block_size)
+    sched = SimpleNamespace(requests=reqs, num_scheduled_tokens=list(query_lens),
+                            num_computed_before=[s - q for s, q in zip(seq_lens, query_lens)],
+                            block_ids=tables, needs_sample=[True] * len(reqs))
+    return build_input_batch(sched, block_size, **kwargs)
 
 
 def test_shared_prefix_len_counts_whole_common_blocks_before_every_newest_key():
@@ -96,6 +102,25 @@ def test_decode_batches_cascade_only_when_shared_keys_dominate_and_enough_reads_
     long_own = [prefix + list(range(2000 + 200 * i, 2000 + 200 * i + 188)) for i in range(3)]
     own = int(4096 / MIN_CASCADE_SHARED_PER_OWN_KEY) + 904
     assert _decode_batch(long_own, [4096 + own] * 3).shared_prefix_len == 0
+
+
+def test_mixed_steps_give_their_leading_decodes_to_the_decode_kernel_when_enough(monkeypatch):
+    tables = [[1, 2, 10], [1, 2, 11], [1, 2, 12], [13, 14], [1, 2, 15]]
+    seq_lens, query_lens = [40, 41, 42, 20, 43], [1, 1, 1, 5, 1]  # 3 decodes, a chunk, 1
+    for min_decodes, expected in [(None, 0), (1, 3), (3, 3), (4, 0)]:
+        batch = _decode_batch(tables, seq_lens, query_lens=query_lens,
+                              min_mixed_decodes=min_decodes)
+        assert (batch.is_decode_only, batch.num_decodes) == (False, expected)
+    # a decode step's requests all go to the decode kernel, with or without the bar
+    decode = _decode_batch(tables[:3], seq_lens[:3], min_mixed_decodes=None)
+    assert (decode.is_decode_only, decode.num_decodes) == (True, 3)
+    # the cascade looks at the decode kernel's requests alone: the chunk shares nothing
+    monkeypatch.setattr(input_batch, "MIN_CASCADE_SAVED_KEYS", 64)
+    monkeypatch.setattr(input_batch, "MIN_CASCADE_SHARED_PER_OWN_KEY", 0.5)
+    assert _decode_batch(tables, seq_lens, query_lens=query_lens,
+                         min_mixed_decodes=3).shared_prefix_len == 32
+    assert _decode_batch(tables, seq_lens, query_lens=query_lens,
+                         min_mixed_decodes=None).shared_prefix_len == 0
 
 
 @pytest.mark.gpu

@@ -215,6 +215,39 @@ def test_decode_attention_cascade_reads_shared_keys_once_from_request_0():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared_blocks", [0, 2])
+def test_mixed_step_leading_decodes_by_the_decode_kernel_match_ref(dtype, shared_blocks,
+                                                                    poisoned_empty):
+    # A mixed step as the engine lays it out on CUDA: 5 leading decodes for the decode
+    # kernel (their shared prefix read once when there is one), then prompt chunks and a
+    # trailing single query for the prefill kernel, both writing one output.
+    from batchgen.layers.attention import Attention
+    from batchgen.layers.context import ForwardContext
+    num_decodes = 5
+    batch = _paged_batch([1] * num_decodes + [7, 33, 1], [40, 70, 33, 99, 48, 40, 37, 52],
+                         8, 2, 64, 16, dtype, seed=9)
+    shared = _share_prefix(batch, shared_blocks) if shared_blocks else None
+    expected = prefill_attention_ref(**batch)
+    # the prefill kernel alone leaves the decodes' rows unwritten (NaN here)
+    out = prefill_attention(**batch, first_req=num_decodes)
+    assert out[:num_decodes].isnan().all()
+    _assert_close(out[num_decodes:], expected[num_decodes:])
+
+    ctx = ForwardContext(
+        query_start_loc=batch["query_start_loc"], seq_lens=batch["seq_lens"],
+        block_tables=batch["block_tables"], slot_mapping=None,
+        kv_caches=[(batch["key_cache"], batch["value_cache"])],
+        max_query_len=batch["max_query_len"], max_seq_len=batch["max_seq_len"],
+        num_decodes=num_decodes, shared_prefix_len=shared)
+    layer = Attention(8, 2, 64, batch["scale"], layer_idx=0, rotary_emb=None)
+    _assert_close(layer.attend(batch["q"], batch["key_cache"], batch["value_cache"], ctx),
+                  expected)
+    _assert_close(layer.attend_ref(batch["q"], batch["key_cache"], batch["value_cache"], ctx),
+                  expected)
+
+
+@needs_triton
 def test_decode_attention_agrees_with_prefill_on_single_queries(poisoned_empty):
     batch = _paged_batch([1] * 3, [9, 40, 0], 8, 2, 64, 16, torch.float32, seed=3)
     _assert_close(decode_attention(*_decode_args(batch), num_splits=2),

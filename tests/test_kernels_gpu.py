@@ -63,6 +63,28 @@ def test_decode_attention_bf16_cascade(shape, num_splits):
         decode_attention_ref(*_decode_args(batch)), **BF16)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shared", [0, 256])
+def test_mixed_step_split_between_the_kernels_bf16(shape, shared):
+    # 64 leading decodes by the decode kernel (cascade over a shared prefix), then chunks up
+    # to 4,099 tokens and a trailing single query by the prefill kernel (layers/attention.py)
+    from batchgen.layers.attention import Attention
+    from batchgen.layers.context import ForwardContext
+    lens = [(1, 300 + 7 * i) for i in range(64)] + [(4099, 0), (416, 256), (1, 33)]
+    batch = paged_batch([q for q, _ in lens], [p for _, p in lens], *shape, seed=4)
+    share_prefix(batch, shared)
+    ctx = ForwardContext(
+        query_start_loc=batch["query_start_loc"], seq_lens=batch["seq_lens"],
+        block_tables=batch["block_tables"], slot_mapping=None,
+        kv_caches=[(batch["key_cache"], batch["value_cache"])],
+        max_query_len=batch["max_query_len"], max_seq_len=batch["max_seq_len"], num_decodes=64,
+        shared_prefix_len=torch.tensor([shared], dtype=torch.int32, device="cuda"))
+    layer = Attention(shape[0], shape[1], shape[2], batch["scale"], layer_idx=0, rotary_emb=None)
+    torch.testing.assert_close(
+        layer.attend(batch["q"], batch["key_cache"], batch["value_cache"], ctx),
+        prefill_attention_ref(**batch), **BF16)
+
+
 def test_decode_attention_replays_in_a_cuda_graph():
     # Tables hold 1,000 tokens per request; the replay runs shorter contexts than the capture.
     batch = paged_batch([1] * 64, [999] * 64, 32, 8, 128, seed=2)

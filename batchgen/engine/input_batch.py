@@ -35,8 +35,11 @@ class InputBatch:
     # the previous step's sampled tensor at row placeholder_prev_row.
     placeholder_index: np.ndarray | None = None  # [P] int64
     placeholder_prev_row: np.ndarray | None = None  # [P] int64
-    # Decode steps: keys at the start of every context held in the same blocks, read once
-    # for the whole batch (0: no cascade).
+    # The leading requests with one query each that the decode kernel attends: every request
+    # of a decode step; a mixed step's when there are enough of them (else 0).
+    num_decodes: int = 0
+    # Keys at the start of those requests' contexts held in the same blocks, read once for
+    # them all (0: no cascade).
     shared_prefix_len: int = 0
 
     @property
@@ -52,9 +55,12 @@ class InputBatch:
         return self.max_query_len == 1
 
 
-def build_input_batch(sched, block_size: int, cascade: bool = True) -> InputBatch:
+def build_input_batch(sched, block_size: int, cascade: bool = True,
+                      min_mixed_decodes: int | None = None) -> InputBatch:
     """sched: a SchedulerOutput (requests, num_scheduled_tokens, num_computed_before, block_ids,
-    needs_sample). cascade: look for a shared prefix to read once (decode steps)."""
+    needs_sample). cascade: look for a shared prefix to read once (decode steps).
+    min_mixed_decodes: a mixed step's leading one-query requests go to the decode kernel when
+    there are at least this many (None: never; the prefill kernel then attends them)."""
     reqs = sched.requests
     num_reqs = len(reqs)
     q_lens = np.asarray(sched.num_scheduled_tokens, dtype=np.int64)
@@ -94,13 +100,20 @@ def build_input_batch(sched, block_size: int, cascade: bool = True) -> InputBatc
     slot_mapping = blocks * block_size + positions % block_size
 
     max_query_len = int(q_lens.max()) if num_reqs else 0
+    if max_query_len == 1:
+        num_decodes = num_reqs
+    else:
+        num_decodes = int(np.argmax(q_lens != 1)) if num_reqs else 0  # the leading run
+        if min_mixed_decodes is None or num_decodes < min_mixed_decodes:
+            num_decodes = 0
     shared = 0
+    decode_lens = seq_lens[:num_decodes]
     # (no search when even a prefix of every context's older keys could not pass the bar)
-    if max_query_len == 1 and cascade \
-            and (num_reqs - 1) * (int(seq_lens.min()) - 1) >= MIN_CASCADE_SAVED_KEYS:
-        shared = shared_prefix_len(block_tables, seq_lens, block_size)
-        mean_own_keys = float(seq_lens.mean()) - shared  # (two requests or more here)
-        if (num_reqs - 1) * shared < MIN_CASCADE_SAVED_KEYS \
+    if num_decodes and cascade \
+            and (num_decodes - 1) * (int(decode_lens.min()) - 1) >= MIN_CASCADE_SAVED_KEYS:
+        shared = shared_prefix_len(block_tables[:num_decodes], decode_lens, block_size)
+        mean_own_keys = float(decode_lens.mean()) - shared  # (two requests or more here)
+        if (num_decodes - 1) * shared < MIN_CASCADE_SAVED_KEYS \
                 or shared < MIN_CASCADE_SHARED_PER_OWN_KEY * mean_own_keys:
             shared = 0
     sample_rows = [i for i, s in enumerate(sched.needs_sample) if s]
@@ -112,7 +125,7 @@ def build_input_batch(sched, block_size: int, cascade: bool = True) -> InputBatc
         sample_rows=sample_rows, max_query_len=max_query_len,
         max_seq_len=int(seq_lens.max()) if num_reqs else 0,
         placeholder_index=placeholder_index, placeholder_prev_row=placeholder_prev_row,
-        shared_prefix_len=shared)
+        num_decodes=num_decodes, shared_prefix_len=shared)
 
 
 def shared_prefix_len(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:

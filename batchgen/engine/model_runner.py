@@ -70,6 +70,13 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
         self.timer = StepTimer()
+        # A mixed step's leading decodes go to the decode kernel once they fill the GPU with
+        # one program per (request, kv head): at one split it compiles no new variant
+        # mid-run (the decode graphs compiled it) and beats the prefill kernel's 64-row tiles.
+        self.min_mixed_decodes = None
+        if self.is_cuda:
+            from batchgen.kernels.decode_attention import min_unsplit_batch
+            self.min_mixed_decodes = min_unsplit_batch(model.num_kv_heads, device)
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -174,6 +181,7 @@ class ModelRunner:
             kv_caches=caches if caches is not None else self.kv_caches,
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
             is_decode_only=batch.is_decode_only,
+            num_decodes=0 if batch.is_decode_only else batch.num_decodes,
             shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None)
         return ctx, input_ids, positions, logits_indices
 
@@ -188,7 +196,8 @@ class ModelRunner:
         tokens in the batch are read from `prev`'s sampled tensor on the device."""
         timer = self.timer
         batch = build_input_batch(sched, self.block_size,
-                                  cascade=not self.config.disable_cascade_attn)
+                                  cascade=not self.config.disable_cascade_attn,
+                                  min_mixed_decodes=self.min_mixed_decodes)
         fixup = None
         if batch.placeholder_index is not None:
             assert prev is not None and prev.sampled is not None, "placeholder with no step before"

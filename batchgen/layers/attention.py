@@ -30,23 +30,51 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # positions: [T]; q: [T, H, D] (rotated in place); k, v: [T, KVH, D] -> out [T, H, D]
-        from batchgen.kernels import decode_attention, prefill_attention, rotary_kv_write
-        is_cuda = q.is_cuda
+        from batchgen.kernels import rotary_kv_write
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
-        store = rotary_kv_write.rotary_kv_write if is_cuda else rotary_kv_write.rotary_kv_write_ref
-        store(q, k, v, positions, self.rotary_emb.cos_sin_cache, key_cache, value_cache,
-              ctx.slot_mapping)
+        if not q.is_cuda:
+            rotary_kv_write.rotary_kv_write_ref(
+                q, k, v, positions, self.rotary_emb.cos_sin_cache, key_cache, value_cache,
+                ctx.slot_mapping)
+            return self.attend_ref(q, key_cache, value_cache, ctx)
+        rotary_kv_write.rotary_kv_write(q, k, v, positions, self.rotary_emb.cos_sin_cache,
+                                        key_cache, value_cache, ctx.slot_mapping)
+        return self.attend(q, key_cache, value_cache, ctx)
+
+    def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+               ctx: ForwardContext) -> torch.Tensor:
+        """The Triton kernels (CUDA; the CPU under TRITON_INTERPRET, in tests)."""
+        from batchgen.kernels import decode_attention, prefill_attention
         if ctx.is_decode_only:
-            if not is_cuda:  # the reference gives what the cascade does, keys read per request
-                return decode_attention.decode_attention_ref(
-                    q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, self.scale,
-                    ctx.max_seq_len)
             return decode_attention.decode_attention(
                 q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, self.scale,
                 ctx.max_seq_len, shared_prefix_len=ctx.shared_prefix_len,
                 plan_cache=ctx.attn_plans)
-        # plan_cache (CUDA): the tile map and argument checks once per step, not per layer
-        prefill, extra = ((prefill_attention.prefill_attention, {"plan_cache": ctx.attn_plans})
-                          if is_cuda else (prefill_attention.prefill_attention_ref, {}))
-        return prefill(q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc,
-                       ctx.seq_lens, self.scale, ctx.max_query_len, ctx.max_seq_len, **extra)
+        # plan_cache: the tile map and argument checks once per step, not per layer
+        out = prefill_attention.prefill_attention(
+            q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
+            self.scale, ctx.max_query_len, ctx.max_seq_len, plan_cache=ctx.attn_plans,
+            first_req=ctx.num_decodes)
+        nd = ctx.num_decodes
+        if nd:
+            # The prefill kernel would pad each decode's GROUP rows to a 64-row tile; the
+            # decode kernel's rows are the GROUP heads alone (one split: there are enough
+            # requests to fill the GPU, batchgen.engine.model_runner).
+            decode_attention.decode_attention(
+                q[:nd], key_cache, value_cache, ctx.block_tables[:nd], ctx.seq_lens[:nd],
+                self.scale, ctx.max_seq_len, out=out[:nd], num_splits=1,
+                shared_prefix_len=ctx.shared_prefix_len, plan_cache=ctx.attn_plans)
+        return out
+
+    def attend_ref(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   ctx: ForwardContext) -> torch.Tensor:
+        """Plain torch (CPU). A decode step's reference gives what the cascade does, its keys
+        read per request."""
+        from batchgen.kernels import decode_attention, prefill_attention
+        if ctx.is_decode_only:
+            return decode_attention.decode_attention_ref(
+                q, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, self.scale,
+                ctx.max_seq_len)
+        return prefill_attention.prefill_attention_ref(
+            q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
+            self.scale, ctx.max_query_len, ctx.max_seq_len)

@@ -24,8 +24,12 @@ class ForwardContext:
     max_seq_len: int
     # True when every request has exactly one query token (a pure decode step).
     is_decode_only: bool = False
-    # Decode steps: [1] int32 on device, keys 0..it held in the same blocks by every request
-    # (read once for the batch: cascade attention); None = no cascade.
+    # Mixed steps (CUDA): the leading requests, one query each, that the decode kernel
+    # attends; the prefill kernel takes the rest. 0: the prefill kernel takes every request.
+    num_decodes: int = 0
+    # Decode steps (and a mixed step's num_decodes): [1] int32 on device, keys 0..it held in
+    # the same blocks by every such request (read once for them all: cascade attention);
+    # None = no cascade.
     shared_prefix_len: torch.Tensor | None = None
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
