@@ -32,7 +32,7 @@ import torch
 if importlib.util.find_spec("batchgen") is None:
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from floor import Ceilings, compute_floor, measure_ceilings
+from floor import H200_CEILINGS, Ceilings, compute_floor, measure_ceilings
 from power import ClockSampler
 from report import print_table, print_workload
 from shapes import SHAPES, Shape, get_shape
@@ -172,6 +172,11 @@ def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | No
                            max_num_seqs=llm.config.max_num_seqs, block_size=stats.block_size)
         fig["floor"] = fl.as_dict()
         fig["floor_fraction"] = fl.seconds / wall
+        # the same floor at BENCHMARKS.md's H200 ceilings: a run whose own ceiling reads low
+        # (e.g. 759 against 780 TFLOP/s) flatters its own fraction
+        page = H200_CEILINGS
+        fig["floor_fraction_at_page_ceilings"] = max(
+            fl.num_flops / page.matmul_flops_per_s, fl.num_bytes / page.copy_bytes_per_s) / wall
     if reference is not None:
         fig["vllm_s"] = reference.vllm_s
         fig["vllm_over_ours"] = reference.vllm_s / wall
@@ -211,6 +216,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "torch.profiler")
     p.add_argument("--profile-requests", type=int, default=None,
                    help="profile only the first N requests (a shorter trace)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each workload N times and report the fastest (every wall kept)")
     p.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -222,6 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                  else set()))
     if not_run:
         p.error(f"--profile names workloads that are not run: {not_run}")
+    if args.repeat < 1:
+        p.error(f"--repeat must be 1 or more, got {args.repeat}")
     return args
 
 
@@ -296,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
                                     shape.vocab_size)
             is_as_published = (shape.name == w.default_shape and args.limit is None
                                and args.max_output_tokens is None)
-            fig = run_workload(llm, shape, name, requests, ceilings,
-                               REFERENCES.get(name) if is_as_published else None)
+            runs = []
+            for _ in range(args.repeat):
+                runs.append(run_workload(llm, shape, name, requests, ceilings,
+                                         REFERENCES.get(name) if is_as_published else None))
+                print_workload(name, runs[-1])
+            # the best of the runs, as BENCHMARKS.md gives vLLM's; every run's wall kept
+            fig = min(runs, key=lambda f: f["wall_s"])
+            fig["runs_wall_s"] = [f["wall_s"] for f in runs]
             results["workloads"][name] = fig
-            print_workload(name, fig)
         if name in args.profile:
             with run.section(f"profile {name}"):
                 fig["profile"] = profile_workload(llm, requests[:args.profile_requests])

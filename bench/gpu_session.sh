@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
+# (BENCH_ARGS, e.g. "--repeat 2", go to the bench of 8b / 8bq / 1b)
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill / sweep-cascade /
-# sweep-decode / sweep-mixed: bench/kernel_sweep.py)
+# sweep-decode / sweep-mixed / sweep-sample: bench/kernel_sweep.py)
 # (overlap: bench/overlap_probe.py; fewshot: that workload with and without cascade attention)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
@@ -11,11 +12,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for step in "${@:-8b}"; do
   case "$step" in
     8b) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
-          --profile reviews,decode --profile-requests 600 --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
-    8bq) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline \
+          --profile reviews,decode --profile-requests 600 ${BENCH_ARGS:-} --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
+    8bq) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline ${BENCH_ARGS:-} \
           --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
-          --profile small --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
+          --profile small ${BENCH_ARGS:-} --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
     1b2k) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
           --max-num-seqs 2048 --out "$OUT/llama-1b-2048.json" 2>&1 | tee "$OUT/llama-1b-2048.log" ;;
     8bdecode) python bench/bench.py --shape llama3-8b --workloads decode --baseline --skip-numerics \
@@ -24,6 +25,8 @@ for step in "${@:-8b}"; do
           --out "$OUT/kernel-sweep-prefill.json" 2>&1 | tee "$OUT/kernel-sweep-prefill.log" ;;
     sweep-cascade) python bench/kernel_sweep.py --only cascade \
           --out "$OUT/kernel-sweep-cascade.json" 2>&1 | tee "$OUT/kernel-sweep-cascade.log" ;;
+    sweep-sample) python bench/kernel_sweep.py --only sample \
+          --out "$OUT/kernel-sweep-sample.json" 2>&1 | tee "$OUT/kernel-sweep-sample.log" ;;
     sweep-mixed) python bench/kernel_sweep.py --only mixed \
           --out "$OUT/kernel-sweep-mixed.json" 2>&1 | tee "$OUT/kernel-sweep-mixed.log" ;;
     sweep-decode) python bench/kernel_sweep.py --only decode \

@@ -2,7 +2,7 @@
 under each BLAS library, and the copy and read bandwidth (GPU only).
 
     python bench/kernel_sweep.py --out $OUT/sweep.json \
-        [--only gemm,prefill,decode,cascade,mixed,bandwidth]
+        [--only gemm,prefill,decode,cascade,mixed,sample,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
@@ -270,6 +270,33 @@ def sweep_mixed(run_prefill) -> dict:
     return results
 
 
+def sweep_sample() -> dict:
+    """The fused sampler on a step's bf16 logits (llama3-8b's vocabulary), ms by (BLOCK,
+    num_warps, splits): one program per row, or the vocabulary split across several."""
+    from batchgen.kernels.gumbel_sample import gumbel_sample
+
+    configs = [(1024, 4, 1), (1024, 8, 1), (2048, 8, 1), (1024, 4, 2), (1024, 4, 4),
+               (1024, 4, 8), (2048, 8, 2), (2048, 8, 4), (1024, 4, None), (2048, 8, None)]
+    results = {}
+    for rows in (64, 500, 1024):
+        x = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16)
+        keys = torch.randint(0, 2**32, (rows,), device="cuda")
+        for label, temperature in (("t=1", torch.ones(rows, device="cuda")),
+                                   ("t=0.7", torch.full((rows,), 0.7, device="cuda"))):
+            expected = gumbel_sample(x, keys, temperature)
+            row = {}
+            for config in configs:
+                out = gumbel_sample(x, keys, temperature, tuning=config)
+                assert torch.equal(out, expected), config
+                row[str(config)] = time_graph_ms(
+                    lambda: gumbel_sample(x, keys, temperature, tuning=config))
+            best = min(row, key=row.get)
+            print(f"sample {rows} x 128256 {label}: (1024, 4, 1) {row['(1024, 4, 1)']:.3f} ms, "
+                  f"chosen {row['(1024, 4, None)']:.3f} ms, best {best} {row[best]:.3f} ms")
+            results[f"{rows} {label}"] = row
+    return results
+
+
 def sweep_bandwidth() -> dict:
     """Read-only (a sum) and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings."""
     x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda").normal_()
@@ -313,7 +340,7 @@ def sweep_gemm() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--only", default="decode,prefill,gemm,cascade,mixed,bandwidth",
+    p.add_argument("--only", default="decode,prefill,gemm,cascade,mixed,sample,bandwidth",
                    help="comma list of sections")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
@@ -357,6 +384,8 @@ def main(argv=None) -> int:
                                          decode_bytes, "TB/s")
     if "cascade" in sections:
         results["cascade"] = sweep_cascade(run_decode)
+    if "sample" in sections:
+        results["sample (ms)"] = sweep_sample()
     if "mixed" in sections:
         results["mixed (ms)"] = sweep_mixed(run_prefill)
     if "bandwidth" in sections:

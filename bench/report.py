@@ -12,7 +12,9 @@ def print_workload(name: str, f: dict) -> None:
     if "floor" in f:
         fl = f["floor"]
         print(f"  floor {fl['floor_s']:.2f} s ({fl['bound_by']}; compute {fl['compute_s']:.2f} s, "
-              f"memory {fl['memory_s']:.2f} s), floor/measured {f['floor_fraction']:.1%}")
+              f"memory {fl['memory_s']:.2f} s), floor/measured {f['floor_fraction']:.1%} "
+              f"({f['floor_fraction_at_page_ceilings']:.1%} at BENCHMARKS.md's H200 ceilings, "
+              f"780 TFLOP/s and 4.26 TB/s)")
     mem = f["peak_gpu_memory_gib"]
     print(f"  peak GPU memory {mem:.1f} GiB" if mem is not None else "  peak GPU memory n/a",
           f"| KV pool {f['kv_pool_tokens']:,} tokens | peak running {f['peak_num_running']} "
@@ -29,7 +31,7 @@ def print_workload(name: str, f: dict) -> None:
 
 
 def print_table(results: dict) -> None:
-    print("\n" + "=" * 114)
+    print("\n" + "=" * 121)
     env, ceil = results.get("environment", {}), results.get("ceilings", {})
     print(f"{env.get('gpu') or env.get('device')} | torch {env.get('torch')} | triton "
           f"{env.get('triton')} | transformers {env.get('transformers')} | git {env.get('git_sha')}")
@@ -38,7 +40,7 @@ def print_table(results: dict) -> None:
               f"{ceil['copy_tb_per_s']:.4g} TB/s | start-up {results.get('startup_s', float('nan')):.1f} s"
               f" | job {results.get('job_s', float('nan')):.1f} s")
     cols = [("workload", 10), ("wall s", 8), ("out tok/s", 11), ("tot tok/s", 11), ("req/s", 8),
-            ("floor s", 9), ("C / M s", 15), ("floor/m", 9), ("bar", 6), ("vLLM s", 8),
+            ("floor s", 9), ("C / M s", 15), ("floor/m", 9), ("@780", 7), ("bar", 6), ("vLLM s", 8),
             ("vLLM/us", 9), ("run", 6), ("waste", 7), ("hits", 7)]
     print(cols[0][0].ljust(cols[0][1]) + "".join(name.rjust(w) for name, w in cols[1:]))
     for name, f in results.get("workloads", {}).items():
@@ -47,11 +49,16 @@ def print_table(results: dict) -> None:
                  _fmt(f["total_tok_per_s"], ",.0f"), _fmt(f["req_per_s"], ".1f"),
                  _fmt(fl and fl["floor_s"], ".2f"),
                  f"{fl['compute_s']:.2f} / {fl['memory_s']:.2f}" if fl else "-",
-                 _fmt(f.get("floor_fraction"), ".1%"), _fmt(f.get("bar_floor_fraction"), ".0%"),
+                 _fmt(f.get("floor_fraction"), ".1%"),
+                 _fmt(f.get("floor_fraction_at_page_ceilings"), ".1%"),
+                 _fmt(f.get("bar_floor_fraction"), ".0%"),
                  _fmt(f.get("vllm_s"), ".1f"), _fmt(f.get("vllm_over_ours"), ".2f"),
                  str(f["peak_num_running"]), _fmt(f["peak_kv_waste"], ".1%"),
                  _fmt(f["prefix_cache_hit_rate"], ".1%")]
         print(name.ljust(cols[0][1]) + "".join(c.rjust(w) for c, (_, w) in zip(cells, cols[1:])))
+        if len(f.get("runs_wall_s", ())) > 1:
+            print(f"  (the fastest of {len(f['runs_wall_s'])} runs: "
+                  + " / ".join(f"{w:.2f}" for w in f["runs_wall_s"]) + " s)")
     base = results.get("baseline", {})
     if "hf" in base and "batchgen" in base:
         hf, bg = base["hf"], base["batchgen"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_dtype, jit, require_triton, tl
+from ._triton import check_dtype, jit, next_power_of_2, require_triton, tl
 
 MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2^31: a 32-bit value times one stays below 2^63 in int64.
@@ -57,12 +57,16 @@ def gumbel_sample_ref(x: torch.Tensor, keys: torch.Tensor,
     return (x - token_noise_ref(keys, x.shape[1]).log_()).argmax(dim=-1)
 
 
-@jit
-def _gumbel_sample_kernel(x_ptr, keys_ptr, temperature_ptr, out_ptr, vocab_size, x_stride,
+@jit(do_not_specialize=["num_splits", "split_size"])
+def _gumbel_sample_kernel(x_ptr, keys_ptr, temperature_ptr, out_ptr, part_val_ptr, part_idx_ptr,
+                          vocab_size, x_stride, num_splits, split_size,
                           HAS_TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr):
+    # grid: (R, num_splits). A program races tokens split * split_size.. of its row; with one
+    # split it writes the row's token, else its best (score, token) for _pick_split_kernel.
     # The hash in uint32, whose products wrap mod 2^32: the int64 "& MASK32" of the
     # reference, at a fraction of the cost of 64-bit multiplies.
     row = tl.program_id(0)
+    split = tl.program_id(1)
     key = tl.load(keys_ptr + row).to(tl.uint32)
     temperature = 1.0
     if HAS_TEMPERATURE:
@@ -70,11 +74,13 @@ def _gumbel_sample_kernel(x_ptr, keys_ptr, temperature_ptr, out_ptr, vocab_size,
     best_val = tl.full((BLOCK,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK,), tl.int32)
     row_ptr = x_ptr + row.to(tl.int64) * x_stride
-    for start in range(0, vocab_size, BLOCK):
+    first = split * split_size
+    last = tl.minimum(first + split_size, vocab_size)
+    for start in range(first, last, BLOCK):
         v = start + tl.arange(0, BLOCK)
-        mask = v < vocab_size
+        mask = v < last
         logit = tl.load(row_ptr + v, mask=mask, other=float("-inf")).to(tl.float32)
-        if HAS_TEMPERATURE:
+        if temperature != 1.0:  # (x / 1 is x: the common case skips the division)
             # rounded as torch's division, so the reference draws the same token
             logit = tl.div_rn(logit, tl.full((BLOCK,), temperature, tl.float32))
         h = (v.to(tl.uint32) * tl.full((BLOCK,), 0x9E3779B1, tl.uint32)) ^ key
@@ -91,14 +97,45 @@ def _gumbel_sample_kernel(x_ptr, keys_ptr, temperature_ptr, out_ptr, vocab_size,
         best_val = tl.where(is_better, score, best_val)
         best_idx = tl.where(is_better, v, best_idx)
     top = tl.max(best_val, axis=0)
-    candidates = tl.where(best_val == top, best_idx, vocab_size)
-    tl.store(out_ptr + row, tl.min(candidates, axis=0).to(tl.int64))
+    token = tl.min(tl.where(best_val == top, best_idx, vocab_size), axis=0)
+    if num_splits == 1:
+        tl.store(out_ptr + row, token.to(tl.int64))
+    else:
+        tl.store(part_val_ptr + row * num_splits + split, top)
+        tl.store(part_idx_ptr + row * num_splits + split, token)
+
+
+@jit(do_not_specialize=["num_splits"])
+def _pick_split_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_splits,
+                       BLOCK_S: tl.constexpr):
+    # grid: (R,). The best of a row's splits; of equal scores the lowest token, as in one pass
+    row = tl.program_id(0)
+    splits = tl.arange(0, BLOCK_S)
+    is_split = splits < num_splits
+    val = tl.load(part_val_ptr + row * num_splits + splits, mask=is_split, other=float("-inf"))
+    idx = tl.load(part_idx_ptr + row * num_splits + splits, mask=is_split, other=2**30)
+    top = tl.max(val, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(val == top, idx, 2**30), axis=0).to(tl.int64))
+
+
+# Programs to aim for: a row is ~126 k tokens of hashing and two logs each, compute-bound, so
+# a batch of a few hundred rows leaves SMs idle or loaded unevenly.
+_TARGET_PROGRAMS = 1024
+_MAX_SPLITS = 16
+
+
+def choose_num_splits(num_rows: int, vocab_size: int, block: int = 1024) -> int:
+    """Vocabulary splits per row: enough programs for the GPU, each a few blocks or more."""
+    return max(1, min(-(-_TARGET_PROGRAMS // max(num_rows, 1)), _MAX_SPLITS,
+                      vocab_size // (4 * block)))
 
 
 def gumbel_sample(x: torch.Tensor, keys: torch.Tensor,
-                  temperature: torch.Tensor | None = None) -> torch.Tensor:
+                  temperature: torch.Tensor | None = None,
+                  tuning: tuple[int, int, int | None] | None = None) -> torch.Tensor:
     """x: [R, V] fp32 / fp16 / bf16 logits (contiguous rows); keys: [R] int64; temperature:
-    [R] fp32 > 0 or None (x is then divided by it in the kernel) -> [R] int64 token ids."""
+    [R] fp32 > 0 or None (x is then divided by it in the kernel) -> [R] int64 token ids.
+    tuning: (BLOCK, num_warps, splits or None: chosen) for bench/kernel_sweep.py."""
     require_triton("gumbel_sample")
     check_dtype("gumbel_sample", "x", x, (torch.float32, torch.float16, torch.bfloat16))
     check_dtype("gumbel_sample", "keys", keys, (torch.int64,))
@@ -110,9 +147,24 @@ def gumbel_sample(x: torch.Tensor, keys: torch.Tensor,
         if temperature.shape != keys.shape:
             raise ValueError(f"gumbel_sample: temperature must be [R], got "
                              f"{tuple(temperature.shape)}")
-    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    if x.shape[0]:
-        _gumbel_sample_kernel[(x.shape[0],)](
-            x, keys, temperature if temperature is not None else keys, out, x.shape[1],
-            x.stride(0), HAS_TEMPERATURE=temperature is not None, BLOCK=1024, num_warps=4)
+    num_rows, vocab_size = x.shape
+    out = torch.empty(num_rows, dtype=torch.int64, device=x.device)
+    if not num_rows:
+        return out
+    block, num_warps, num_splits = tuning or (1024, 4, None)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_rows, vocab_size, block)
+    split_size = -(-vocab_size // (num_splits * block)) * block
+    num_splits = -(-vocab_size // split_size)  # (no empty split)
+    parts = (out, out)
+    if num_splits > 1:
+        parts = (torch.empty((num_rows, num_splits), dtype=torch.float32, device=x.device),
+                 torch.empty((num_rows, num_splits), dtype=torch.int32, device=x.device))
+    _gumbel_sample_kernel[(num_rows, num_splits)](
+        x, keys, temperature if temperature is not None else keys, out, *parts, vocab_size,
+        x.stride(0), num_splits, split_size, HAS_TEMPERATURE=temperature is not None,
+        BLOCK=block, num_warps=num_warps)
+    if num_splits > 1:
+        _pick_split_kernel[(num_rows,)](*parts, out, num_splits,
+                                        BLOCK_S=next_power_of_2(num_splits), num_warps=1)
     return out

@@ -327,7 +327,7 @@ def test_bench_smoke_tiny_cpu(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(BENCH / "bench.py"), "--shape", "tiny", "--workloads",
            "reviews,decode", "--limit", "3", "--max-output-tokens", "12", "--profile", "decode",
-           "--profile-requests", "2", "--out", str(out)]
+           "--profile-requests", "2", "--repeat", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -340,6 +340,9 @@ def test_bench_smoke_tiny_cpu(tmp_path):
         assert f["num_requests"] == 3 and f["num_wrong_lengths"] == 0
         assert f["num_output_tokens"] == 36
         assert f["floor"]["floor_s"] > 0 and f["floor_fraction"] > 0
+        assert f["floor_fraction_at_page_ceilings"] > 0
+        # the fastest of two runs, both kept
+        assert len(f["runs_wall_s"]) == 2 and f["wall_s"] == min(f["runs_wall_s"])
         assert f["kv_pool_tokens"] > 0 and 1 <= f["peak_num_running"] <= 3
         assert "vllm_s" not in f  # a cut workload is not the published one
         assert "gpu_clocks" in f  # None without nvidia-smi
@@ -352,4 +355,5 @@ def test_bench_smoke_tiny_cpu(tmp_path):
     assert results["workloads"]["reviews"]["prefix_cache_hit_rate"] > 0
     # The table comes last, so the device tool's tail shows it.
     tail = proc.stdout.strip().splitlines()
-    assert tail[-1].startswith("wrote ") and any(line.startswith("reviews ") for line in tail[-6:])
+    assert tail[-1].startswith("wrote ") and any(line.startswith("reviews ") for line in tail[-8:])
+    assert any(line.startswith("  (the fastest of 2 runs: ") for line in tail[-8:])

@@ -34,6 +34,26 @@ def test_kernel_matches_reference(rows, vocab):
     assert torch.equal(gumbel_sample_ref(half, keys, temperature), want)
 
 
+@pytest.mark.skipif(not has_triton(), reason="triton is not installed")
+@pytest.mark.parametrize("block,splits", [(256, 3), (128, 8), (1024, None)])
+def test_vocabulary_splits_draw_the_same_tokens(block, splits):
+    # 2,500 tokens cut into splits of whole blocks (the last one short); rows with every
+    # token tied at +inf or -inf except a few check that the lowest winning token is taken
+    # across splits, as one pass (and torch.argmax) would.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 2500, generator=g) * 3
+    x[0, [5, 900, 2400]] = float("inf")  # tied winners in three splits: token 5
+    x[1, :] = float("-inf")
+    x[1, [1800, 2499]] = 0.0  # the winner sits in a later split
+    x = x.to(DEVICE)
+    keys = torch.randint(0, 2**32, (6,), generator=g).to(DEVICE)
+    temperature = torch.tensor([1.0, 1.0, 0.7, 1.0, 2.5, 1.0]).to(DEVICE)
+    for temp in (None, temperature):
+        got = gumbel_sample(x, keys, temp, tuning=(block, 4, splits))
+        assert torch.equal(got, gumbel_sample_ref(x, keys, temp))
+    assert got[0].item() == 5 and got[1].item() in (1800, 2499)
+
+
 def test_reference_is_the_exponential_race():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 300, generator=g)
