@@ -3,7 +3,9 @@
 For row r and token v, u = hash(keys[r], v) in (0, 1) and E = -log(u) ~ Exp(1); the drawn
 token is argmax_v softmax(x)[v] / E[v] = argmax_v x[v] - log(E[v]) (no softmax needed). The
 hash is 32-bit xor-shift / multiply mixing held in int64 (every product < 2^63), identical in
-the kernel and the reference, so a (seed, position) draws the same token on any device."""
+the kernel and the reference, so a (seed, position) draws the same token on any device.
+The kernel cuts each row into vocabulary splits raced in parallel, then keeps the best of
+their winners (the lowest token among equal scores, as torch.argmax)."""
 from __future__ import annotations
 
 import torch
@@ -118,16 +120,17 @@ def _pick_split_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_splits,
     tl.store(out_ptr + row, tl.min(tl.where(val == top, idx, 2**30), axis=0).to(tl.int64))
 
 
-# Programs to aim for: a row is ~126 k tokens of hashing and two logs each, compute-bound, so
-# a batch of a few hundred rows leaves SMs idle or loaded unevenly.
-_TARGET_PROGRAMS = 1024
-_MAX_SPLITS = 16
+# Vocabulary splits a row: the race is compute-bound (a hash and two logs per token), and one
+# program per row leaves the SMs short of warps. H200, bf16, 128,256 tokens, graph-timed
+# (bench/kernel_sweep.py --only sample): 8 splits of 1,024-token blocks took 0.032 / 0.183 /
+# 0.358 ms for 64 / 500 / 1,024 rows against 0.129 / 0.230 / 0.416 ms unsplit; 16 splits of
+# 64 rows 0.030.
+_NUM_SPLITS = 8
 
 
-def choose_num_splits(num_rows: int, vocab_size: int, block: int = 1024) -> int:
-    """Vocabulary splits per row: enough programs for the GPU, each a few blocks or more."""
-    return max(1, min(-(-_TARGET_PROGRAMS // max(num_rows, 1)), _MAX_SPLITS,
-                      vocab_size // (4 * block)))
+def choose_num_splits(vocab_size: int, block: int = 1024) -> int:
+    """Vocabulary splits per row: _NUM_SPLITS, each of 4 blocks or more."""
+    return max(1, min(_NUM_SPLITS, vocab_size // (4 * block)))
 
 
 def gumbel_sample(x: torch.Tensor, keys: torch.Tensor,
@@ -153,7 +156,7 @@ def gumbel_sample(x: torch.Tensor, keys: torch.Tensor,
         return out
     block, num_warps, num_splits = tuning or (1024, 4, None)
     if num_splits is None:
-        num_splits = choose_num_splits(num_rows, vocab_size, block)
+        num_splits = choose_num_splits(vocab_size, block)
     split_size = -(-vocab_size // (num_splits * block)) * block
     num_splits = -(-vocab_size // split_size)  # (no empty split)
     parts = (out, out)
