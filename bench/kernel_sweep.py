@@ -105,6 +105,13 @@ def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, bloc
         max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
 
 
+def decode_args(batch: dict) -> tuple:
+    """A batch of one-query requests as decode_attention's (and its reference's) positional
+    arguments."""
+    return (batch["q"], batch["key_cache"], batch["value_cache"], batch["block_tables"],
+            batch["seq_lens"], batch["scale"], batch["max_seq_len"])
+
+
 def share_prefix(batch: dict, num_keys: int, block_size: int = BLOCK_SIZE) -> None:
     """Every request's first num_keys keys (whole blocks) become request 0's: its table's
     first blocks in every row, as a prompt prefix from the prefix cache."""

@@ -23,7 +23,7 @@ from batchgen.kernels.rotary_kv_write import (rotary_kv_write, rotary_kv_write_r
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from kernel_sweep import share_prefix  # noqa: E402  (the sweep shares prefixes the same way)
+from kernel_sweep import decode_args, share_prefix  # noqa: E402  (the sweep builds them the same way)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is left out: the interpreter computes NaN for it (test_kernels_gpu.py covers bf16).
@@ -156,11 +156,6 @@ def test_prefill_attention_long_chunk_spans_many_tiles(dtype, poisoned_empty):
     _assert_close(prefill_attention(**batch), prefill_attention_ref(**batch))
 
 
-def _decode_args(batch):
-    return (batch["q"], batch["key_cache"], batch["value_cache"], batch["block_tables"],
-            batch["seq_lens"], batch["scale"], batch["max_seq_len"])
-
-
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_splits", [1, 3, None])
@@ -170,9 +165,9 @@ def test_decode_attention_matches_ref(shape, num_splits, dtype):
     batch = _paged_batch([1] * 4, [0, 16, 150, 299], num_heads, num_kv_heads, head_dim,
                          block_size, dtype, seed=2)
     out = torch.full_like(batch["q"], float("nan"))
-    result = decode_attention(*_decode_args(batch), out=out, num_splits=num_splits)
+    result = decode_attention(*decode_args(batch), out=out, num_splits=num_splits)
     assert result is out
-    _assert_close(out, decode_attention_ref(*_decode_args(batch)))
+    _assert_close(out, decode_attention_ref(*decode_args(batch)))
 
 
 def _share_prefix(batch, num_blocks):
@@ -194,11 +189,11 @@ def test_decode_attention_cascade_matches_ref(shape, num_splits, dtype, poisoned
     batch = _paged_batch([1] * 7, [40, 70, 33, 99, 48, 2 * block_size, 130], num_heads,
                          num_kv_heads, head_dim, block_size, dtype, seed=7)
     shared = _share_prefix(batch, 2)
-    expected = decode_attention_ref(*_decode_args(batch))
-    _assert_close(decode_attention(*_decode_args(batch), num_splits=num_splits,
+    expected = decode_attention_ref(*decode_args(batch))
+    _assert_close(decode_attention(*decode_args(batch), num_splits=num_splits,
                                    shared_prefix_len=shared), expected)
     # a length of 0 (what a captured graph gets when no prefix is shared) is plain decode
-    _assert_close(decode_attention(*_decode_args(batch), num_splits=num_splits,
+    _assert_close(decode_attention(*decode_args(batch), num_splits=num_splits,
                                    shared_prefix_len=torch.zeros_like(shared)), expected)
 
 
@@ -207,9 +202,9 @@ def test_decode_attention_cascade_reads_shared_keys_once_from_request_0():
     # The kernels trust the caller: with tables that do not share, request 1's prefix keys
     # are taken from request 0's blocks, so its output changes and request 0's does not.
     batch = _paged_batch([1, 1], [64, 64], 8, 2, 64, 16, torch.float32, seed=8)
-    expected = decode_attention_ref(*_decode_args(batch))
+    expected = decode_attention_ref(*decode_args(batch))
     shared = torch.tensor([32], dtype=torch.int32, device=DEVICE)
-    out = decode_attention(*_decode_args(batch), shared_prefix_len=shared)
+    out = decode_attention(*decode_args(batch), shared_prefix_len=shared)
     _assert_close(out[0], expected[0])
     assert not torch.allclose(out[1], expected[1], atol=1e-3)
 
@@ -250,7 +245,7 @@ def test_mixed_step_leading_decodes_by_the_decode_kernel_match_ref(dtype, shared
 @needs_triton
 def test_decode_attention_agrees_with_prefill_on_single_queries(poisoned_empty):
     batch = _paged_batch([1] * 3, [9, 40, 0], 8, 2, 64, 16, torch.float32, seed=3)
-    _assert_close(decode_attention(*_decode_args(batch), num_splits=2),
+    _assert_close(decode_attention(*decode_args(batch), num_splits=2),
                   prefill_attention(**batch))
 
 
@@ -258,9 +253,9 @@ def test_decode_attention_agrees_with_prefill_on_single_queries(poisoned_empty):
 def test_attention_tile_overrides_match_the_reference(poisoned_empty):
     # bench/kernel_sweep.py times other tiles through `tuning`: each must stay exact.
     batch = _paged_batch([1] * 3, [9, 70, 0], 8, 2, 64, 16, torch.float32, seed=4)
-    expected = decode_attention_ref(*_decode_args(batch))
+    expected = decode_attention_ref(*decode_args(batch))
     for tuning in [(32, 2, 1, False), (128, 8, 3, True)]:
-        _assert_close(decode_attention(*_decode_args(batch), num_splits=2, tuning=tuning),
+        _assert_close(decode_attention(*decode_args(batch), num_splits=2, tuning=tuning),
                       expected)
     batch = _paged_batch([33, 1, 5], [40, 0, 17], 8, 2, 64, 16, torch.float32, seed=5)
     expected = prefill_attention_ref(**batch)
@@ -278,9 +273,9 @@ def test_attention_wrappers_reject_bad_arguments():
     with pytest.raises(ValueError, match="query_start_loc"):
         prefill_attention(**{**batch, "query_start_loc": batch["query_start_loc"][:1]})
     with pytest.raises(ValueError, match="out"):
-        decode_attention(*_decode_args(batch), out=torch.empty(2, 8, 64, device=DEVICE))
+        decode_attention(*decode_args(batch), out=torch.empty(2, 8, 64, device=DEVICE))
     with pytest.raises(ValueError, match="shared_prefix_len"):
-        decode_attention(*_decode_args(batch),
+        decode_attention(*decode_args(batch),
                          shared_prefix_len=torch.zeros(1, dtype=torch.int64, device=DEVICE))
 
 
@@ -398,12 +393,12 @@ def test_decode_attention_checks_once_per_step_with_a_plan_cache(poisoned_empty)
     for num_reqs in (4, 4, 3):
         batch = _paged_batch([1] * num_reqs, [16, 150, 299, 7][:num_reqs], 8, 2, 64, 16,
                              torch.float32, seed=num_reqs)
-        _assert_close(decode_attention(*_decode_args(batch), plan_cache=plans),
-                      decode_attention_ref(*_decode_args(batch)))
+        _assert_close(decode_attention(*decode_args(batch), plan_cache=plans),
+                      decode_attention_ref(*decode_args(batch)))
     assert len(plans) == 2
     with pytest.raises(ValueError, match="kv heads of dim"):  # a new shape is checked
         bad = _paged_batch([1], [5], 8, 2, 64, 16, torch.float32)
-        decode_attention(bad["q"][..., :48], *_decode_args(bad)[1:], plan_cache=plans)
+        decode_attention(bad["q"][..., :48], *decode_args(bad)[1:], plan_cache=plans)
 
 
 @needs_triton

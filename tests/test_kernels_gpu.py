@@ -7,7 +7,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-from kernel_sweep import paged_batch, share_prefix  # noqa: E402  (the sweep times the same batches)
+from kernel_sweep import decode_args, paged_batch, share_prefix  # noqa: E402  (the sweep times the same batches)
 
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.prefill_attention import prefill_attention, prefill_attention_ref
@@ -17,11 +17,6 @@ from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 pytestmark = pytest.mark.gpu
 BF16 = dict(rtol=2e-2, atol=2e-2)
-
-
-def _decode_args(batch):
-    return (batch["q"], batch["key_cache"], batch["value_cache"], batch["block_tables"],
-            batch["seq_lens"], batch["scale"], batch["max_seq_len"])
 
 
 # (num_heads, num_kv_heads, head_dim): Llama-8B-like, SmolLM2-135M, MHA with dim 256
@@ -45,9 +40,9 @@ def test_prefill_attention_bf16_block_sizes(block_size):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_attention_bf16_long_context(shape):
     batch = paged_batch([1] * 5, [32767, 0, 4999, 100000, 250], *shape, seed=1)
-    expected = decode_attention_ref(*_decode_args(batch))
-    torch.testing.assert_close(decode_attention(*_decode_args(batch)), expected, **BF16)
-    torch.testing.assert_close(decode_attention(*_decode_args(batch), num_splits=1), expected,
+    expected = decode_attention_ref(*decode_args(batch))
+    torch.testing.assert_close(decode_attention(*decode_args(batch)), expected, **BF16)
+    torch.testing.assert_close(decode_attention(*decode_args(batch), num_splits=1), expected,
                                **BF16)
 
 
@@ -59,8 +54,8 @@ def test_decode_attention_bf16_cascade(shape, num_splits):
     share_prefix(batch, 4096)
     shared = torch.tensor([4096], dtype=torch.int32, device="cuda")
     torch.testing.assert_close(
-        decode_attention(*_decode_args(batch), num_splits=num_splits, shared_prefix_len=shared),
-        decode_attention_ref(*_decode_args(batch)), **BF16)
+        decode_attention(*decode_args(batch), num_splits=num_splits, shared_prefix_len=shared),
+        decode_attention_ref(*decode_args(batch)), **BF16)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -88,7 +83,7 @@ def test_mixed_step_split_between_the_kernels_bf16(shape, shared):
 def test_decode_attention_replays_in_a_cuda_graph():
     # Tables hold 1,000 tokens per request; the replay runs shorter contexts than the capture.
     batch = paged_batch([1] * 64, [999] * 64, 32, 8, 128, seed=2)
-    args = list(_decode_args(batch))
+    args = list(decode_args(batch))
     args[-1] = 1024  # the graph's max_seq_len bucket
     out = torch.empty_like(batch["q"])
     decode_attention(*args, out=out)  # compile outside the capture
@@ -99,7 +94,7 @@ def test_decode_attention_replays_in_a_cuda_graph():
     batch["seq_lens"].copy_(torch.randint(1, 1001, (64,), device="cuda"))
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(out, decode_attention_ref(*_decode_args(batch)), **BF16)
+    torch.testing.assert_close(out, decode_attention_ref(*decode_args(batch)), **BF16)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 4099])
