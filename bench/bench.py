@@ -110,6 +110,8 @@ def _read_lines(path: str) -> list[str]:
 def build_llm(shape: Shape, folder: Path, args):
     from batchgen import LLM
 
+    if args.blas is not None:  # before any GEMM, so the decode graphs capture it too
+        torch.backends.cuda.preferred_blas_library(args.blas)
     return LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype=shape.dtype,
                enable_prefix_caching=True, gpu_memory_utilization=0.9, max_model_len=4096,
                seed=0, max_num_seqs=args.max_num_seqs,
@@ -209,6 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--blas", choices=("cublas", "cublaslt"), default=None,
+                   help="the BLAS library torch calls for the GEMMs (default: torch's choice)")
     p.add_argument("--disable-cascade-attn", action="store_true",
                    help="read shared prompt prefixes per request in decode steps")
     p.add_argument("--profile", default="",
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                              "max_num_seqs": llm.config.max_num_seqs,
                              "max_num_batched_tokens": llm.config.max_num_batched_tokens,
                              "enforce_eager": llm.config.enforce_eager,
+                             "blas": str(torch.backends.cuda.preferred_blas_library()),
                              "engine_startup_s": stats.startup_seconds}
         print(f"  start-up s {results['startup_s']:.1f} | {results['engine']}")
 
