@@ -176,9 +176,7 @@ def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | No
         fig["floor_fraction"] = fl.seconds / wall
         # the same floor at BENCHMARKS.md's H200 ceilings: a run whose own ceiling reads low
         # (e.g. 759 against 780 TFLOP/s) flatters its own fraction
-        page = H200_CEILINGS
-        fig["floor_fraction_at_page_ceilings"] = max(
-            fl.num_flops / page.matmul_flops_per_s, fl.num_bytes / page.copy_bytes_per_s) / wall
+        fig["floor_fraction_at_page_ceilings"] = fl.seconds_at(H200_CEILINGS) / wall
     if reference is not None:
         fig["vllm_s"] = reference.vllm_s
         fig["vllm_over_ours"] = reference.vllm_s / wall

@@ -56,6 +56,11 @@ class Floor:
     def seconds(self) -> float:
         return max(self.compute_s, self.memory_s)
 
+    def seconds_at(self, ceilings: Ceilings) -> float:
+        """The same work's floor at other ceilings (e.g. BENCHMARKS.md's, H200_CEILINGS)."""
+        return max(self.num_flops / ceilings.matmul_flops_per_s,
+                   self.num_bytes / ceilings.copy_bytes_per_s)
+
     @property
     def bound_by(self) -> str:
         return "compute" if self.compute_s >= self.memory_s else "memory"

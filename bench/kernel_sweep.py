@@ -112,6 +112,25 @@ def decode_args(batch: dict) -> tuple:
             batch["seq_lens"], batch["scale"], batch["max_seq_len"])
 
 
+def mixed_step(batch: dict, num_decodes: int, shared_prefix_len: torch.Tensor | None = None):
+    """-> (Attention layer, ForwardContext): the batch as a step the engine attends with
+    `Attention.attend`, its leading num_decodes requests by the decode kernel (cascade over
+    shared_prefix_len keys, a [1] int32 tensor, or None) and the rest by the prefill kernel."""
+    from batchgen.layers.attention import Attention
+    from batchgen.layers.context import ForwardContext
+
+    q, key_cache = batch["q"], batch["key_cache"]
+    ctx = ForwardContext(
+        query_start_loc=batch["query_start_loc"], seq_lens=batch["seq_lens"],
+        block_tables=batch["block_tables"], slot_mapping=None,
+        kv_caches=[(key_cache, batch["value_cache"])], max_query_len=batch["max_query_len"],
+        max_seq_len=batch["max_seq_len"], num_decodes=num_decodes,
+        shared_prefix_len=shared_prefix_len)
+    layer = Attention(q.shape[1], key_cache.shape[2], q.shape[2], batch["scale"], layer_idx=0,
+                      rotary_emb=None)
+    return layer, ctx
+
+
 def share_prefix(batch: dict, num_keys: int, block_size: int = BLOCK_SIZE) -> None:
     """Every request's first num_keys keys (whole blocks) become request 0's: its table's
     first blocks in every row, as a prompt prefix from the prefix cache."""
@@ -238,12 +257,11 @@ def sweep_cascade(run_decode) -> dict:
     return results
 
 
-def sweep_mixed(run_prefill) -> dict:
+def sweep_mixed() -> dict:
     """Mixed steps, ms: every request by the prefill kernel (64-row tiles: a decode's GROUP
     rows padded), against the leading decodes by the decode kernel (one split; plain, and
-    cascade over the shared keys) and the chunks by the prefill kernel, as the engine does."""
-    from batchgen.kernels.decode_attention import decode_attention
-
+    cascade over the shared keys) and the chunks by the prefill kernel, as the engine does
+    (`Attention.attend` itself)."""
     results = {}
     for name, (head_dim, lens, shared) in MIXED_CASES.items():
         batch = paged_batch([q for q, _ in lens], [p for _, p in lens], NUM_HEADS,
@@ -251,26 +269,22 @@ def sweep_mixed(run_prefill) -> dict:
         share_prefix(batch, shared)
         nd = sum(1 for q, _ in lens if q == 1)
         length = torch.tensor([shared], dtype=torch.int32, device="cuda")
+        variants = [("one kernel", 0, None), ("split", nd, None)]
+        if shared:
+            variants.append(("split, cascade", nd, length))
+        row, expected = {}, None
+        for kind, num_decodes, shared_len in variants:
+            layer, ctx = mixed_step(batch, num_decodes, shared_len)
 
-        def split(shared_len, plans):
-            out = run_prefill(dict(batch, first_req=nd), None, plans)
-            decode_attention(batch["q"][:nd], batch["key_cache"], batch["value_cache"],
-                             batch["block_tables"][:nd], batch["seq_lens"][:nd],
-                             batch["scale"], batch["max_seq_len"], out=out[:nd], num_splits=1,
-                             shared_prefix_len=shared_len)
-            return out
-        plans = {}
-        expected = run_prefill(batch, None, plans)
-        row = {"one kernel": time_graph_ms(lambda: run_prefill(batch, None, plans))}
-        variants = [("split", None)] + ([("split, cascade", length)] if shared else [])
-        for kind, shared_len in variants:
-            plans = {}
-            out = split(shared_len, plans)
+            def attend():  # ctx's plans are filled by the first call, before the capture
+                return layer.attend(batch["q"], batch["key_cache"], batch["value_cache"], ctx)
+            out = attend()
+            expected = out if expected is None else expected
             row[f"{kind} max_abs_diff"] = (out.float() - expected.float()).abs().max().item()
-            row[kind] = time_graph_ms(lambda: split(shared_len, plans))
+            row[kind] = time_graph_ms(attend)
         print(f"{name}: one kernel {row['one kernel']:.3f} ms; " + "; ".join(
             f"{kind} {row[kind]:.3f} ms (x{row['one kernel'] / row[kind]:.2f}, max diff "
-            f"{row[kind + ' max_abs_diff']:.1e})" for kind, _ in variants))
+            f"{row[kind + ' max_abs_diff']:.1e})" for kind, _, _ in variants[1:]))
         results[name] = row
         del batch
         torch.cuda.empty_cache()
@@ -394,7 +408,7 @@ def main(argv=None) -> int:
     if "sample" in sections:
         results["sample (ms)"] = sweep_sample()
     if "mixed" in sections:
-        results["mixed (ms)"] = sweep_mixed(run_prefill)
+        results["mixed (ms)"] = sweep_mixed()
     if "bandwidth" in sections:
         results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:

@@ -23,7 +23,7 @@ from batchgen.kernels.rotary_kv_write import (rotary_kv_write, rotary_kv_write_r
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from kernel_sweep import decode_args, share_prefix  # noqa: E402  (the sweep builds them the same way)
+from kernel_sweep import decode_args, mixed_step, share_prefix  # noqa: E402  (as the sweep)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is left out: the interpreter computes NaN for it (test_kernels_gpu.py covers bf16).
@@ -217,8 +217,6 @@ def test_mixed_step_leading_decodes_by_the_decode_kernel_match_ref(dtype, shared
     # A mixed step as the engine lays it out on CUDA: 5 leading decodes for the decode
     # kernel (their shared prefix read once when there is one), then prompt chunks and a
     # trailing single query for the prefill kernel, both writing one output.
-    from batchgen.layers.attention import Attention
-    from batchgen.layers.context import ForwardContext
     num_decodes = 5
     batch = _paged_batch([1] * num_decodes + [7, 33, 1], [40, 70, 33, 99, 48, 40, 37, 52],
                          8, 2, 64, 16, dtype, seed=9)
@@ -229,13 +227,7 @@ def test_mixed_step_leading_decodes_by_the_decode_kernel_match_ref(dtype, shared
     assert out[:num_decodes].isnan().all()
     _assert_close(out[num_decodes:], expected[num_decodes:])
 
-    ctx = ForwardContext(
-        query_start_loc=batch["query_start_loc"], seq_lens=batch["seq_lens"],
-        block_tables=batch["block_tables"], slot_mapping=None,
-        kv_caches=[(batch["key_cache"], batch["value_cache"])],
-        max_query_len=batch["max_query_len"], max_seq_len=batch["max_seq_len"],
-        num_decodes=num_decodes, shared_prefix_len=shared)
-    layer = Attention(8, 2, 64, batch["scale"], layer_idx=0, rotary_emb=None)
+    layer, ctx = mixed_step(batch, num_decodes, shared)
     _assert_close(layer.attend(batch["q"], batch["key_cache"], batch["value_cache"], ctx),
                   expected)
     _assert_close(layer.attend_ref(batch["q"], batch["key_cache"], batch["value_cache"], ctx),

@@ -7,7 +7,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-from kernel_sweep import decode_args, paged_batch, share_prefix  # noqa: E402  (the sweep times the same batches)
+from kernel_sweep import (decode_args, mixed_step, paged_batch,  # noqa: E402
+                          share_prefix)  # (the sweep times the same batches)
 
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.prefill_attention import prefill_attention, prefill_attention_ref
@@ -63,18 +64,10 @@ def test_decode_attention_bf16_cascade(shape, num_splits):
 def test_mixed_step_split_between_the_kernels_bf16(shape, shared):
     # 64 leading decodes by the decode kernel (cascade over a shared prefix), then chunks up
     # to 4,099 tokens and a trailing single query by the prefill kernel (layers/attention.py)
-    from batchgen.layers.attention import Attention
-    from batchgen.layers.context import ForwardContext
     lens = [(1, 300 + 7 * i) for i in range(64)] + [(4099, 0), (416, 256), (1, 33)]
     batch = paged_batch([q for q, _ in lens], [p for _, p in lens], *shape, seed=4)
     share_prefix(batch, shared)
-    ctx = ForwardContext(
-        query_start_loc=batch["query_start_loc"], seq_lens=batch["seq_lens"],
-        block_tables=batch["block_tables"], slot_mapping=None,
-        kv_caches=[(batch["key_cache"], batch["value_cache"])],
-        max_query_len=batch["max_query_len"], max_seq_len=batch["max_seq_len"], num_decodes=64,
-        shared_prefix_len=torch.tensor([shared], dtype=torch.int32, device="cuda"))
-    layer = Attention(shape[0], shape[1], shape[2], batch["scale"], layer_idx=0, rotary_emb=None)
+    layer, ctx = mixed_step(batch, 64, torch.tensor([shared], dtype=torch.int32, device="cuda"))
     torch.testing.assert_close(
         layer.attend(batch["q"], batch["key_cache"], batch["value_cache"], ctx),
         prefill_attention_ref(**batch), **BF16)

@@ -31,15 +31,13 @@ class Attention(nn.Module):
                 v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # positions: [T]; q: [T, H, D] (rotated in place); k, v: [T, KVH, D] -> out [T, H, D]
         from batchgen.kernels import rotary_kv_write
+        is_cuda = q.is_cuda
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
-        if not q.is_cuda:
-            rotary_kv_write.rotary_kv_write_ref(
-                q, k, v, positions, self.rotary_emb.cos_sin_cache, key_cache, value_cache,
-                ctx.slot_mapping)
-            return self.attend_ref(q, key_cache, value_cache, ctx)
-        rotary_kv_write.rotary_kv_write(q, k, v, positions, self.rotary_emb.cos_sin_cache,
-                                        key_cache, value_cache, ctx.slot_mapping)
-        return self.attend(q, key_cache, value_cache, ctx)
+        store = rotary_kv_write.rotary_kv_write if is_cuda else rotary_kv_write.rotary_kv_write_ref
+        store(q, k, v, positions, self.rotary_emb.cos_sin_cache, key_cache, value_cache,
+              ctx.slot_mapping)
+        attend = self.attend if is_cuda else self.attend_ref
+        return attend(q, key_cache, value_cache, ctx)
 
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                ctx: ForwardContext) -> torch.Tensor:
