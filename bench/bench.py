@@ -89,15 +89,18 @@ def describe_environment(device: torch.device) -> dict:
     env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     if device.type == "cuda":
         env["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
-    try:
-        # --dirty: a copied working tree (the device machine's) can carry an older .git; the
-        # suffix then says the code is not that commit's.
-        env["git_sha"] = subprocess.run(["git", "describe", "--always", "--dirty"],
-                                        capture_output=True, text=True, cwd=Path(__file__).parent,
-                                        timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        env["git_sha"] = None
+    env["git_sha"] = os.environ.get("BATCHGEN_GIT_SHA") or _git_describe()
     return env
+
+
+def _git_describe() -> str | None:
+    # --dirty: a copied working tree (the device machine's) can carry an older .git; the
+    # suffix then says the code is not that commit's (BATCHGEN_GIT_SHA names the commit then).
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _read_lines(path: str) -> list[str]:

@@ -357,3 +357,28 @@ def test_bench_smoke_tiny_cpu(tmp_path):
     tail = proc.stdout.strip().splitlines()
     assert tail[-1].startswith("wrote ") and any(line.startswith("reviews ") for line in tail[-8:])
     assert any(line.startswith("  (the fastest of 2 runs: ") for line in tail[-8:])
+
+
+def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, str(BENCH / "ab_probe.py"), "--shape", "tiny", "--workload",
+           "prefill", "--limit", "3", "--variants", "default,rotate-before,tiles=128/32/4/2/1",
+           "--rounds", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BATCHGEN_GIT_SHA": "abc1234"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["environment"]["git_sha"] == "abc1234"
+    # interleaved: A B C, A B C
+    assert [(r["round"], r["variant"]) for r in results["runs"]] == [
+        (i, v) for i in range(2) for v in ("default", "rotate-before", "tiles=128/32/4/2/1")]
+    assert all(r["wall_s"] > 0 for r in results["runs"])
+    assert results["summary"]["default"]["vs_first"] == 1.0
+
+
+def test_ab_probe_refuses_an_unknown_variant_before_building_a_model(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "ab_probe.py"), "--variants", "fast",
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "unknown variant 'fast'" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

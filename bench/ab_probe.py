@@ -1,0 +1,115 @@
+"""Engine variants A/B'd in one process, on one model and one workload: each variant is run in
+turn, round after round (A B C A B C ...), so machine drift and the power cap's warm-up fall on
+every variant alike. Kernel sweeps time a kernel alone at burst clocks; under the H200's 700 W
+cap what counts is the whole step's energy, so a choice is confirmed here, end to end.
+
+    python bench/ab_probe.py --shape llama3-8b --workload prefill --limit 400 \
+        --variants default,rotate-before,tiles=128/32/4/2/1 --rounds 2 --out $OUT/ab.json
+    python bench/ab_probe.py --shape tiny --workload prefill --limit 8 --variants \
+        default,rotate-before --rounds 1 --out /tmp/ab.json  # CPU: the harness itself
+
+Variants: `default` (the code as it is); `rotate-before` (every q rotated by rotary_kv_write
+before attention, as before the prefill kernel rotated its own); `tiles=M/N/W/S/K` (the
+prefill kernel's BLOCK_M, BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up
+to 128). Each variant is warmed up (compiled) before the first round.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import build_llm, describe_environment, generate, parse_args as bench_args  # noqa: E402
+from power import ClockSampler  # noqa: E402
+from shapes import get_shape  # noqa: E402
+from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
+
+from batchgen.kernels import prefill_attention  # noqa: E402
+from batchgen.layers.attention import Attention  # noqa: E402
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """The engine as variant `name` while the block runs."""
+    if name == "default":
+        yield
+    elif name == "rotate-before":
+        Attention.rotate_q_in_prefill_kernel = False
+        try:
+            yield
+        finally:
+            Attention.rotate_q_in_prefill_kernel = True
+    elif name.startswith("tiles="):
+        block_m, block_n, warps, stages, k_rows = (int(x) for x in name[6:].split("/"))
+        original = prefill_attention._tile_sizes
+
+        def tiles(head_dim: int, num_rows: int):
+            if head_dim > 128:
+                return original(head_dim, num_rows)
+            return (min(block_m, max(16, prefill_attention.next_power_of_2(num_rows))),
+                    block_n, warps, stages, bool(k_rows))
+        prefill_attention._tile_sizes = tiles
+        try:
+            yield
+        finally:
+            prefill_attention._tile_sizes = original
+    else:
+        raise ValueError(f"unknown variant {name!r}: default, rotate-before or tiles=M/N/W/S/K")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--workload", default="prefill")
+    p.add_argument("--limit", type=int, default=None, help="the workload's first N requests")
+    p.add_argument("--variants", default="default,rotate-before")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    names = args.variants.split(",")
+    for name in names:  # a typo fails here, before the model is built
+        with variant(name):
+            pass
+    shape = get_shape(args.shape)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()},
+                     "environment": describe_environment(device), "runs": []}
+    requests = fit_to_vocab(draw_workload(args.workload, limit=args.limit).requests,
+                            shape.vocab_size)
+    with tempfile.TemporaryDirectory() as folder:
+        shape.write_config(folder)
+        llm = build_llm(shape, Path(folder), bench_args(["--shape", shape.name]))
+    for name in names:  # compile each variant's kernels outside the timed runs
+        with variant(name):
+            generate(llm, cap_outputs(requests[:16], 4))
+    for round_ in range(args.rounds):
+        for name in names:
+            llm.reset_prefix_cache()
+            with variant(name), ClockSampler() as clocks:
+                wall, _ = generate(llm, requests)
+            results["runs"].append({"variant": name, "round": round_, "wall_s": wall,
+                                    "gpu_clocks": clocks.summary})
+            print(f"round {round_} {name:<24} {wall:8.3f} s", flush=True)
+    summary = {}
+    for name in names:
+        walls = [r["wall_s"] for r in results["runs"] if r["variant"] == name]
+        summary[name] = {"walls_s": walls, "median_s": statistics.median(walls),
+                         "vs_first": statistics.median(walls) / statistics.median(
+                             r["wall_s"] for r in results["runs"] if r["variant"] == names[0])}
+        print(f"{name:<24} median {summary[name]['median_s']:8.3f} s  "
+              f"({summary[name]['vs_first']:.4f} of {names[0]})")
+    results["summary"] = summary
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
