@@ -4,14 +4,15 @@ every variant alike. Kernel sweeps time a kernel alone at burst clocks; under th
 cap what counts is the whole step's energy, so a choice is confirmed here, end to end.
 
     python bench/ab_probe.py --shape llama3-8b --workload prefill --limit 400 \
-        --variants default,rotate-before,tiles=128/32/4/2/1 --rounds 2 --out $OUT/ab.json
-    python bench/ab_probe.py --shape tiny --workload prefill --limit 8 --variants \
-        default,rotate-before --rounds 1 --out /tmp/ab.json  # CPU: the harness itself
+        --variants default,tiles=128/32/4/2/1 --rounds 2 --out $OUT/ab.json
+    python bench/ab_probe.py --shape tiny --workload reviews --limit 8 --variants \
+        default,no-mixed-split --rounds 1 --out /tmp/ab.json  # CPU: the harness itself
 
-Variants: `default` (the code as it is); `rotate-before` (every q rotated by rotary_kv_write
-before attention, as before the prefill kernel rotated its own); `tiles=M/N/W/S/K` (the
-prefill kernel's BLOCK_M, BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up
-to 128). Each variant is warmed up (compiled) before the first round.
+Variants: `default` (the code as it is); `tiles=M/N/W/S/K` (the prefill kernel's BLOCK_M,
+BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `no-mixed-split`
+(a mixed step's decodes stay in the prefill kernel). Each variant is warmed up (compiled)
+before the first round. A variant that needs code the engine no longer has (session 11's
+in-kernel q rotation) is kept in git history with its results, not here.
 """
 from __future__ import annotations
 
@@ -32,20 +33,21 @@ from shapes import get_shape  # noqa: E402
 from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
 
 from batchgen.kernels import prefill_attention  # noqa: E402
-from batchgen.layers.attention import Attention  # noqa: E402
 
 
 @contextlib.contextmanager
-def variant(name: str):
-    """The engine as variant `name` while the block runs."""
-    if name == "default":
+def variant(name: str, llm=None):
+    """The engine (llm's; None: only check the name) as variant `name` while the block runs."""
+    if name == "default" or llm is None and name == "no-mixed-split":
         yield
-    elif name == "rotate-before":
-        Attention.rotate_q_in_prefill_kernel = False
+    elif name == "no-mixed-split":
+        runner = llm.engine.runner
+        saved = runner.min_mixed_decodes
+        runner.min_mixed_decodes = None
         try:
             yield
         finally:
-            Attention.rotate_q_in_prefill_kernel = True
+            runner.min_mixed_decodes = saved
     elif name.startswith("tiles="):
         block_m, block_n, warps, stages, k_rows = (int(x) for x in name[6:].split("/"))
         original = prefill_attention._tile_sizes
@@ -61,7 +63,8 @@ def variant(name: str):
         finally:
             prefill_attention._tile_sizes = original
     else:
-        raise ValueError(f"unknown variant {name!r}: default, rotate-before or tiles=M/N/W/S/K")
+        raise ValueError(
+            f"unknown variant {name!r}: default, tiles=M/N/W/S/K or no-mixed-split")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         shape.write_config(folder)
         llm = build_llm(shape, Path(folder), bench_args(["--shape", shape.name]))
     for name in names:  # compile each variant's kernels outside the timed runs
-        with variant(name):
+        with variant(name, llm):
             generate(llm, cap_outputs(requests[:16], 4))
     for round_ in range(args.rounds):
         for name in names:
             llm.reset_prefix_cache()
-            with variant(name), ClockSampler() as clocks:
+            with variant(name, llm), ClockSampler() as clocks:
                 wall, _ = generate(llm, requests)
             results["runs"].append({"variant": name, "round": round_, "wall_s": wall,
                                     "gpu_clocks": clocks.summary})

@@ -112,12 +112,10 @@ def decode_args(batch: dict) -> tuple:
             batch["seq_lens"], batch["scale"], batch["max_seq_len"])
 
 
-def mixed_step(batch: dict, num_decodes: int, shared_prefix_len: torch.Tensor | None = None,
-               rotary_emb=None):
+def mixed_step(batch: dict, num_decodes: int, shared_prefix_len: torch.Tensor | None = None):
     """-> (Attention layer, ForwardContext): the batch as a step the engine attends with
     `Attention.attend`, its leading num_decodes requests by the decode kernel (cascade over
-    shared_prefix_len keys, a [1] int32 tensor, or None) and the rest by the prefill kernel
-    (which rotates its queries by rotary_emb with `attend(..., rotate_q=True)`)."""
+    shared_prefix_len keys, a [1] int32 tensor, or None) and the rest by the prefill kernel."""
     from batchgen.layers.attention import Attention
     from batchgen.layers.context import ForwardContext
 
@@ -129,7 +127,7 @@ def mixed_step(batch: dict, num_decodes: int, shared_prefix_len: torch.Tensor | 
         max_seq_len=batch["max_seq_len"], num_decodes=num_decodes,
         shared_prefix_len=shared_prefix_len)
     layer = Attention(q.shape[1], key_cache.shape[2], q.shape[2], batch["scale"], layer_idx=0,
-                      rotary_emb=rotary_emb)
+                      rotary_emb=None)
     return layer, ctx
 
 

@@ -7,7 +7,6 @@ import math
 import torch
 
 from ._attention_tiles import CAUSAL, attend_key_range
-from .rotary_kv_write import check_cos_sin_cache
 from ._triton import (check_dtype, check_same_device, jit, next_power_of_2, require_triton,
                       tl)
 
@@ -80,43 +79,18 @@ def prefill_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
     return out
 
 
-@jit
-def _rotate_rows(q, q_rows_ptr, row_positions, is_row, dims, cos_sin_ptr, cos_sin_stride,
-                 HEAD_DIM: tl.constexpr, IS_NEOX: tl.constexpr):
-    # q: [ROWS, HEAD_DIM] loaded from q_rows_ptr ([ROWS, 1] pointers at each row's first
-    # element) -> q rotated to row_positions, as rotary_kv_write would have stored it: pair
-    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) in fp32, cast back to q's dtype.
-    HALF: tl.constexpr = HEAD_DIM // 2
-    if IS_NEOX:  # pairs (d, d + HALF)
-        partners = (dims + HALF) % HEAD_DIM
-        pairs = dims % HALF
-        signs = tl.where(dims < HALF, -1.0, 1.0)
-    else:  # pairs (2i, 2i + 1)
-        partners = dims ^ 1
-        pairs = dims // 2
-        signs = tl.where(dims % 2 == 0, -1.0, 1.0)
-    q_partner = tl.load(q_rows_ptr + partners[None, :], mask=is_row[:, None], other=0.0)
-    cos_sin_rows = cos_sin_ptr + row_positions.to(tl.int64)[:, None] * cos_sin_stride
-    cos = tl.load(cos_sin_rows + pairs[None, :], mask=is_row[:, None], other=0.0)
-    sin = tl.load(cos_sin_rows + HALF + pairs[None, :], mask=is_row[:, None], other=0.0)
-    rotated = q.to(tl.float32) * cos + signs[None, :] * q_partner.to(tl.float32) * sin
-    return rotated.to(q.dtype)
-
-
 @jit(do_not_specialize=["num_reqs", "block_table_stride"])
 def _prefill_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
-        seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, cos_sin_ptr, qk_scale, num_reqs,
+        seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, qk_scale, num_reqs,
         q_token_stride, q_head_stride, out_token_stride, out_head_stride,
         cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
-        cos_sin_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        K_ROWS: tl.constexpr, ROTATE_Q: tl.constexpr, IS_NEOX: tl.constexpr):
+        K_ROWS: tl.constexpr):
     # grid: (query tiles, KVH). A tile is BLOCK_M rows of one request, row r being query
     # token r // GROUP of the request and query head kv_head * GROUP + r % GROUP: the GROUP
     # heads sharing a kv head are packed into one tl.dot and read each K/V tile once.
-    # ROTATE_Q: q arrives un-rotated and is rotated here, once per tile, to the rows'
-    # positions (cos_sin_ptr: the rotary table), sparing a pass that writes q back rotated.
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = tl.load(tile_reqs_ptr + tile)
@@ -137,9 +111,6 @@ def _prefill_attention_kernel(
     tokens64 = (q_start + row_tokens).to(tl.int64)
     q_offsets = tokens64[:, None] * q_token_stride + row_heads[:, None] * q_head_stride
     q = tl.load(q_ptr + q_offsets + dims[None, :], mask=is_row[:, None], other=0.0)
-    if ROTATE_Q:
-        q = _rotate_rows(q, q_ptr + q_offsets, row_positions, is_row, dims, cos_sin_ptr,
-                         cos_sin_stride, HEAD_DIM=HEAD_DIM, IS_NEOX=IS_NEOX)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running softmax denominator
@@ -236,24 +207,19 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
                       max_seq_len: int, plan_cache: dict | None = None,
                       tuning: tuple[int, int, int, int, bool] | None = None,
-                      first_req: int = 0, cos_sin_cache: torch.Tensor | None = None,
-                      is_neox: bool = True) -> torch.Tensor:
+                      first_req: int = 0) -> torch.Tensor:
     """plan_cache: a dict that lives for one step (every layer passes the same one): the
     argument checks and the tile map are then done once per step, not once per layer.
     tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) instead of _tile_sizes'.
     first_req: the requests before it are left out (their output rows are not written): a
-    mixed step's leading decodes, which decode_attention attends (layers/attention.py).
-    cos_sin_cache: q is not rotated yet: the kernel rotates each query to its position
-    (rotate-half pairs, or interleaved ones without is_neox) with this table, laid out as
-    rotary_kv_write's."""
+    mixed step's leading decodes, which decode_attention attends (layers/attention.py)."""
     op = "prefill_attention"
     num_tokens, num_heads, head_dim = q.shape
     num_reqs = seq_lens.shape[0]
     group = num_heads // key_cache.shape[2]
     block_m, block_n, num_warps, num_stages, k_rows = (
         tuning or _tile_sizes(head_dim, max_query_len * group))
-    plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape), first_req,
-                cos_sin_cache is None)
+    plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape), first_req)
     plan = plan_cache.get(plan_key) if plan_cache is not None else None
     if plan is None:
         check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
@@ -263,9 +229,6 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         check_same_device(op, q=q, query_start_loc=query_start_loc)
         if not 0 <= first_req <= num_reqs:
             raise ValueError(f"{op}: first_req must be in 0..{num_reqs}, got {first_req}")
-        if cos_sin_cache is not None:
-            check_cos_sin_cache(op, cos_sin_cache, head_dim)
-            check_same_device(op, q=q, cos_sin_cache=cos_sin_cache)
         plan = _tile_map(query_start_loc, num_tokens, num_reqs, group, block_m, first_req)
         if plan_cache is not None:
             plan_cache[plan_key] = plan
@@ -274,15 +237,12 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     if num_tokens == 0 or tile_reqs.shape[0] == 0:
         return out
     grid = (tile_reqs.shape[0], key_cache.shape[2])
-    rotate_q = cos_sin_cache is not None
     _prefill_attention_kernel[grid](
         q, key_cache, value_cache, out, block_tables, query_start_loc, seq_lens,
-        tile_reqs, tile_first_rows, cos_sin_cache if rotate_q else q,
-        scale * math.log2(math.e), num_reqs, q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        block_tables.stride(0), cos_sin_cache.stride(0) if rotate_q else 0,
+        tile_reqs, tile_first_rows, scale * math.log2(math.e),
+        num_reqs, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        K_ROWS=k_rows, ROTATE_Q=rotate_q, IS_NEOX=is_neox, num_warps=num_warps,
-        num_stages=num_stages)
+        K_ROWS=k_rows, num_warps=num_warps, num_stages=num_stages)
     return out

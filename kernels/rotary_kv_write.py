@@ -32,12 +32,9 @@ def rotate_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, is_neox: bool = True,
-                        num_q_tokens: int | None = None) -> torch.Tensor:
-    # q: [T, H, D] (its first num_q_tokens rows, all by default, rotated in place; returned);
-    # k, v: [T, KVH, D] (left as they are)
-    n = q.shape[0] if num_q_tokens is None else num_q_tokens
-    q[:n] = rotate_ref(q[:n], positions[:n], cos_sin_cache, is_neox)
+                        slot_mapping: torch.Tensor, is_neox: bool = True) -> torch.Tensor:
+    # q: [T, H, D] (rotated in place and returned); k, v: [T, KVH, D] (left as they are)
+    q.copy_(rotate_ref(q, positions, cos_sin_cache, is_neox))
     is_valid = slot_mapping >= 0
     slots = slot_mapping[is_valid]
     rotated_k = rotate_ref(k[is_valid], positions[is_valid], cos_sin_cache, is_neox)
@@ -57,15 +54,14 @@ def _rotate_pairs(row_ptrs, out_ptrs, pair_offsets1, pair_offsets2, mask, cos, s
              mask=mask)
 
 
-@jit(do_not_specialize=["num_q_tokens"])
+@jit
 def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key_cache_ptr,
                             value_cache_ptr, slot_mapping_ptr, num_heads, num_kv_heads,
-                            num_q_tokens, q_token_stride, q_head_stride, k_token_stride,
-                            k_head_stride, v_token_stride, v_head_stride, cos_sin_stride,
+                            q_token_stride, q_head_stride, k_token_stride, k_head_stride,
+                            v_token_stride, v_head_stride, cos_sin_stride,
                             HEAD_DIM: tl.constexpr, IS_NEOX: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr):
-    # One program per token: its q heads in place (tokens below num_q_tokens), then its k and
-    # v rows into the cache.
+    # One program per token: all its q heads in place, then its k and v rows into the cache.
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -79,10 +75,9 @@ def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key
         offsets1 = 2 * pairs[None, :]
         offsets2 = 2 * pairs[None, :] + 1
 
-    if token < num_q_tokens:
-        heads = tl.arange(0, BLOCK_H)[:, None]
-        q_rows = q_ptr + token * q_token_stride + heads * q_head_stride
-        _rotate_pairs(q_rows, q_rows, offsets1, offsets2, heads < num_heads, cos, sin)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    q_rows = q_ptr + token * q_token_stride + heads * q_head_stride
+    _rotate_pairs(q_rows, q_rows, offsets1, offsets2, heads < num_heads, cos, sin)
 
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -99,15 +94,6 @@ def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key
                  v.to(value_cache_ptr.dtype.element_ty), mask=is_kv_head)
 
 
-def check_cos_sin_cache(op: str, cos_sin_cache: torch.Tensor, head_dim: int) -> None:
-    """The rotary table as the kernels read it (prefill_attention's in-kernel rotation too)."""
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
-        raise ValueError(f"{op}: cos_sin_cache must be [max_position, {head_dim}] (rotary over "
-                         f"the whole head), got {tuple(cos_sin_cache.shape)}")
-    if cos_sin_cache.dtype != torch.float32 or cos_sin_cache.stride(1) != 1:
-        raise ValueError(f"{op}: cos_sin_cache must be fp32, contiguous in its last dim")
-
-
 def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
            cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
            slot_mapping: torch.Tensor) -> None:
@@ -119,7 +105,9 @@ def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     num_tokens, head_dim = q.shape[0], q.shape[2]
     if head_dim < 2 or head_dim & (head_dim - 1):
         raise ValueError(f"{op}: head_dim must be a power of two, got {head_dim}")
-    check_cos_sin_cache(op, cos_sin_cache, head_dim)
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(f"{op}: cos_sin_cache must be [max_position, {head_dim}] (rotary over "
+                         f"the whole head), got {tuple(cos_sin_cache.shape)}")
     if key_cache.dim() != 4 or value_cache.shape != key_cache.shape \
             or key_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"{op}: want caches [num_blocks, block_size, {k.shape[1]}, {head_dim}], "
@@ -132,6 +120,8 @@ def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         check_dtype(op, name, t, _DTYPES)
         if t.stride(2) != 1:
             raise ValueError(f"{op}: {name} must be contiguous in head_dim (stride {t.stride()})")
+    if cos_sin_cache.dtype != torch.float32 or cos_sin_cache.stride(1) != 1:
+        raise ValueError(f"{op}: cos_sin_cache must be fp32, contiguous in its last dim")
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError(f"{op}: key_cache and value_cache must be contiguous")
     check_same_device(op, q=q, k=k, v=v, positions=positions, cos_sin_cache=cos_sin_cache,
@@ -141,22 +131,15 @@ def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, key_cache: torch.Tensor,
                     value_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    is_neox: bool = True, num_q_tokens: int | None = None) -> torch.Tensor:
-    """Rotates q in place (returned) and stores rotated k and v at slot_mapping's slots.
-    num_q_tokens: only q's first rows are rotated (the rest are left for prefill_attention
-    to rotate as it loads them)."""
+                    is_neox: bool = True) -> torch.Tensor:
+    """Rotates q in place (returned) and stores rotated k and v at slot_mapping's slots."""
     op = "rotary_kv_write"
     _check(op, q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
-    num_tokens = q.shape[0]
-    if num_q_tokens is None:
-        num_q_tokens = num_tokens
-    elif not 0 <= num_q_tokens <= num_tokens:
-        raise ValueError(f"{op}: num_q_tokens must be in 0..{num_tokens}, got {num_q_tokens}")
-    if num_tokens == 0:
+    if q.shape[0] == 0:
         return q
-    _rotary_kv_write_kernel[(num_tokens,)](
+    _rotary_kv_write_kernel[(q.shape[0],)](
         q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping, q.shape[1],
-        k.shape[1], num_q_tokens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), cos_sin_cache.stride(0), HEAD_DIM=q.shape[2], IS_NEOX=is_neox,
         BLOCK_H=next_power_of_2(q.shape[1]), BLOCK_KVH=next_power_of_2(k.shape[1]),
         num_warps=4)

@@ -21,7 +21,6 @@ from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from batchgen.kernels.rotary_kv_write import (rotary_kv_write, rotary_kv_write_ref,  # noqa: E402
                                               rotate_ref)
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from batchgen.layers.rotary import RotaryEmbedding  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from kernel_sweep import decode_args, mixed_step, share_prefix  # noqa: E402  (as the sweep)
@@ -234,46 +233,6 @@ def test_mixed_step_leading_decodes_by_the_decode_kernel_match_ref(dtype, shared
     _assert_close(layer.attend_ref(batch["q"], batch["key_cache"], batch["value_cache"], ctx),
                   expected)
 
-    # As Attention.forward runs it on CUDA: rotary_kv_write rotated the decodes' q alone, the
-    # prefill kernel rotates the chunks' queries itself.
-    rotary = RotaryEmbedding(64, 512, {"rope_theta": 10000.0, "rope_type": "default"})
-    rotary.cos_sin_cache = rotary.cos_sin_cache.to(DEVICE)
-    positions = _token_positions(batch)
-    rotated_q = rotate_ref(batch["q"], positions, rotary.cos_sin_cache)
-    expected = prefill_attention_ref(**{**batch, "q": rotated_q})
-    for nd in (num_decodes, 0):  # the decode kernel taking the decodes, or not
-        q = batch["q"].clone()
-        q[:nd] = rotated_q[:nd]
-        layer, ctx = mixed_step(batch, nd, shared if nd else None, rotary_emb=rotary)
-        _assert_close(layer.attend(q, batch["key_cache"], batch["value_cache"], ctx,
-                                   rotate_q=True), expected)
-
-
-def _token_positions(batch):
-    # [T]: each query's position in its request (a chunk's queries follow its cached prefix)
-    starts = batch["query_start_loc"].long()
-    query_lens = starts[1:] - starts[:-1]
-    first = batch["seq_lens"].long() - query_lens
-    req_of_token = torch.repeat_interleave(torch.arange(len(query_lens), device=DEVICE),
-                                           query_lens)
-    return first[req_of_token] + torch.arange(batch["q"].shape[0], device=DEVICE) \
-        - starts[req_of_token]
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("is_neox", [True, False])
-def test_prefill_attention_rotates_raw_queries_as_it_loads_them(dtype, is_neox, poisoned_empty):
-    # q as the projection gave it: the kernel rotates each tile to the rows' positions, as
-    # rotary_kv_write would have, then attends: the reference attends the rotated q.
-    batch = _paged_batch(QUERY_LENS, PREFIX_LENS, 8, 2, 64, 16, dtype, seed=6)
-    cos_sin = _cos_sin_cache(512, 64)
-    raw_q = batch["q"].clone()
-    expected = prefill_attention_ref(**{**batch, "q": rotate_ref(
-        raw_q, _token_positions(batch), cos_sin, is_neox)})
-    _assert_close(prefill_attention(**batch, cos_sin_cache=cos_sin, is_neox=is_neox), expected)
-    assert torch.equal(batch["q"], raw_q)  # q itself is left as it was
-
 
 @needs_triton
 def test_decode_attention_agrees_with_prefill_on_single_queries(poisoned_empty):
@@ -379,32 +338,6 @@ def test_rotary_kv_write_matches_ref(num_tokens, is_neox, dtype):
     stored_k = caches[2].view(-1, 3, 64)[slots[is_stored]]
     _assert_close(stored_k, rotate_ref(k[is_stored], positions[is_stored], cos_sin, is_neox))
     assert torch.equal(caches[3].view(-1, 3, 64)[slots[is_stored]], v[is_stored])
-
-
-@needs_triton
-@pytest.mark.parametrize("num_q_tokens", [0, 3])
-def test_rotary_kv_write_rotates_only_the_first_num_q_tokens(num_q_tokens):
-    # The rest of q is the prefill kernel's to rotate; k and v are all stored either way.
-    num_tokens, num_blocks, block_size = 7, 4, 16
-    positions = torch.arange(5, 5 + num_tokens, device=DEVICE)
-    slots = torch.arange(num_tokens, device=DEVICE) + 3
-    q, k, v = (_randn(num_tokens, h, 64, seed=s) for s, h in ((0, 4), (1, 2), (2, 2)))
-    cos_sin = _cos_sin_cache(64, 64)
-    caches = [torch.zeros(num_blocks, block_size, 2, 64, device=DEVICE) for _ in range(4)]
-    expected_q = rotary_kv_write_ref(q.clone(), k, v, positions, cos_sin, caches[2], caches[3],
-                                     slots, num_q_tokens=num_q_tokens)
-    raw_q = q.clone()
-    rotary_kv_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots,
-                    num_q_tokens=num_q_tokens)
-    _assert_close(q, expected_q)
-    assert torch.equal(q[num_q_tokens:], raw_q[num_q_tokens:])
-    if num_q_tokens:  # (positions from 5 on: every row's rotation moves it)
-        assert not torch.equal(q[:num_q_tokens], raw_q[:num_q_tokens])
-    for got, want in zip(caches[:2], caches[2:]):
-        _assert_close(got, want)
-    with pytest.raises(ValueError, match="num_q_tokens"):
-        rotary_kv_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots,
-                        num_q_tokens=num_tokens + 1)
 
 
 @needs_triton

@@ -1,7 +1,5 @@
 """Paged attention of one layer: rotate q and k, store this step's K/V in the cache (one fused
-kernel on CUDA), then attend. On CUDA, in a step with prompt chunks, the prefill kernel's
-queries are left un-rotated there: it rotates each query tile as it loads it, which spares
-reading q and writing it back rotated (8 KiB each way a token a layer for Llama-3-8B).
+kernel on CUDA), then attend.
 
 Query i of request b sits at position seq_lens[b] - q_len_b + i and sees keys 0..that
 position of its request, all read back from the paged cache (prefix + this step)."""
@@ -15,10 +13,6 @@ from batchgen.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    # CUDA: a step with prompt chunks leaves their q for the prefill kernel to rotate (False:
-    # rotary_kv_write rotates every q first; bench/ab_probe.py times the two).
-    rotate_q_in_prefill_kernel = True
-
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
@@ -35,28 +29,19 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # positions: [T]; q: [T, H, D] (rotated in place, or left for the prefill kernel);
-        # k, v: [T, KVH, D] -> out [T, H, D]
+        # positions: [T]; q: [T, H, D] (rotated in place); k, v: [T, KVH, D] -> out [T, H, D]
         from batchgen.kernels import rotary_kv_write
+        is_cuda = q.is_cuda
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
-        cos_sin_cache = self.rotary_emb.cos_sin_cache
-        if not q.is_cuda:
-            rotary_kv_write.rotary_kv_write_ref(q, k, v, positions, cos_sin_cache, key_cache,
-                                                value_cache, ctx.slot_mapping)
-            return self.attend_ref(q, key_cache, value_cache, ctx)
-        # The decode kernel's queries (all of a decode step's; a mixed step's leading
-        # num_decodes tokens) are rotated here; the prefill kernel rotates its own.
-        rotate_q = self.rotate_q_in_prefill_kernel and not ctx.is_decode_only
-        rotary_kv_write.rotary_kv_write(q, k, v, positions, cos_sin_cache, key_cache,
-                                        value_cache, ctx.slot_mapping,
-                                        num_q_tokens=ctx.num_decodes if rotate_q else None)
-        return self.attend(q, key_cache, value_cache, ctx, rotate_q=rotate_q)
+        store = rotary_kv_write.rotary_kv_write if is_cuda else rotary_kv_write.rotary_kv_write_ref
+        store(q, k, v, positions, self.rotary_emb.cos_sin_cache, key_cache, value_cache,
+              ctx.slot_mapping)
+        attend = self.attend if is_cuda else self.attend_ref
+        return attend(q, key_cache, value_cache, ctx)
 
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-               ctx: ForwardContext, rotate_q: bool = False) -> torch.Tensor:
-        """The Triton kernels (CUDA; the CPU under TRITON_INTERPRET, in tests). rotate_q (a
-        step with prompt chunks): the prefill kernel's queries, those of the requests from
-        ctx.num_decodes on, are not rotated yet; it rotates them by self.rotary_emb."""
+               ctx: ForwardContext) -> torch.Tensor:
+        """The Triton kernels (CUDA; the CPU under TRITON_INTERPRET, in tests)."""
         from batchgen.kernels import decode_attention, prefill_attention
         if ctx.is_decode_only:
             return decode_attention.decode_attention(
@@ -67,8 +52,7 @@ class Attention(nn.Module):
         out = prefill_attention.prefill_attention(
             q, key_cache, value_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
             self.scale, ctx.max_query_len, ctx.max_seq_len, plan_cache=ctx.attn_plans,
-            first_req=ctx.num_decodes,
-            cos_sin_cache=self.rotary_emb.cos_sin_cache if rotate_q else None)
+            first_req=ctx.num_decodes)
         nd = ctx.num_decodes
         if nd:
             # The prefill kernel would pad each decode's GROUP rows to a 64-row tile; the
