@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_llm, describe_environment, generate, parse_args as bench_args  # noqa: E402
+from bench import build_llm, generate, parse_args as bench_args  # noqa: E402
+from run_info import describe_environment  # noqa: E402
 from power import ClockSampler  # noqa: E402
 from shapes import get_shape  # noqa: E402
 from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402

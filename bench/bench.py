@@ -12,17 +12,11 @@ Each section runs on its own: an exception is printed with its traceback, record
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import importlib.util
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -32,6 +26,7 @@ import torch
 if importlib.util.find_spec("batchgen") is None:
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from run_info import Sections, describe_environment, synchronize
 from floor import H200_CEILINGS, Ceilings, compute_floor, measure_ceilings
 from power import ClockSampler
 from report import print_table, print_workload
@@ -43,71 +38,6 @@ WARMUP_MAX_TOKENS = 32  # warm-up compiles and captures; it need not decode long
 NUM_BASELINE_REQUESTS = 64
 BASELINE_OUTPUT_TOKENS = 128
 NUMERICS_SHAPE, NUMERICS_LAYERS = "llama-1b", 4
-
-
-class Sections:
-    """Timestamps every section and keeps going past a failing one."""
-
-    def __init__(self, results: dict):
-        self.results = results
-        self.t0 = time.perf_counter()
-
-    def stamp(self) -> str:
-        return f"[{datetime.datetime.now():%H:%M:%S} +{time.perf_counter() - self.t0:6.1f}s]"
-
-    @contextlib.contextmanager
-    def section(self, name: str):
-        print(f"{self.stamp()} == {name}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            yield
-        except Exception as e:  # noqa: BLE001 - one failing section must not stop the run
-            traceback.print_exc()
-            self.results["errors"][name] = f"{type(e).__name__}: {e}"
-        finally:
-            _synchronize()
-            self.results["section_seconds"][name] = time.perf_counter() - t0
-            print(f"{self.stamp()} .. {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def describe_environment(device: torch.device) -> dict:
-    env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
-           "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    for module in ("triton", "transformers", "batchgen"):
-        try:
-            env[module] = __import__(module).__version__
-        except Exception as e:  # noqa: BLE001
-            env[module] = f"unavailable ({type(e).__name__})"
-    env["cpu"] = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                       if line.startswith("model name")), platform.processor())
-    env["num_cpus"] = os.cpu_count()
-    env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    if device.type == "cuda":
-        env["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
-    env["git_sha"] = os.environ.get("BATCHGEN_GIT_SHA") or _git_describe()
-    return env
-
-
-def _git_describe() -> str | None:
-    # --dirty: a copied working tree (the device machine's) can carry an older .git; the
-    # suffix then says the code is not that commit's (BATCHGEN_GIT_SHA names the commit then).
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        return Path(path).read_text().splitlines()
-    except OSError:
-        return []
 
 
 def build_llm(shape: Shape, folder: Path, args):
@@ -129,15 +59,17 @@ def generate(llm, requests) -> tuple[float, list]:
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=1.0, seed=None)
               for _, n in requests]
-    _synchronize()
+    synchronize()
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    _synchronize()
+    synchronize()
     return time.perf_counter() - t0, outputs
 
 
 def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | None,
-                 reference) -> dict:
+                 reference, sustained: Ceilings | None = None) -> dict:
+    """sustained: the run's ceilings with the matmul rate the device holds under its power
+    limit (the floor at them: the most a compute-bound run can reach here)."""
     warmup = cap_outputs(requests[:NUM_WARMUP_REQUESTS], WARMUP_MAX_TOKENS)
     generate(llm, warmup)
     llm.reset_prefix_cache()
@@ -180,6 +112,8 @@ def run_workload(llm, shape: Shape, name: str, requests, ceilings: Ceilings | No
         # the same floor at BENCHMARKS.md's H200 ceilings: a run whose own ceiling reads low
         # (e.g. 759 against 780 TFLOP/s) flatters its own fraction
         fig["floor_fraction_at_page_ceilings"] = fl.seconds_at(H200_CEILINGS) / wall
+        if sustained is not None:
+            fig["floor_fraction_at_sustained_matmul"] = fl.seconds_at(sustained) / wall
     if reference is not None:
         fig["vllm_s"] = reference.vllm_s
         fig["vllm_over_ours"] = reference.vllm_s / wall
@@ -247,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "errors": {},
                      "section_seconds": {}, "workloads": {}}
     run = Sections(results)
-    ceilings = llm = None
+    ceilings = sustained = llm = None
 
     with run.section("environment"):
         results["environment"] = describe_environment(device)
@@ -255,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_ceilings:
         with run.section("ceilings"):
-            sizes = {} if device.type == "cuda" else {"matmul_size": 256, "copy_bytes": 2**24}
+            sizes = ({"sustained_s": 2.0} if device.type == "cuda" else
+                     {"matmul_size": 256, "copy_bytes": 2**24, "sustained_s": 0.2})
             ceilings, results["ceilings"] = measure_ceilings(device, dtype, **sizes)
+            sustained = Ceilings(results["ceilings"]["sustained_matmul_tflops"] * 1e12,
+                                 ceilings.copy_bytes_per_s)
             print(f"  matmul {results['ceilings']['matmul_tflops']:.4g} TFLOP/s, "
                   f"copy {results['ceilings']['copy_tb_per_s']:.4g} TB/s")
 
@@ -314,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for _ in range(args.repeat):
                 runs.append(run_workload(llm, shape, name, requests, ceilings,
-                                         REFERENCES.get(name) if is_as_published else None))
+                                         REFERENCES.get(name) if is_as_published else None,
+                                         sustained))
                 print_workload(name, runs[-1])
             # the best of the runs, as BENCHMARKS.md gives vLLM's; every run's wall kept
             fig = min(runs, key=lambda f: f["wall_s"])
@@ -326,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if base_requests is not None and llm is not None and "baseline" in results:
         with run.section("baseline batchgen"):
-            fig = run_workload(llm, shape, "baseline", base_requests, ceilings, None)
+            fig = run_workload(llm, shape, "baseline", base_requests, ceilings, None, sustained)
             base = results["baseline"]
             base["batchgen"] = fig
             base["baseline_over_batchgen"] = base["hf"]["seconds"] / fig["wall_s"]

@@ -184,7 +184,7 @@ def compute_floor(shape: Shape, requests: list[Request], ceilings: Ceilings,
 
 
 def measure_ceilings(device, dtype, matmul_size: int = 8192, copy_bytes: int = 2 * 2**30,
-                     num_iters: int = 10):
+                     num_iters: int = 10, sustained_s: float = 0.0):
     """Measured (Ceilings, details): the median rate of `num_iters` timed `torch.matmul`s of two
     random [matmul_size]^2 matrices, and of a `copy_bytes` device-to-device copy counted as
     bytes read + written. CUDA events on the GPU, perf_counter on the CPU (small sizes there).
@@ -193,7 +193,11 @@ def measure_ceilings(device, dtype, matmul_size: int = 8192, copy_bytes: int = 2
     TFLOP/s on the H200). After 0.5 s of the same matmuls the H200 sustains only ~660-675
     TFLOP/s (its power limit, measured 2026-11-25), so a long compute-bound workload cannot
     reach the burst floor, and measuring the sustained rate instead would flatter every
-    fraction of the floor by ~15%."""
+    fraction of the floor by ~15%.
+
+    sustained_s > 0: the same matmuls back to back for that long as well, after as long again
+    to reach the power limit; their rate goes in details as `sustained_matmul_tflops`, what a
+    compute-bound run can get at most on this machine (a figure beside the floor, not one)."""
     import statistics
     import time
 
@@ -223,6 +227,10 @@ def measure_ceilings(device, dtype, matmul_size: int = 8192, copy_bytes: int = 2
     a = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype, generator=gen)
     matmul_s = timed(lambda: torch.matmul(a, b))
+    sustained_tflops = None
+    if sustained_s > 0:
+        sustained_tflops = 2 * matmul_size**3 / _sustained_seconds_per_call(
+            lambda: torch.matmul(a, b), sustained_s, is_cuda) / 1e12
     del a, b
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
@@ -234,5 +242,28 @@ def measure_ceilings(device, dtype, matmul_size: int = 8192, copy_bytes: int = 2
     details = {"matmul_size": matmul_size, "matmul_median_s": matmul_s,
                "copy_bytes": copy_bytes, "copy_median_s": copy_s,
                "matmul_tflops": ceilings.matmul_flops_per_s / 1e12,
-               "copy_tb_per_s": ceilings.copy_bytes_per_s / 1e12}
+               "copy_tb_per_s": ceilings.copy_bytes_per_s / 1e12,
+               "sustained_matmul_tflops": sustained_tflops}
     return ceilings, details
+
+
+def _sustained_seconds_per_call(fn, seconds: float, is_cuda: bool) -> float:
+    """fn's time per call once the device has run it `seconds` (its power limit reached),
+    over calls run back to back for `seconds` more."""
+    import time
+
+    import torch
+
+    def run_for(duration: float) -> tuple[int, float]:
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration:
+            for _ in range(8):  # a batch of launches between host clock reads
+                fn()
+            calls += 8
+            if is_cuda:  # keep the queue short, so the clock measures the device
+                torch.cuda.synchronize()
+        return calls, time.perf_counter() - t0
+
+    run_for(seconds)
+    calls, elapsed = run_for(seconds)
+    return elapsed / calls

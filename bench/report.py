@@ -15,6 +15,9 @@ def print_workload(name: str, f: dict) -> None:
               f"memory {fl['memory_s']:.2f} s), floor/measured {f['floor_fraction']:.1%} "
               f"({f['floor_fraction_at_page_ceilings']:.1%} at BENCHMARKS.md's H200 ceilings, "
               f"780 TFLOP/s and 4.26 TB/s)")
+        if "floor_fraction_at_sustained_matmul" in f:
+            print(f"  {f['floor_fraction_at_sustained_matmul']:.1%} of the floor at the matmul "
+                  f"rate this device sustains under its power limit (a compute-bound run's most)")
     mem = f["peak_gpu_memory_gib"]
     print(f"  peak GPU memory {mem:.1f} GiB" if mem is not None else "  peak GPU memory n/a",
           f"| KV pool {f['kv_pool_tokens']:,} tokens | peak running {f['peak_num_running']} "
@@ -36,7 +39,9 @@ def print_table(results: dict) -> None:
     print(f"{env.get('gpu') or env.get('device')} | torch {env.get('torch')} | triton "
           f"{env.get('triton')} | transformers {env.get('transformers')} | git {env.get('git_sha')}")
     if ceil:
-        print(f"ceilings: matmul {ceil['matmul_tflops']:.4g} TFLOP/s, copy "
+        held = ceil.get("sustained_matmul_tflops")
+        print(f"ceilings: matmul {ceil['matmul_tflops']:.4g} TFLOP/s"
+              + (f" ({held:.4g} sustained)" if held else "") + ", copy "
               f"{ceil['copy_tb_per_s']:.4g} TB/s | start-up {results.get('startup_s', float('nan')):.1f} s"
               f" | job {results.get('job_s', float('nan')):.1f} s")
     cols = [("workload", 10), ("wall s", 8), ("out tok/s", 11), ("tot tok/s", 11), ("req/s", 8),

@@ -178,7 +178,17 @@ def test_measure_ceilings_on_cpu():
     ceil, details = floor.measure_ceilings("cpu", torch.float32, matmul_size=64,
                                            copy_bytes=2**20, num_iters=3)
     assert ceil.matmul_flops_per_s > 0 and ceil.copy_bytes_per_s > 0
-    assert details["matmul_size"] == 64
+    assert details["matmul_size"] == 64 and details["sustained_matmul_tflops"] is None
+
+
+def test_sustained_rate_times_calls_after_a_warm_up_of_the_same_length(monkeypatch):
+    clock = {"t": 0.0}
+
+    def fake_matmul():  # 1 ms of "device" time a call for the first 0.1 s, 2 ms after
+        clock["t"] += 0.001 if clock["t"] < 0.1 else 0.002
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])
+    per_call = floor._sustained_seconds_per_call(fake_matmul, 0.1, is_cuda=False)
+    assert per_call == pytest.approx(0.002)  # the warm-up's fast calls are not counted
 
 
 # ---- numerics check ------------------------------------------------------------------------
@@ -341,6 +351,8 @@ def test_bench_smoke_tiny_cpu(tmp_path):
         assert f["num_output_tokens"] == 36
         assert f["floor"]["floor_s"] > 0 and f["floor_fraction"] > 0
         assert f["floor_fraction_at_page_ceilings"] > 0
+        # the same floor at the matmul rate held for 0.2 s (on the CPU: no power limit)
+        assert f["floor_fraction_at_sustained_matmul"] > 0
         # the fastest of two runs, both kept
         assert len(f["runs_wall_s"]) == 2 and f["wall_s"] == min(f["runs_wall_s"])
         assert f["kv_pool_tokens"] > 0 and 1 <= f["peak_num_running"] <= 3
