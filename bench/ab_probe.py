@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--workload", default="prefill")
     p.add_argument("--limit", type=int, default=None, help="the workload's first N requests")
-    p.add_argument("--variants", default="default,rotate-before")
+    p.add_argument("--variants", default="default,no-mixed-split")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)

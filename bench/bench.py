@@ -26,10 +26,10 @@ import torch
 if importlib.util.find_spec("batchgen") is None:
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from run_info import Sections, describe_environment, synchronize
 from floor import H200_CEILINGS, Ceilings, compute_floor, measure_ceilings
 from power import ClockSampler
 from report import print_table, print_workload
+from run_info import Sections, describe_environment, synchronize
 from shapes import SHAPES, Shape, get_shape
 from workloads import ALL_WORKLOADS, REFERENCES, cap_outputs, draw_workload, fit_to_vocab
 
