@@ -36,12 +36,22 @@ from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
 from batchgen.kernels import prefill_attention  # noqa: E402
 
 
+def check_variant(name: str) -> tuple[int, ...] | None:
+    """Raises on a name no variant has; -> the tiles of a `tiles=` variant, else None."""
+    if name in ("default", "no-mixed-split"):
+        return None
+    if name.startswith("tiles="):
+        parts = name[6:].split("/")
+        if len(parts) == 5 and all(x.isdigit() for x in parts):
+            return tuple(int(x) for x in parts)
+    raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K or no-mixed-split")
+
+
 @contextlib.contextmanager
-def variant(name: str, llm=None):
-    """The engine (llm's; None: only check the name) as variant `name` while the block runs."""
-    if name == "default" or llm is None and name == "no-mixed-split":
-        yield
-    elif name == "no-mixed-split":
+def variant(name: str, llm):
+    """llm's engine as variant `name` while the block runs."""
+    tiles = check_variant(name)
+    if name == "no-mixed-split":
         runner = llm.engine.runner
         saved = runner.min_mixed_decodes
         runner.min_mixed_decodes = None
@@ -49,23 +59,22 @@ def variant(name: str, llm=None):
             yield
         finally:
             runner.min_mixed_decodes = saved
-    elif name.startswith("tiles="):
-        block_m, block_n, warps, stages, k_rows = (int(x) for x in name[6:].split("/"))
+    elif tiles is not None:
+        block_m, block_n, warps, stages, k_rows = tiles
         original = prefill_attention._tile_sizes
 
-        def tiles(head_dim: int, num_rows: int):
+        def tile_sizes(head_dim: int, num_rows: int):
             if head_dim > 128:
                 return original(head_dim, num_rows)
             return (min(block_m, max(16, prefill_attention.next_power_of_2(num_rows))),
                     block_n, warps, stages, bool(k_rows))
-        prefill_attention._tile_sizes = tiles
+        prefill_attention._tile_sizes = tile_sizes
         try:
             yield
         finally:
             prefill_attention._tile_sizes = original
-    else:
-        raise ValueError(
-            f"unknown variant {name!r}: default, tiles=M/N/W/S/K or no-mixed-split")
+    else:  # default
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     names = args.variants.split(",")
     for name in names:  # a typo fails here, before the model is built
-        with variant(name):
-            pass
+        check_variant(name)
     shape = get_shape(args.shape)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()},
@@ -102,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
                                     "gpu_clocks": clocks.summary})
             print(f"round {round_} {name:<24} {wall:8.3f} s", flush=True)
     summary = {}
+    walls = {name: [r["wall_s"] for r in results["runs"] if r["variant"] == name]
+             for name in names}
+    first_median = statistics.median(walls[names[0]])
     for name in names:
-        walls = [r["wall_s"] for r in results["runs"] if r["variant"] == name]
-        summary[name] = {"walls_s": walls, "median_s": statistics.median(walls),
-                         "vs_first": statistics.median(walls) / statistics.median(
-                             r["wall_s"] for r in results["runs"] if r["variant"] == names[0])}
-        print(f"{name:<24} median {summary[name]['median_s']:8.3f} s  "
-              f"({summary[name]['vs_first']:.4f} of {names[0]})")
+        median = statistics.median(walls[name])
+        summary[name] = {"walls_s": walls[name], "median_s": median,
+                         "vs_first": median / first_median}
+        print(f"{name:<24} median {median:8.3f} s  ({median / first_median:.4f} of {names[0]})")
     results["summary"] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
