@@ -43,6 +43,9 @@ class EngineConfig:
     # Decode steps read a prompt prefix every running request shares once for the batch
     # when it pays (batchgen.engine.input_batch); True always reads it per request.
     disable_cascade_attn: bool = False
+    # CUDA: runs of fresh prompts of one length are attended by cuDNN's fused attention
+    # (batchgen.layers.dense_attention); True keeps every request on the paged kernels.
+    disable_dense_attn: bool = False
     # Schedule and launch step n+1 while the device runs step n (None: on for CUDA).
     async_scheduling: bool | None = None
 

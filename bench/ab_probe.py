@@ -10,7 +10,8 @@ cap what counts is the whole step's energy, so a choice is confirmed here, end t
 
 Variants: `default` (the code as it is); `tiles=M/N/W/S/K` (the prefill kernel's BLOCK_M,
 BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `no-mixed-split`
-(a mixed step's decodes stay in the prefill kernel). Each variant is warmed up (compiled)
+(a mixed step's decodes stay in the prefill kernel); `no-dense` (runs of fresh prompts stay
+in the paged kernel, not cuDNN's). Each variant is warmed up (compiled)
 before the first round. A variant that needs code the engine no longer has (session 11's
 in-kernel q rotation) is kept in git history with its results, not here.
 """
@@ -36,29 +37,34 @@ from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
 from batchgen.kernels import prefill_attention  # noqa: E402
 
 
+# variant -> the model runner's attribute it sets to None (turning that path off)
+SWITCHES = {"no-mixed-split": "min_mixed_decodes", "no-dense": "dense_min_tokens"}
+
+
 def check_variant(name: str) -> tuple[int, ...] | None:
     """Raises on a name no variant has; -> the tiles of a `tiles=` variant, else None."""
-    if name in ("default", "no-mixed-split"):
+    if name in SWITCHES or name == "default":
         return None
     if name.startswith("tiles="):
         parts = name[6:].split("/")
         if len(parts) == 5 and all(x.isdigit() for x in parts):
             return tuple(int(x) for x in parts)
-    raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K or no-mixed-split")
+    raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K or one of "
+                     f"{', '.join(SWITCHES)}")
 
 
 @contextlib.contextmanager
 def variant(name: str, llm):
     """llm's engine as variant `name` while the block runs."""
     tiles = check_variant(name)
-    if name == "no-mixed-split":
-        runner = llm.engine.runner
-        saved = runner.min_mixed_decodes
-        runner.min_mixed_decodes = None
+    if name in SWITCHES:
+        runner, attribute = llm.engine.runner, SWITCHES[name]
+        saved = getattr(runner, attribute)
+        setattr(runner, attribute, None)
         try:
             yield
         finally:
-            runner.min_mixed_decodes = saved
+            setattr(runner, attribute, saved)
     elif tiles is not None:
         block_m, block_n, warps, stages, k_rows = tiles
         original = prefill_attention._tile_sizes

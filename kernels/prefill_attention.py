@@ -135,16 +135,21 @@ def _prefill_attention_kernel(
 
 
 def _tile_map(query_start_loc: torch.Tensor, num_tokens: int, num_reqs: int, group: int,
-              block_m: int, first_req: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              block_m: int, first_req: int = 0, skip: tuple[int, int, int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tile -> (request, first row), built on the device without a sync. Request b has
-    cdiv(q_len_b * group, block_m) tiles, none below first_req; the grid's bound covers every
-    split. -> (tile_reqs [N] int32 (num_reqs past the end), tile_first_rows [N] int32)."""
+    cdiv(q_len_b * group, block_m) tiles, none below first_req nor in skip's (first request,
+    requests, their tokens); the grid's bound covers every split. -> (tile_reqs [N] int32
+    (num_reqs past the end), tile_first_rows [N] int32)."""
     starts = query_start_loc.long()
     tiles_per_req = ((starts[1:] - starts[:-1]) * group + block_m - 1) // block_m  # [B]
     tiles_per_req[:first_req] = 0
+    skip_first, skip_reqs, skip_tokens = skip or (0, 0, 0)
+    tiles_per_req[skip_first:skip_first + skip_reqs] = 0
     tile_ends = torch.cumsum(tiles_per_req, 0)
     # (each request left out holds one token at least)
-    num_tiles = -(-(num_tokens - first_req) * group // block_m) + num_reqs - first_req
+    num_tiles = (-(-(num_tokens - first_req - skip_tokens) * group // block_m)
+                 + num_reqs - first_req - skip_reqs)
     tiles = torch.arange(num_tiles, device=query_start_loc.device)
     tile_reqs = torch.searchsorted(tile_ends, tiles, right=True)
     tile_firsts = tile_ends - tiles_per_req
@@ -207,19 +212,22 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                       seq_lens: torch.Tensor, scale: float, max_query_len: int,
                       max_seq_len: int, plan_cache: dict | None = None,
                       tuning: tuple[int, int, int, int, bool] | None = None,
-                      first_req: int = 0) -> torch.Tensor:
+                      first_req: int = 0,
+                      skip: tuple[int, int, int] | None = None) -> torch.Tensor:
     """plan_cache: a dict that lives for one step (every layer passes the same one): the
     argument checks and the tile map are then done once per step, not once per layer.
     tuning: (BLOCK_M, BLOCK_N, num_warps, num_stages, K_ROWS) instead of _tile_sizes'.
     first_req: the requests before it are left out (their output rows are not written): a
-    mixed step's leading decodes, which decode_attention attends (layers/attention.py)."""
+    mixed step's leading decodes, which decode_attention attends (layers/attention.py).
+    skip: (first request, requests, their tokens), past first_req, also left out: a run of
+    fresh prompts attended densely (layers/dense_attention.py)."""
     op = "prefill_attention"
     num_tokens, num_heads, head_dim = q.shape
     num_reqs = seq_lens.shape[0]
     group = num_heads // key_cache.shape[2]
     block_m, block_n, num_warps, num_stages, k_rows = (
         tuning or _tile_sizes(head_dim, max_query_len * group))
-    plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape), first_req)
+    plan_key = (op, block_m, group, q.dtype, tuple(key_cache.shape), first_req, skip)
     plan = plan_cache.get(plan_key) if plan_cache is not None else None
     if plan is None:
         check_paged_attention_args(op, q, key_cache, value_cache, block_tables, seq_lens)
@@ -229,7 +237,11 @@ def prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         check_same_device(op, q=q, query_start_loc=query_start_loc)
         if not 0 <= first_req <= num_reqs:
             raise ValueError(f"{op}: first_req must be in 0..{num_reqs}, got {first_req}")
-        plan = _tile_map(query_start_loc, num_tokens, num_reqs, group, block_m, first_req)
+        if skip is not None and not (first_req <= skip[0] <= skip[0] + skip[1] <= num_reqs
+                                     and 0 <= skip[2] <= num_tokens):
+            raise ValueError(f"{op}: skip {skip} is not (first request, requests, tokens) "
+                             f"within requests {first_req}..{num_reqs} and {num_tokens} tokens")
+        plan = _tile_map(query_start_loc, num_tokens, num_reqs, group, block_m, first_req, skip)
         if plan_cache is not None:
             plan_cache[plan_key] = plan
     out = torch.empty_like(q)

@@ -32,13 +32,17 @@ def rotate_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, is_neox: bool = True) -> torch.Tensor:
-    # q: [T, H, D] (rotated in place and returned); k, v: [T, KVH, D] (left as they are)
+                        slot_mapping: torch.Tensor, is_neox: bool = True,
+                        rotate_k: bool = False) -> torch.Tensor:
+    # q: [T, H, D] (rotated in place and returned); k, v: [T, KVH, D] (k rotated in place too
+    # when rotate_k, else left as it is; v left as it is)
     q.copy_(rotate_ref(q, positions, cos_sin_cache, is_neox))
     is_valid = slot_mapping >= 0
     slots = slot_mapping[is_valid]
     rotated_k = rotate_ref(k[is_valid], positions[is_valid], cos_sin_cache, is_neox)
     key_cache.view(-1, *key_cache.shape[2:])[slots] = rotated_k.to(key_cache.dtype)
+    if rotate_k:
+        k.copy_(rotate_ref(k, positions, cos_sin_cache, is_neox))
     value_cache.view(-1, *value_cache.shape[2:])[slots] = v[is_valid].to(value_cache.dtype)
     return q
 
@@ -60,8 +64,10 @@ def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key
                             q_token_stride, q_head_stride, k_token_stride, k_head_stride,
                             v_token_stride, v_head_stride, cos_sin_stride,
                             HEAD_DIM: tl.constexpr, IS_NEOX: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr):
-    # One program per token: all its q heads in place, then its k and v rows into the cache.
+                            BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+                            ROTATE_K: tl.constexpr):
+    # One program per token: all its q heads in place, then its k and v rows into the cache
+    # (and its k heads in place too when ROTATE_K).
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -79,12 +85,12 @@ def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key
     q_rows = q_ptr + token * q_token_stride + heads * q_head_stride
     _rotate_pairs(q_rows, q_rows, offsets1, offsets2, heads < num_heads, cos, sin)
 
+    kv_heads = tl.arange(0, BLOCK_KVH)[:, None]
+    is_kv_head = kv_heads < num_kv_heads
+    k_rows = k_ptr + token * k_token_stride + kv_heads * k_head_stride
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
-        kv_heads = tl.arange(0, BLOCK_KVH)[:, None]
-        is_kv_head = kv_heads < num_kv_heads
         cache_rows = slot * num_kv_heads * HEAD_DIM + kv_heads * HEAD_DIM
-        k_rows = k_ptr + token * k_token_stride + kv_heads * k_head_stride
         _rotate_pairs(k_rows, key_cache_ptr + cache_rows, offsets1, offsets2, is_kv_head,
                       cos, sin)
         dims = tl.arange(0, HEAD_DIM)[None, :]
@@ -92,6 +98,8 @@ def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key
                     mask=is_kv_head, other=0.0)
         tl.store(value_cache_ptr + cache_rows + dims,
                  v.to(value_cache_ptr.dtype.element_ty), mask=is_kv_head)
+    if ROTATE_K:  # (after the cache's copy, which read k unrotated)
+        _rotate_pairs(k_rows, k_rows, offsets1, offsets2, is_kv_head, cos, sin)
 
 
 def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -131,8 +139,9 @@ def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_sin_cache: torch.Tensor, key_cache: torch.Tensor,
                     value_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                    is_neox: bool = True) -> torch.Tensor:
-    """Rotates q in place (returned) and stores rotated k and v at slot_mapping's slots."""
+                    is_neox: bool = True, rotate_k: bool = False) -> torch.Tensor:
+    """Rotates q in place (returned) and stores rotated k and v at slot_mapping's slots;
+    rotate_k: k is rotated in place as well (dense attention reads it there)."""
     op = "rotary_kv_write"
     _check(op, q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
     if q.shape[0] == 0:
@@ -142,5 +151,5 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), cos_sin_cache.stride(0), HEAD_DIM=q.shape[2], IS_NEOX=is_neox,
         BLOCK_H=next_power_of_2(q.shape[1]), BLOCK_KVH=next_power_of_2(k.shape[1]),
-        num_warps=4)
+        ROTATE_K=rotate_k, num_warps=4)
     return q

@@ -374,7 +374,8 @@ def test_bench_smoke_tiny_cpu(tmp_path):
 def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     out = tmp_path / "ab.json"
     cmd = [sys.executable, str(BENCH / "ab_probe.py"), "--shape", "tiny", "--workload",
-           "prefill", "--limit", "3", "--variants", "default,no-mixed-split,tiles=128/32/4/2/1",
+           "prefill", "--limit", "3", "--variants",
+           "default,no-mixed-split,no-dense,tiles=128/32/4/2/1",
            "--rounds", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BATCHGEN_GIT_SHA": "abc1234"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
@@ -383,7 +384,8 @@ def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     assert results["environment"]["git_sha"] == "abc1234"
     # interleaved: A B C, A B C
     assert [(r["round"], r["variant"]) for r in results["runs"]] == [
-        (i, v) for i in range(2) for v in ("default", "no-mixed-split", "tiles=128/32/4/2/1")]
+        (i, v) for i in range(2)
+        for v in ("default", "no-mixed-split", "no-dense", "tiles=128/32/4/2/1")]
     assert all(r["wall_s"] > 0 for r in results["runs"])
     assert results["summary"]["default"]["vs_first"] == 1.0
 

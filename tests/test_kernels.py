@@ -235,6 +235,24 @@ def test_mixed_step_leading_decodes_by_the_decode_kernel_match_ref(dtype, shared
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_skips_a_dense_run_and_attends_the_rest(dtype, poisoned_empty):
+    # Two leading decodes (first_req), then a chunk on a prefix, a run of three fresh 9-token
+    # prompts that dense attention takes (skip: requests 3..5, 27 tokens), and a trailing
+    # fresh prompt: the run's rows stay unwritten, every other row matches the reference.
+    batch = _paged_batch([1, 1, 7, 9, 9, 9, 5], [30, 12, 40, 0, 0, 0, 0], 8, 2, 64, 16, dtype,
+                         seed=10)
+    expected = prefill_attention_ref(**batch)
+    out = prefill_attention(**batch, first_req=2, skip=(3, 3, 27))
+    run = slice(2 + 7, 2 + 7 + 27)
+    assert out[:2].isnan().all() and out[run].isnan().all()
+    _assert_close(out[2:run.start], expected[2:run.start])
+    _assert_close(out[run.stop:], expected[run.stop:])
+    with pytest.raises(ValueError, match="skip"):
+        prefill_attention(**batch, first_req=4, skip=(3, 3, 27))  # overlaps the decodes
+
+
+@needs_triton
 def test_decode_attention_agrees_with_prefill_on_single_queries(poisoned_empty):
     batch = _paged_batch([1] * 3, [9, 40, 0], 8, 2, 64, 16, torch.float32, seed=3)
     _assert_close(decode_attention(*decode_args(batch), num_splits=2),
@@ -338,6 +356,30 @@ def test_rotary_kv_write_matches_ref(num_tokens, is_neox, dtype):
     stored_k = caches[2].view(-1, 3, 64)[slots[is_stored]]
     _assert_close(stored_k, rotate_ref(k[is_stored], positions[is_stored], cos_sin, is_neox))
     assert torch.equal(caches[3].view(-1, 3, 64)[slots[is_stored]], v[is_stored])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_kv_write_rotates_k_in_place_when_asked(dtype):
+    # rotate_k (a dense run reads k from the step's own rows): k rotated in place, the cache
+    # holding the same rotated keys; k's rows strided as in the fused qkv output.
+    num_tokens, num_blocks, block_size = 11, 4, 16
+    gen = torch.Generator().manual_seed(5)
+    positions = torch.randint(0, 100, (num_tokens,), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(DEVICE)
+    qkv = _randn(num_tokens, (4 + 2 + 2) * 32, dtype=dtype, seed=6)
+    q, k, v = (x.view(num_tokens, -1, 32) for x in qkv.split([128, 64, 64], dim=-1))
+    k_before = k.clone()
+    cos_sin = _cos_sin_cache(100, 32)
+    caches = [torch.zeros(num_blocks, block_size, 2, 32, dtype=dtype, device=DEVICE)
+              for _ in range(4)]
+    ref_k = k.clone()
+    rotary_kv_write_ref(q.clone(), ref_k, v, positions, cos_sin, caches[2], caches[3], slots,
+                        rotate_k=True)
+    rotary_kv_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots, rotate_k=True)
+    _assert_close(ref_k, rotate_ref(k_before, positions, cos_sin))
+    _assert_close(k, ref_k)
+    _assert_close(caches[0].view(-1, 2, 32)[slots], k)
 
 
 @needs_triton

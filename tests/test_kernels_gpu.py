@@ -11,7 +11,8 @@ from kernel_sweep import (decode_args, mixed_step, paged_batch,  # noqa: E402
                           share_prefix)  # (the sweep times the same batches)
 
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
-from batchgen.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from batchgen.kernels.prefill_attention import (padded_attention_ref, prefill_attention,
+                                                prefill_attention_ref)
 from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref
 from batchgen.kernels.rotary_kv_write import rotary_kv_write, rotary_kv_write_ref
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
@@ -73,6 +74,31 @@ def test_mixed_step_split_between_the_kernels_bf16(shape, shared):
         prefill_attention_ref(**batch), **BF16)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_reqs, length", [(3, 1024), (2, 4099)])
+def test_dense_causal_attention_bf16(shape, num_reqs, length):
+    # cuDNN on a run of fresh prompts read from strided views of the fused qkv output, as the
+    # engine calls it (layers/attention.py), against the padded fp32 reference.
+    from batchgen.layers.dense_attention import cudnn_attention_works, dense_causal_attention
+    if not cudnn_attention_works(torch.device("cuda")):
+        pytest.skip("cuDNN's fused attention does not run on this GPU")
+    num_heads, num_kv_heads, head_dim = shape
+    first, num_tokens = 5, 5 + num_reqs * length + 3
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    qkv = torch.randn(num_tokens, sum(sizes), device="cuda", dtype=torch.bfloat16,
+                      generator=torch.Generator(device="cuda").manual_seed(6))
+    q, k, v = (x.view(num_tokens, -1, head_dim) for x in qkv.split(sizes, dim=1))
+    out = dense_causal_attention(q, k, v, first, num_reqs, length, head_dim ** -0.5)
+    run = slice(first, first + num_reqs * length)
+
+    def per_request(x):
+        return x[run].reshape(num_reqs, length, -1, head_dim)
+    positions = torch.arange(length, device="cuda").expand(num_reqs, length)
+    expected = padded_attention_ref(per_request(q), positions, per_request(k), per_request(v),
+                                    head_dim ** -0.5)
+    torch.testing.assert_close(out, expected.reshape(num_reqs * length, -1), **BF16)
+
+
 def test_decode_attention_replays_in_a_cuda_graph():
     # Tables hold 1,000 tokens per request; the replay runs shorter contexts than the capture.
     batch = paged_batch([1] * 64, [999] * 64, 32, 8, 128, seed=2)
@@ -115,3 +141,9 @@ def test_rowwise_ops_bf16(num_tokens):
     torch.testing.assert_close(q, want_q, **BF16)
     torch.testing.assert_close(caches[0], caches[2], **BF16)
     assert torch.equal(caches[1], caches[3])
+    # rotate_k: k rotated in place as well (dense attention reads it there)
+    want_k = k.clone()
+    rotary_kv_write_ref(q.clone(), want_k, v, positions, cos_sin, caches[2], caches[3], slots,
+                        rotate_k=True)
+    rotary_kv_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots, rotate_k=True)
+    torch.testing.assert_close(k, want_k, **BF16)

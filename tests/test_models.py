@@ -149,6 +149,59 @@ def check_steps_against_transformers(kind: str, device: torch.device, atol: floa
         run({0: (pos, pos + 1), 1: (pos - 9, pos - 8), 2: (pos + 4, pos + 5)})
 
 
+@pytest.mark.parametrize("kind", ["llama3-untied", "qwen3"])
+def test_dense_run_of_fresh_prompts_matches_transformers(kind):
+    # A step whose three fresh 6-token prompts are attended densely (torch's reference math
+    # on the CPU) beside a 3-token prompt and a chunk on a cached prefix attended paged; the
+    # next step's decodes then read the run's keys back from the cache.
+    hf_model = perturbed_hf_model(tiny_config(kind))
+    model = ours_from(hf_model)
+    gen = torch.Generator().manual_seed(3)
+    seqs = {r: torch.randint(0, 128, (n,), generator=gen).tolist()
+            for r, n in {0: 12, 1: 4, 2: 8, 3: 8, 4: 8, 5: 6}.items()}
+    expected = {r: hf_logits(hf_model, s) for r, s in seqs.items()}
+    kv = PagedKV(model)
+
+    def run(chunks: dict[int, tuple[int, int]], dense_run=None) -> None:
+        input_ids, positions, ctx = kv.step({r: seqs[r][a:b] for r, (a, b) in chunks.items()})
+        ctx.dense_run = dense_run
+        with torch.no_grad():
+            logits = model.compute_logits(model(input_ids, positions, ctx))
+        want = torch.cat([expected[r][a:b] for r, (a, b) in chunks.items()])
+        torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+
+    run({0: (0, 5)})
+    # requests 2..4 (tokens 8..25) are the run: pieces before (0's chunk, 1's prompt) and after
+    # requests 2..4 (tokens 6..23) are the run; pieces before it (0's chunk, 1's prompt) and
+    # after it (5's prompt)
+    run({0: (5, 8), 1: (0, 3), 2: (0, 6), 3: (0, 6), 4: (0, 6), 5: (0, 4)},
+        dense_run=(2, 3, 6, 6))
+    run({0: (8, 9), 1: (3, 4), 2: (6, 7), 3: (6, 8), 4: (6, 7), 5: (4, 5)})
+
+
+@pytest.mark.gpu
+def test_dense_run_on_gpu_in_bf16_matches_the_paged_kernels():
+    # cuDNN's fused attention on a run of four fresh 200-token prompts beside a decode and a
+    # chunk, against the same step through the Triton kernels alone.
+    from batchgen.layers.dense_attention import cudnn_attention_works
+    if not cudnn_attention_works(torch.device("cuda")):
+        pytest.skip("cuDNN's fused attention does not run on this GPU")
+    model = ours_from(perturbed_hf_model(tiny_config("qwen3"))).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)
+    seqs = {r: torch.randint(0, 128, (n,), generator=gen).tolist()
+            for r, n in {0: 40, 1: 200, 2: 200, 3: 200, 4: 200, 5: 50}.items()}
+    kv = PagedKV(model, num_blocks=512)
+    kv.step({0: seqs[0][:39]})
+    chunks = {0: seqs[0][39:], **{r: seqs[r] for r in range(1, 5)}, 5: seqs[5][:20]}
+    input_ids, positions, ctx = kv.step(chunks)
+    logits = {}
+    with torch.no_grad():
+        for dense_run in (None, (1, 4, 1, 200)):
+            ctx.dense_run, ctx.attn_plans = dense_run, {}
+            logits[dense_run] = model.compute_logits(model(input_ids, positions, ctx)).float()
+    torch.testing.assert_close(logits[(1, 4, 1, 200)], logits[None], atol=3e-2, rtol=3e-2)
+
+
 def test_tied_model_shares_the_embedding_and_untied_has_its_own_head():
     tied = ours_from(perturbed_hf_model(tiny_config("qwen2")))
     assert tied.lm_head is None

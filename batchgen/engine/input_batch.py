@@ -17,6 +17,11 @@ import numpy as np
 # of 2,048 + 128 (522k saved)).
 MIN_CASCADE_SHARED_PER_OWN_KEY = 2.0
 MIN_CASCADE_SAVED_KEYS = 1 << 19
+# A run of fresh prompts (no cached keys) of one length, two at least, is attended densely
+# (batchgen.layers.dense_attention) when it holds this many tokens: on the H200 cuDNN's fused
+# attention ran 1.5x the paged kernel on 15 x 1,024 tokens (RESULTS.md, session 12); smaller
+# runs were not measured, and each new (requests, length) pair costs cuDNN a plan.
+MIN_DENSE_RUN_TOKENS = 4096
 
 
 @dataclass
@@ -41,6 +46,9 @@ class InputBatch:
     # Keys at the start of those requests' contexts held in the same blocks, read once for
     # them all (0: no cascade).
     shared_prefix_len: int = 0
+    # (first request, requests): consecutive fresh prompts of one length, past the decodes,
+    # that the step attends densely (find_dense_run); None: none.
+    dense_run: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -56,11 +64,14 @@ class InputBatch:
 
 
 def build_input_batch(sched, block_size: int, cascade: bool = True,
-                      min_mixed_decodes: int | None = None) -> InputBatch:
+                      min_mixed_decodes: int | None = None,
+                      dense_min_tokens: int | None = None) -> InputBatch:
     """sched: a SchedulerOutput (requests, num_scheduled_tokens, num_computed_before, block_ids,
     needs_sample). cascade: look for a shared prefix to read once (decode steps).
     min_mixed_decodes: a mixed step's leading one-query requests go to the decode kernel when
-    there are at least this many (None: never; the prefill kernel then attends them)."""
+    there are at least this many (None: never; the prefill kernel then attends them).
+    dense_min_tokens: look for a run of fresh prompts to attend densely, this many tokens at
+    least (None: never)."""
     reqs = sched.requests
     num_reqs = len(reqs)
     q_lens = np.asarray(sched.num_scheduled_tokens, dtype=np.int64)
@@ -116,6 +127,9 @@ def build_input_batch(sched, block_size: int, cascade: bool = True,
         if (num_decodes - 1) * shared < MIN_CASCADE_SAVED_KEYS \
                 or shared < MIN_CASCADE_SHARED_PER_OWN_KEY * mean_own_keys:
             shared = 0
+    dense_run = None
+    if dense_min_tokens is not None and max_query_len > 1:
+        dense_run = find_dense_run(q_lens, starts, num_decodes, dense_min_tokens)
     sample_rows = [i for i, s in enumerate(sched.needs_sample) if s]
     logits_indices = cu[1:][sample_rows] - 1 if sample_rows else np.zeros(0, dtype=np.int64)
     return InputBatch(
@@ -125,7 +139,26 @@ def build_input_batch(sched, block_size: int, cascade: bool = True,
         sample_rows=sample_rows, max_query_len=max_query_len,
         max_seq_len=int(seq_lens.max()) if num_reqs else 0,
         placeholder_index=placeholder_index, placeholder_prev_row=placeholder_prev_row,
-        num_decodes=num_decodes, shared_prefix_len=shared)
+        num_decodes=num_decodes, shared_prefix_len=shared, dense_run=dense_run)
+
+
+def find_dense_run(q_lens: np.ndarray, starts: np.ndarray, first: int,
+                   min_tokens: int) -> tuple[int, int] | None:
+    """The longest run (in tokens) of two or more consecutive requests from `first` on that
+    have no cached keys (starts == 0) and the same query length, when it holds min_tokens at
+    least: -> (first request, requests), else None."""
+    lens = np.where(starts[first:] == 0, q_lens[first:], 0)  # 0: a request that breaks runs
+    if lens.size < 2:
+        return None
+    # run_ids[i]: which run request first + i is in (a new one wherever the length changes)
+    run_ids = np.concatenate(([0], np.cumsum(lens[1:] != lens[:-1])))
+    run_starts = np.flatnonzero(np.diff(run_ids, prepend=-1))
+    counts = np.diff(np.append(run_starts, lens.size))
+    tokens = np.where((counts >= 2) & (lens[run_starts] > 0), counts * lens[run_starts], 0)
+    best = int(np.argmax(tokens))
+    if tokens[best] < min_tokens:
+        return None
+    return first + int(run_starts[best]), int(counts[best])
 
 
 def shared_prefix_len(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> int:

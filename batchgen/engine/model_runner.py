@@ -12,13 +12,17 @@ import torch
 from batchgen.config import EngineConfig
 from batchgen.engine.cuda_graphs import DecodeGraphs
 from batchgen.engine.host_packer import send_arrays
-from batchgen.engine.input_batch import InputBatch, build_input_batch
+from batchgen.engine.input_batch import (MIN_DENSE_RUN_TOKENS, InputBatch, build_input_batch,
+                                         find_dense_run)
 from batchgen.engine.sampler import Sampler
 from batchgen.engine.sampling_metadata import build_sampling_metadata
 from batchgen.engine.step_timer import StepTimer
 from batchgen.layers.context import ForwardContext
 
 log = logging.getLogger(__name__)
+# Distinct (requests, length) shapes of dense runs cuDNN is asked to plan (RESULTS.md,
+# session 12: a new shape's first call costs a plan; datasets of one prompt length have few).
+MAX_DENSE_SHAPES = 64
 
 
 @dataclass
@@ -74,9 +78,19 @@ class ModelRunner:
         # one program per (request, kv head): at one split it compiles no new variant
         # mid-run (the decode graphs compiled it) and beats the prefill kernel's 64-row tiles.
         self.min_mixed_decodes = None
+        # A mixed step's run of fresh prompts of one length is attended densely by cuDNN
+        # (batchgen.layers.dense_attention) where it runs; None: never.
+        self.dense_min_tokens = None
+        # The (requests, length) shapes dense runs have had: cuDNN plans each new one, so
+        # past MAX_DENSE_SHAPES only those already planned are attended densely.
+        self.dense_shapes: set[tuple[int, int]] = set()
         if self.is_cuda:
             from batchgen.kernels.decode_attention import min_unsplit_batch
+            from batchgen.layers.dense_attention import cudnn_attention_works
             self.min_mixed_decodes = min_unsplit_batch(model.num_kv_heads, device)
+            if not config.disable_dense_attn and dtype in (torch.float16, torch.bfloat16) \
+                    and cudnn_attention_works(device):
+                self.dense_min_tokens = MIN_DENSE_RUN_TOKENS
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -130,6 +144,9 @@ class ModelRunner:
             seq_lens=np.asarray(lens, dtype=np.int32), block_tables=tables,
             logits_indices=np.zeros(0, dtype=np.int64), sample_rows=[],
             max_query_len=seq, max_seq_len=seq)
+        if self.dense_min_tokens is not None:  # (its output and cuDNN's workspace counted)
+            batch.dense_run = find_dense_run(np.asarray(lens), np.zeros(num_reqs, np.int64), 0,
+                                             self.dense_min_tokens)
         ctx, input_ids, positions, _ = self._send_step(batch, caches)
         hidden = self.model(input_ids, positions, ctx)
         rows = min(self.config.max_num_seqs, num_tokens)
@@ -175,6 +192,11 @@ class ModelRunner:
             batch.query_start_loc, batch.seq_lens, batch.block_tables, shared)
         slot_mapping, input_ids, positions, logits_indices = self._send(
             batch.slot_mapping, batch.input_ids, batch.positions, batch.logits_indices)
+        dense_run = None
+        if batch.dense_run is not None:
+            first_req, num_reqs = batch.dense_run
+            dense_run = (first_req, num_reqs, int(batch.query_start_loc[first_req]),
+                         int(batch.query_start_loc[first_req + 1] - batch.query_start_loc[first_req]))
         ctx = ForwardContext(
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
             slot_mapping=slot_mapping,
@@ -182,7 +204,8 @@ class ModelRunner:
             max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
             is_decode_only=batch.is_decode_only,
             num_decodes=0 if batch.is_decode_only else batch.num_decodes,
-            shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None)
+            shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None,
+            dense_run=dense_run)
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()
@@ -197,7 +220,10 @@ class ModelRunner:
         timer = self.timer
         batch = build_input_batch(sched, self.block_size,
                                   cascade=not self.config.disable_cascade_attn,
-                                  min_mixed_decodes=self.min_mixed_decodes)
+                                  min_mixed_decodes=self.min_mixed_decodes,
+                                  dense_min_tokens=self.dense_min_tokens)
+        if batch.dense_run is not None:
+            self._admit_dense_shape(batch)
         fixup = None
         if batch.placeholder_index is not None:
             assert prev is not None and prev.sampled is not None, "placeholder with no step before"
@@ -235,6 +261,18 @@ class ModelRunner:
                 (out.sampled_token_ids, *(out.logprobs or ())))
         timer.lap("launch_sampling")
         return launched
+
+    def _admit_dense_shape(self, batch: InputBatch) -> None:
+        """Drops batch's dense run when its shape would be a new cuDNN plan past
+        MAX_DENSE_SHAPES (its requests then go to the paged kernel)."""
+        first_req, num_reqs = batch.dense_run
+        shape = (num_reqs, int(batch.query_start_loc[first_req + 1]
+                               - batch.query_start_loc[first_req]))
+        if shape not in self.dense_shapes:
+            if len(self.dense_shapes) >= MAX_DENSE_SHAPES:
+                batch.dense_run = None
+                return
+            self.dense_shapes.add(shape)
 
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step and bring its tokens to the host, aligned with its

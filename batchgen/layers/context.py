@@ -31,6 +31,10 @@ class ForwardContext:
     # the same blocks by every such request (read once for them all: cascade attention);
     # None = no cascade.
     shared_prefix_len: torch.Tensor | None = None
+    # Mixed steps (CUDA): (first request, requests, first token, query length) of a run of
+    # fresh prompts of one length that batchgen.layers.dense_attention attends, the paged
+    # kernels the rest; None: the paged kernels attend every request.
+    dense_run: tuple[int, int, int, int] | None = None
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
 

@@ -74,9 +74,11 @@ class LlamaAttention(nn.Module):
         if self.has_qk_norm:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        out = self.attn(positions, q, k, v, ctx)
-        return self.o_proj.add_to(out.reshape(num_tokens, self.num_heads * self.head_dim),
-                                  residual)
+        start = 0
+        for piece in self.attn(positions, q, k, v, ctx):  # consecutive rows [n, H * D]
+            self.o_proj.add_to(piece, residual[start:start + piece.shape[0]])
+            start += piece.shape[0]
+        return residual
 
 
 class LlamaDecoderLayer(nn.Module):
