@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 # First match wins, on the lower-cased kernel (or aten op) name.
 CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(p)) for name, p in (
+    ("attention_dense", r"sdpa|flash_fprop|flash_fwd"),  # cuDNN's (a run of fresh prompts)
     ("attention_prefill", r"prefill_attention"),
     ("attention_decode", r"decode_attention|combine_splits"),
     ("rotary_kv_write", r"rotary_kv_write"),

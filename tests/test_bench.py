@@ -271,6 +271,8 @@ def test_kernel_profile_busy_time_is_the_union_of_intervals():
 def test_kernel_profile_categories():
     cat, iv = kernel_profile.categorize, kernel_profile.Interval
     assert cat("_prefill_attention_kernel") == "attention_prefill"
+    assert cat("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128"
+               "_4x1x1_cga1x1x1_kernel0_0") == "attention_dense"
     assert cat("_combine_splits_kernel") == "attention_decode"
     assert cat("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_NNT") == "gemm"
     assert cat("aten::addmm") == "gemm" and cat("aten::addmm_backward") != "gemm"
