@@ -46,7 +46,9 @@ def _sched(query_lens, computed):
 def test_input_batch_marks_a_dense_run_only_when_asked_and_past_the_decodes():
     sched = _sched([5, 64, 64, 64, 30], [40, 0, 0, 0, 0])
     assert build_input_batch(sched, 16).dense_run is None  # off by default (CPU)
-    assert build_input_batch(sched, 16, dense_min_tokens=128).dense_run == (1, 3)
+    batch = build_input_batch(sched, 16, dense_min_tokens=128)
+    assert batch.dense_run == (1, 3)
+    assert batch.dense_layout == (1, 3, 5, 64)  # + first token, query length
     assert build_input_batch(sched, 16, dense_min_tokens=193).dense_run is None
     # a pure decode step never looks
     decode = _sched([1, 1], [0, 0])
@@ -58,8 +60,8 @@ def test_runner_admits_at_most_max_dense_shapes_new_shapes(monkeypatch):
     runner = SimpleNamespace(dense_shapes=set())
 
     def admitted(num_reqs, query_len):
-        cu = np.arange(num_reqs + 2) * query_len
-        batch = SimpleNamespace(dense_run=(1, num_reqs), query_start_loc=cu)
+        batch = SimpleNamespace(dense_run=(1, num_reqs),
+                                dense_layout=(1, num_reqs, query_len, query_len))
         ModelRunner._admit_dense_shape(runner, batch)
         return batch.dense_run is not None
 

@@ -19,7 +19,7 @@ MIN_CASCADE_SHARED_PER_OWN_KEY = 2.0
 MIN_CASCADE_SAVED_KEYS = 1 << 19
 # A run of fresh prompts (no cached keys) of one length, two at least, is attended densely
 # (batchgen.layers.dense_attention) when it holds this many tokens: on the H200 cuDNN's fused
-# attention ran 1.5x the paged kernel on 15 x 1,024 tokens (RESULTS.md, session 12); smaller
+# attention ran 1.45x the paged kernel on 15 x 1,024 tokens (RESULTS.md, session 12); smaller
 # runs were not measured, and each new (requests, length) pair costs cuDNN a plan.
 MIN_DENSE_RUN_TOKENS = 4096
 
@@ -61,6 +61,16 @@ class InputBatch:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    @property
+    def dense_layout(self) -> tuple[int, int, int, int] | None:
+        """The dense run as (first request, requests, first token, query length), or None."""
+        if self.dense_run is None:
+            return None
+        first_req, num_reqs = self.dense_run
+        first_token = int(self.query_start_loc[first_req])
+        return (first_req, num_reqs, first_token,
+                int(self.query_start_loc[first_req + 1]) - first_token)
 
 
 def build_input_batch(sched, block_size: int, cascade: bool = True,

@@ -192,11 +192,6 @@ class ModelRunner:
             batch.query_start_loc, batch.seq_lens, batch.block_tables, shared)
         slot_mapping, input_ids, positions, logits_indices = self._send(
             batch.slot_mapping, batch.input_ids, batch.positions, batch.logits_indices)
-        dense_run = None
-        if batch.dense_run is not None:
-            first_req, num_reqs = batch.dense_run
-            dense_run = (first_req, num_reqs, int(batch.query_start_loc[first_req]),
-                         int(batch.query_start_loc[first_req + 1] - batch.query_start_loc[first_req]))
         ctx = ForwardContext(
             query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
             slot_mapping=slot_mapping,
@@ -205,7 +200,7 @@ class ModelRunner:
             is_decode_only=batch.is_decode_only,
             num_decodes=0 if batch.is_decode_only else batch.num_decodes,
             shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None,
-            dense_run=dense_run)
+            dense_run=batch.dense_layout)
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()
@@ -265,9 +260,8 @@ class ModelRunner:
     def _admit_dense_shape(self, batch: InputBatch) -> None:
         """Drops batch's dense run when its shape would be a new cuDNN plan past
         MAX_DENSE_SHAPES (its requests then go to the paged kernel)."""
-        first_req, num_reqs = batch.dense_run
-        shape = (num_reqs, int(batch.query_start_loc[first_req + 1]
-                               - batch.query_start_loc[first_req]))
+        _, num_reqs, _, query_len = batch.dense_layout
+        shape = (num_reqs, query_len)
         if shape not in self.dense_shapes:
             if len(self.dense_shapes) >= MAX_DENSE_SHAPES:
                 batch.dense_run = None

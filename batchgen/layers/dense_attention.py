@@ -2,11 +2,10 @@
 scaled_dot_product_attention on [requests, heads, length, head_dim] views of the step's own q,
 k and v: no copy in, no paged reads.
 
-Why: on the H200 cuDNN's fused attention (Hopper's asynchronous tensor-core path, which Triton
-3.6 does not give our kernel) ran 1.5x batchgen's paged kernel on 15 x 1,024-token prompts,
-397 against 261 TFLOP/s. torch's flash backend ran 0.9x and its ragged cuDNN path 80x slower
-(`bench/attention_backends.py`, RESULTS.md, session 12), so only equal lengths come here; the
-paged kernels attend everything else."""
+Why: on the H200 cuDNN's fused attention (a Hopper wgmma kernel) ran 1.45x batchgen's paged
+Triton kernel on 15 x 1,024-token prompts, 381 against 262 TFLOP/s on these views. torch's
+flash backend ran 0.9x and its ragged cuDNN path 80x slower (`bench/attention_backends.py`,
+RESULTS.md, session 12), so only equal lengths come here; the paged kernels attend the rest."""
 from __future__ import annotations
 
 import contextlib
