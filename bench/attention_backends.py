@@ -35,14 +35,12 @@ CASES = {
 
 def contiguous_kv(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The paged caches' keys and values of every request, in token order: [T, KVH, D]."""
-    block_size = batch["key_cache"].shape[1]
+    from batchgen.kernels.prefill_attention import gather_kv_ref
+
     lens = (batch["query_start_loc"][1:] - batch["query_start_loc"][:-1]).tolist()
-    keys, values = [], []
-    for req, n in enumerate(lens):
-        blocks = batch["block_tables"][req, :-(-n // block_size)].long()
-        keys.append(batch["key_cache"][blocks].flatten(0, 1)[:n])
-        values.append(batch["value_cache"][blocks].flatten(0, 1)[:n])
-    return torch.cat(keys), torch.cat(values)
+    return tuple(torch.cat([per_req[req, :n] for req, n in enumerate(lens)]) for per_req in (
+        gather_kv_ref(batch[cache], batch["block_tables"], batch["max_seq_len"])
+        for cache in ("key_cache", "value_cache")))
 
 
 def backends(batch: dict) -> dict:

@@ -39,10 +39,12 @@ def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q.copy_(rotate_ref(q, positions, cos_sin_cache, is_neox))
     is_valid = slot_mapping >= 0
     slots = slot_mapping[is_valid]
-    rotated_k = rotate_ref(k[is_valid], positions[is_valid], cos_sin_cache, is_neox)
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = rotated_k.to(key_cache.dtype)
-    if rotate_k:
+    if rotate_k:  # every row rotated once, in place; the cache takes the stored ones
         k.copy_(rotate_ref(k, positions, cos_sin_cache, is_neox))
+        rotated_k = k[is_valid]
+    else:
+        rotated_k = rotate_ref(k[is_valid], positions[is_valid], cos_sin_cache, is_neox)
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = rotated_k.to(key_cache.dtype)
     value_cache.view(-1, *value_cache.shape[2:])[slots] = v[is_valid].to(value_cache.dtype)
     return q
 

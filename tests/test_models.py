@@ -164,7 +164,7 @@ def test_dense_run_of_fresh_prompts_matches_transformers(kind):
 
     def run(chunks: dict[int, tuple[int, int]], dense_run=None) -> None:
         input_ids, positions, ctx = kv.step({r: seqs[r][a:b] for r, (a, b) in chunks.items()})
-        ctx.dense_run = dense_run
+        ctx.dense_layout = dense_run
         with torch.no_grad():
             logits = model.compute_logits(model(input_ids, positions, ctx))
         want = torch.cat([expected[r][a:b] for r, (a, b) in chunks.items()])
@@ -198,7 +198,7 @@ def test_dense_run_on_gpu_in_bf16_matches_the_paged_kernels():
     logits = {}
     with torch.no_grad():
         for dense_run in (None, (1, 4, 1, 200)):
-            ctx.dense_run, ctx.attn_plans = dense_run, {}
+            ctx.dense_layout, ctx.attn_plans = dense_run, {}
             logits[dense_run] = model.compute_logits(model(input_ids, positions, ctx)).float()
     torch.testing.assert_close(logits[(1, 4, 1, 200)], logits[None], atol=3e-2, rtol=3e-2)
 

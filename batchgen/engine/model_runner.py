@@ -200,7 +200,7 @@ class ModelRunner:
             is_decode_only=batch.is_decode_only,
             num_decodes=0 if batch.is_decode_only else batch.num_decodes,
             shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None,
-            dense_run=batch.dense_layout)
+            dense_layout=batch.dense_layout)
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()

@@ -3,8 +3,8 @@ kernel on CUDA), then attend.
 
 Query i of request b sits at position seq_lens[b] - q_len_b + i and sees keys 0..that
 position of its request, read back from the paged cache (prefix + this step); a step's run of
-fresh prompts of one length (ForwardContext.dense_run) is attended from its own q, k and v
-instead (batchgen.layers.dense_attention)."""
+fresh prompts of one length (ForwardContext.dense_layout) is attended from its own q, k and
+v instead (batchgen.layers.dense_attention)."""
 from __future__ import annotations
 
 import torch
@@ -40,14 +40,14 @@ class Attention(nn.Module):
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
         store = rotary_kv_write.rotary_kv_write if is_cuda else rotary_kv_write.rotary_kv_write_ref
         store(q, k, v, positions, self.rotary_emb.cos_sin_cache, key_cache, value_cache,
-              ctx.slot_mapping, rotate_k=ctx.dense_run is not None)
+              ctx.slot_mapping, rotate_k=ctx.dense_layout is not None)
         attend = self.attend if is_cuda else self.attend_ref
         num_tokens = q.shape[0]
         out = attend(q, key_cache, value_cache, ctx).reshape(num_tokens, -1)
-        if ctx.dense_run is None:
+        if ctx.dense_layout is None:
             return [out]
         from batchgen.layers.dense_attention import dense_causal_attention
-        _, num_reqs, first_token, query_len = ctx.dense_run
+        _, num_reqs, first_token, query_len = ctx.dense_layout
         end = first_token + num_reqs * query_len
         dense = dense_causal_attention(q, k, v, first_token, num_reqs, query_len, self.scale)
         return [piece for piece in (out[:first_token], dense, out[end:]) if piece.shape[0]]
@@ -63,8 +63,8 @@ class Attention(nn.Module):
                 ctx.max_seq_len, shared_prefix_len=ctx.shared_prefix_len,
                 plan_cache=ctx.attn_plans)
         skip = None
-        if ctx.dense_run is not None:
-            first_req, num_reqs, _, query_len = ctx.dense_run
+        if ctx.dense_layout is not None:
+            first_req, num_reqs, _, query_len = ctx.dense_layout
             skip = (first_req, num_reqs, num_reqs * query_len)
         # plan_cache: the tile map and argument checks once per step, not per layer
         out = prefill_attention.prefill_attention(

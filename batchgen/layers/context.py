@@ -34,7 +34,7 @@ class ForwardContext:
     # Mixed steps (CUDA): (first request, requests, first token, query length) of a run of
     # fresh prompts of one length that batchgen.layers.dense_attention attends, the paged
     # kernels the rest; None: the paged kernels attend every request.
-    dense_run: tuple[int, int, int, int] | None = None
+    dense_layout: tuple[int, int, int, int] | None = None
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
 
