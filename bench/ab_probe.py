@@ -11,7 +11,7 @@ cap what counts is the whole step's energy, so a choice is confirmed here, end t
 Variants: `default` (the code as it is); `tiles=M/N/W/S/K` (the prefill kernel's BLOCK_M,
 BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `no-mixed-split`
 (a mixed step's decodes stay in the prefill kernel); `no-dense` (runs of fresh prompts stay
-in the paged kernel, not cuDNN's). Each variant is warmed up (compiled) before the first
+in the paged kernel, not cuDNN's); `no-fused-mlp` (every MLP on cuBLAS and silu_and_mul). Each variant is warmed up (compiled) before the first
 round. A variant that needs code the engine no longer has (session 11's in-kernel q rotation)
 is kept in git history with its results, not here.
 """
@@ -38,7 +38,8 @@ from batchgen.kernels import prefill_attention  # noqa: E402
 
 
 # variant -> the model runner's attribute it sets to None (turning that path off)
-SWITCHES = {"no-mixed-split": "min_mixed_decodes", "no-dense": "dense_min_tokens"}
+SWITCHES = {"no-mixed-split": "min_mixed_decodes", "no-dense": "dense_min_tokens",
+            "no-fused-mlp": "fused_mlp_min_tokens"}
 
 
 def check_variant(name: str) -> tuple[int, ...] | None:

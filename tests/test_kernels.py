@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 from batchgen.kernels._triton import has_triton  # noqa: E402
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from batchgen.kernels.gate_up_silu import gate_up_silu, gate_up_silu_ref  # noqa: E402
 from batchgen.kernels.prefill_attention import (prefill_attention,  # noqa: E402
                                                 prefill_attention_ref)
 from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
@@ -319,6 +320,39 @@ def test_silu_and_mul_ref_is_gate_times_sigmoid_times_up():
     x = _randn(5, 8).double()
     expected = x[:, :4] * torch.sigmoid(x[:, :4]) * x[:, 4:]
     torch.testing.assert_close(silu_and_mul_ref(x), expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 333])
+@pytest.mark.parametrize("num_programs", [1, 3, 64])
+def test_gate_up_silu_matches_ref(num_tokens, num_programs, dtype, poisoned_empty):
+    # I = 40 leaves a partial column tile (the descriptors clip it), H = 96 three K tiles; the
+    # persistent grid is one program, fewer programs than tiles, or one program a tile.
+    x = _randn(num_tokens, 96, dtype=dtype)
+    weight = (_randn(2 * 40, 96, seed=1) * 96 ** -0.5).to(dtype)
+    out = gate_up_silu(x, weight, config=(16, 32, 32, 2, 2, 4), num_programs=num_programs)
+    _assert_close(out, gate_up_silu_ref(x, weight))
+
+
+def test_gate_up_silu_ref_is_silu_and_mul_of_the_projection():
+    x, weight = _randn(5, 16), _randn(2 * 8, 16, seed=1)
+    torch.testing.assert_close(gate_up_silu_ref(x, weight), silu_and_mul_ref(x @ weight.T))
+
+
+@needs_triton
+def test_gate_up_silu_refuses_bad_args():
+    x, weight = _randn(4, 16), _randn(2 * 8, 16)
+    with pytest.raises(ValueError, match="input features"):
+        gate_up_silu(x, _randn(2 * 8, 12))
+    with pytest.raises(ValueError, match="even count"):
+        gate_up_silu(x, _randn(15, 16))
+    with pytest.raises(ValueError, match="share a dtype"):
+        gate_up_silu(x, weight.half())
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        gate_up_silu(_randn(4, 10), _randn(2 * 8, 10))
+    with pytest.raises(ValueError, match="config must be"):
+        gate_up_silu(x, weight, config=(16, 32, 32))
 
 
 def _cos_sin_cache(max_position, rot_dim, base=10000.0):

@@ -10,6 +10,7 @@ sys.path.insert(0, str(BENCH))
 from kernel_sweep import (decode_args, mixed_step, paged_batch,  # noqa: E402
                           share_prefix)  # (the sweep times the same batches)
 
+from batchgen.kernels import gate_up_silu as gus
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.prefill_attention import (padded_attention_ref, prefill_attention,
                                                 prefill_attention_ref)
@@ -147,3 +148,33 @@ def test_rowwise_ops_bf16(num_tokens):
                         rotate_k=True)
     rotary_kv_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots, rotate_k=True)
     torch.testing.assert_close(k, want_k, **BF16)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 333, 1024, 4099])
+@pytest.mark.parametrize("hidden, intermediate", [(4096, 14336), (576, 1536), (2048, 200)])
+def test_gate_up_silu_bf16(num_tokens, hidden, intermediate):
+    # Llama-8B's MLP, SmolLM2-135M's, and a partial column tile.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = (torch.randn(2 * intermediate, hidden, device="cuda", generator=gen)
+              * hidden ** -0.5).to(torch.bfloat16)
+    assert gus.supports(weight)
+    torch.testing.assert_close(gus.gate_up_silu(x, weight), gus.gate_up_silu_ref(x, weight),
+                               **BF16)
+    # The engine's path: the kernel against cuBLAS's projection rounded to bf16, then SwiGLU.
+    torch.testing.assert_close(gus.gate_up_silu(x, weight), silu_and_mul(x @ weight.T), **BF16)
+
+
+def test_gate_up_silu_compiles_once_for_any_token_count():
+    # The token count changes every step: a kernel variant per count would stall a run.
+    weight = torch.randn(2 * 256, 128, device="cuda", dtype=torch.bfloat16)
+
+    def run(num_tokens):
+        gus.gate_up_silu(torch.randn(num_tokens, 128, device="cuda", dtype=torch.bfloat16),
+                         weight)
+    run(1024)
+    compiled = gus._gate_up_silu_kernel._kernel.device_caches[torch.cuda.current_device()][0]
+    variants = len(compiled)
+    for num_tokens in (1025, 1040, 2000, 4099):
+        run(num_tokens)
+    assert len(compiled) == variants

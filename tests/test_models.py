@@ -179,6 +179,34 @@ def test_dense_run_of_fresh_prompts_matches_transformers(kind):
     run({0: (8, 9), 1: (3, 4), 2: (6, 7), 3: (6, 8), 4: (6, 7), 5: (4, 5)})
 
 
+def test_fused_mlp_step_matches_transformers():
+    # ForwardContext.fused_mlp through every layer (the kernel's torch reference on the CPU):
+    # the gate and up halves of the loaded weight in the right order.
+    hf_model = perturbed_hf_model(tiny_config("llama3-untied"))
+    model = ours_from(hf_model)
+    tokens = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    input_ids, positions, ctx = PagedKV(model).step({0: tokens})
+    ctx.fused_mlp = True
+    with torch.no_grad():
+        logits = model.compute_logits(model(input_ids, positions, ctx))
+    torch.testing.assert_close(logits, hf_logits(hf_model, tokens), atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+def test_fused_mlp_on_gpu_in_bf16_matches_cublas_and_silu_and_mul():
+    model = ours_from(perturbed_hf_model(tiny_config("qwen3"))).to("cuda", torch.bfloat16)
+    model.reset_buffers()  # the rotary table back in fp32
+    assert model.can_fuse_mlp()
+    tokens = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(6)).tolist()
+    input_ids, positions, ctx = PagedKV(model, num_blocks=300).step({0: tokens})
+    logits = {}
+    with torch.no_grad():
+        for fused in (False, True):
+            ctx.fused_mlp, ctx.attn_plans = fused, {}
+            logits[fused] = model.compute_logits(model(input_ids, positions, ctx)).float()
+    torch.testing.assert_close(logits[True], logits[False], atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.gpu
 def test_dense_run_on_gpu_in_bf16_matches_the_paged_kernels():
     # cuDNN's fused attention on a run of four fresh 200-token prompts beside a decode and a

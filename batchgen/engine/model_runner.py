@@ -84,6 +84,9 @@ class ModelRunner:
         # The (requests, length) shapes dense runs have had: cuDNN plans each new one, so
         # past MAX_DENSE_SHAPES only those already planned are attended densely.
         self.dense_shapes: set[tuple[int, int]] = set()
+        # Steps of this many tokens or more run each MLP's gate/up projection and SwiGLU as
+        # one GEMM (batchgen.kernels.gate_up_silu) where it runs; None: never.
+        self.fused_mlp_min_tokens = None
         if self.is_cuda:
             from batchgen.kernels.decode_attention import min_unsplit_batch
             from batchgen.layers.dense_attention import cudnn_attention_works
@@ -91,6 +94,9 @@ class ModelRunner:
             if not config.disable_dense_attn and dtype in (torch.float16, torch.bfloat16) \
                     and cudnn_attention_works(device):
                 self.dense_min_tokens = MIN_DENSE_RUN_TOKENS
+            if not config.disable_fused_mlp and model.can_fuse_mlp():
+                from batchgen.kernels.gate_up_silu import MIN_TOKENS
+                self.fused_mlp_min_tokens = MIN_TOKENS
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -200,7 +206,9 @@ class ModelRunner:
             is_decode_only=batch.is_decode_only,
             num_decodes=0 if batch.is_decode_only else batch.num_decodes,
             shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None,
-            dense_layout=batch.dense_layout)
+            dense_layout=batch.dense_layout,
+            fused_mlp=self.fused_mlp_min_tokens is not None
+            and len(batch.input_ids) >= self.fused_mlp_min_tokens)
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()

@@ -35,6 +35,9 @@ class ForwardContext:
     # fresh prompts of one length that batchgen.layers.dense_attention attends, the paged
     # kernels the rest; None: the paged kernels attend every request.
     dense_layout: tuple[int, int, int, int] | None = None
+    # True: the MLPs run their gate/up projection and SwiGLU as one GEMM
+    # (batchgen.kernels.gate_up_silu), which large CUDA steps gain from.
+    fused_mlp: bool = False
     # Per-step plans the attention kernels share across layers (tile maps, checked args).
     attn_plans: dict = field(default_factory=dict)
 

@@ -40,8 +40,19 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        # x: [T, hidden] -> gate_up [T, 2 * I] -> [T, I] -> added into residual [T, hidden]
+    def can_fuse(self) -> bool:
+        """True when forward(fused=True) can run here (batchgen.kernels.gate_up_silu)."""
+        from batchgen.kernels import gate_up_silu
+        return self.gate_up_proj.bias is None and gate_up_silu.supports(self.gate_up_proj.weight)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor,
+                fused: bool = False) -> torch.Tensor:
+        # x: [T, hidden] -> gate_up [T, 2 * I] -> [T, I] -> added into residual [T, hidden];
+        # fused: the [T, 2 * I] projection never reaches memory.
+        if fused:
+            from batchgen.kernels import gate_up_silu as ops
+            fn = ops.gate_up_silu if x.is_cuda else ops.gate_up_silu_ref
+            return self.down_proj.add_to(fn(x, self.gate_up_proj.weight), residual)
         return self.down_proj.add_to(self.act_fn(self.gate_up_proj(x)), residual)
 
 
@@ -97,7 +108,7 @@ class LlamaDecoderLayer(nn.Module):
         # residual: [T, hidden], the residual stream: each block's output projection adds
         # into it in place, so no norm reads a block's output and the stream apart.
         self.self_attn(positions, self.input_layernorm(residual), residual, ctx)
-        return self.mlp(self.post_attention_layernorm(residual), residual)
+        return self.mlp(self.post_attention_layernorm(residual), residual, ctx.fused_mlp)
 
 
 class LlamaModel(nn.Module):
@@ -150,6 +161,10 @@ class LlamaForCausalLM(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         # input_ids, positions: [T] int64 -> hidden [T, hidden_size]
         return self.model(input_ids, positions, ctx)
+
+    def can_fuse_mlp(self) -> bool:
+        """True when every layer's MLP can run fused (ForwardContext.fused_mlp)."""
+        return all(layer.mlp.can_fuse() for layer in self.model.layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden_size] -> [N, vocab] in the model dtype

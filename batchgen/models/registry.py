@@ -23,6 +23,8 @@ class CausalLM(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
+    def can_fuse_mlp(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class ModelSpec:
