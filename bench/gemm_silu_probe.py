@@ -31,8 +31,8 @@ from batchgen.kernels.gate_up_silu import gate_up_silu  # noqa: E402
 from batchgen.kernels.silu_and_mul import silu_and_mul  # noqa: E402
 
 DEFAULT_VARIANTS = ",".join([
-    "cublas", "cublas-mm", "fused", "fused:128/128/64/8/4/8", "fused:128/128/64/4/3/8",
-    "fused:128/128/64/16/3/8", "fused:128/128/64/1/3/8",
+    "cublas", "cublas-mm", "fused", "fused:128/128/64/8/3/8", "fused:128/128/64/32/3/8",
+    "fused:128/128/64/16/4/8",
 ])
 
 

@@ -23,7 +23,7 @@ MIN_TOKENS = 1024
 # (bench/results/2026-11-26-s13-gemm-silu*.json). A stage holds (BLOCK_M + 2 * BLOCK_N) *
 # BLOCK_K inputs: 48 KiB in bf16.
 Config = tuple[int, int, int, int, int, int]
-DEFAULT_CONFIG: Config = (128, 128, 64, 8, 3, 8)
+DEFAULT_CONFIG: Config = (128, 128, 64, 16, 3, 8)
 
 
 def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -44,18 +44,19 @@ def _tile_coords(tile, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
     return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
 
-@jit(do_not_specialize=["num_tokens"])
+@jit(do_not_specialize=["num_tokens", "num_programs"])
 def _gate_up_silu_kernel(x_desc, gate_desc, up_desc, out_desc, num_tokens, intermediate, hidden,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                         num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # grid: (NUM_PROGRAMS,), each program taking every NUM_PROGRAMS-th output tile. The
+    # grid: (num_programs,), each program taking every num_programs-th output tile (a
+    # runtime value: a small model's step sizes give it many values, none a new variant). The
     # descriptors clip: rows past num_tokens and columns past intermediate load as zeros and
     # are not stored.
     num_m_tiles = tl.cdiv(num_tokens, BLOCK_M)
     num_n_tiles = tl.cdiv(intermediate, BLOCK_N)
     k_tiles = tl.cdiv(hidden, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m_tiles * num_n_tiles, NUM_PROGRAMS,
+    for tile in tl.range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs,
                          warp_specialize=WARP_SPECIALIZE):
         m_tile, n_tile = _tile_coords(tile, num_m_tiles, num_n_tiles, GROUP_M)
         row, col = m_tile * BLOCK_M, n_tile * BLOCK_N
@@ -135,8 +136,8 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, config: Config | None = 
         TensorDescriptor.from_tensor(weight[:intermediate], [block_n, block_k]),
         TensorDescriptor.from_tensor(weight[intermediate:], [block_n, block_k]),
         TensorDescriptor.from_tensor(out, [block_m, block_n]),
-        num_tokens, intermediate, hidden, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=group_m, NUM_PROGRAMS=num_programs, WARP_SPECIALIZE=x.is_cuda,
+        num_tokens, intermediate, hidden, num_programs, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=group_m, WARP_SPECIALIZE=x.is_cuda,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
     return out
