@@ -1,7 +1,9 @@
 """Numerics check at the model level: a random-init transformers model's weights loaded into
 batchgen's model, logits compared for a varlen prefill batch and one decode step over the
 paged KV cache. No engine, no sampling: the ForwardContext is built here by hand (contiguous
-blocks per request), so a mismatch points at the model, its layers or its kernels.
+blocks per request), so a mismatch points at the model, its layers or its kernels. The prefill
+step runs the MLPs fused (batchgen.kernels.gate_up_silu) where the model can, as the engine's
+steps of 1,024 tokens or more do; the decode step runs them on cuBLAS and silu_and_mul.
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ def check_numerics(shape: Shape, device: torch.device, num_layers: int | None = 
     lens = list(prompt_lens)
     ctx, positions = _context(lens, lens, kv_caches, block_size, blocks_per_req, device)
     ids = torch.cat([p[:-1] for p in prompts]).to(device)
+    ctx.fused_mlp = device.type == "cuda" and ours.can_fuse_mlp()
     prefill = ours.compute_logits(ours(ids, positions, ctx))  # [sum(lens), vocab]
 
     lens1 = [n + 1 for n in lens]
