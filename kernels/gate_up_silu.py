@@ -9,6 +9,8 @@ MIN_TOKENS up. Session 6's pointer-based, one-program-a-tile version ran 0.80-0.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ._triton import (check_dtype, check_last_dim_contiguous, check_same_device, jit,
@@ -72,15 +74,43 @@ def _gate_up_silu_kernel(x_desc, gate_desc, up_desc, out_desc, num_tokens, inter
         out_desc.store([row, col], out.to(out_desc.dtype))
 
 
+_WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
+log = logging.getLogger(__name__)
+
+
 def supports(weight: torch.Tensor) -> bool:
     """True when gate_up_silu can take this gate/up weight on its GPU: Hopper or newer (TMA
-    and warp specialisation), fp16/bf16, row-major, rows and the up half 16-byte aligned."""
+    and warp specialisation), fp16/bf16, row-major, rows and the up half 16-byte aligned, and
+    the kernel compiles and computes right there (tried once per device and dtype)."""
     if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (9, 0):
         return False
     hidden, intermediate = weight.shape[1], weight.shape[0] // 2
     return (weight.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous()
             and weight.shape[0] % 2 == 0 and hidden % 8 == 0 and intermediate % 8 == 0
-            and weight.data_ptr() % 16 == 0)
+            and weight.data_ptr() % 16 == 0 and _works(weight.device, weight.dtype))
+
+
+def _works(device: torch.device, dtype: torch.dtype) -> bool:
+    # A Triton without warp specialisation on this GPU fails to compile here, not mid-job.
+    device = torch.device("cuda", device.index if device.index is not None
+                          else torch.cuda.current_device())
+    if (device, dtype) not in _WORKS:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(200, 128, device=device, dtype=dtype, generator=gen)
+        weight = (torch.randn(2 * 136, 128, device=device, generator=gen) / 16).to(dtype)
+        try:
+            out = gate_up_silu(x, weight).float()
+            ref = gate_up_silu_ref(x, weight).float()
+            works = bool(((out - ref).norm() <= 1e-2 * ref.norm()).item())
+            if not works:
+                log.warning("gate_up_silu computes wrong values on %s in %s: the MLPs keep "
+                            "cuBLAS and silu_and_mul", device, dtype)
+        except Exception as exc:  # noqa: BLE001 (any compile or launch error: fall back)
+            log.warning("gate_up_silu does not run on %s in %s (%s: %s): the MLPs keep cuBLAS "
+                        "and silu_and_mul", device, dtype, type(exc).__name__, exc)
+            works = False
+        _WORKS[(device, dtype)] = works
+    return _WORKS[(device, dtype)]
 
 
 def _check_args(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
