@@ -3,9 +3,10 @@
 
 A persistent, warp-specialised Hopper GEMM: tensor-descriptor (TMA) loads, one program per SM
 walking output tiles, two fp32 accumulators per tile (gate and up share the x tile). Under the
-H200's power cap it runs 1.02-1.03x cuBLAS's matmul plus silu_and_mul from 1,024 to 16,384
+H200's power cap it runs 1.03-1.04x cuBLAS's matmul plus silu_and_mul from 1,024 to 16,384
 tokens, and loses below ~1,000 (bench/gemm_silu_probe.py, RESULTS.md); the MLP calls it from
-MIN_TOKENS up. Session 6's pointer-based, one-program-a-tile version ran 0.80-0.91x.
+MIN_TOKENS up. Without warp specialisation it ran 0.80-0.87x, as session 6's pointer-based,
+one-program-a-tile version did (0.80-0.91x).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 
 from ._triton import (check_dtype, check_last_dim_contiguous, check_same_device, jit,
                       require_triton, tl, triton)
+
+log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -75,7 +78,6 @@ def _gate_up_silu_kernel(x_desc, gate_desc, up_desc, out_desc, num_tokens, inter
 
 
 _WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
-log = logging.getLogger(__name__)
 
 
 def supports(weight: torch.Tensor) -> bool:
