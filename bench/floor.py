@@ -247,9 +247,10 @@ def measure_ceilings(device, dtype, matmul_size: int = 8192, copy_bytes: int = 2
     return ceilings, details
 
 
-def _sustained_seconds_per_call(fn, seconds: float, is_cuda: bool) -> float:
-    """fn's time per call once the device has run it `seconds` (its power limit reached),
-    over calls run back to back for `seconds` more."""
+def _sustained_seconds_per_call(fn, seconds: float, is_cuda: bool,
+                                warm_seconds: float | None = None) -> float:
+    """fn's time per call once the device has run it `warm_seconds` (default: `seconds`; its
+    power limit reached), over calls run back to back for `seconds` more."""
     import time
 
     import torch
@@ -264,6 +265,6 @@ def _sustained_seconds_per_call(fn, seconds: float, is_cuda: bool) -> float:
                 torch.cuda.synchronize()
         return calls, time.perf_counter() - t0
 
-    run_for(seconds)
+    run_for(seconds if warm_seconds is None else warm_seconds)
     calls, elapsed = run_for(seconds)
     return elapsed / calls

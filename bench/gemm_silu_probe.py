@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import _sustained_seconds_per_call  # noqa: E402
 from run_info import describe_environment  # noqa: E402
 
 from batchgen.kernels.gate_up_silu import gate_up_silu  # noqa: E402
@@ -47,21 +47,6 @@ def make_fn(name: str, x: torch.Tensor, weight: torch.Tensor):
         config = tuple(int(v) for v in name[6:].split("/"))
         return lambda: gate_up_silu(x, weight, config)
     raise ValueError(f"unknown variant {name!r}")
-
-
-def run_for(fn, seconds: float) -> tuple[int, float]:
-    """Calls fn back to back for about `seconds`; -> (calls, seconds taken), synchronised."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    calls = 0
-    while True:
-        for _ in range(8):
-            fn()
-        calls += 8
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return calls, elapsed
 
 
 def main() -> None:
@@ -108,9 +93,8 @@ def main() -> None:
             shape[name]["ms"] = []
         for _ in range(args.rounds):
             for name, fn in fns.items():
-                run_for(fn, args.warm)
-                calls, seconds = run_for(fn, args.time)
-                shape[name]["ms"].append(1e3 * seconds / calls)
+                shape[name]["ms"].append(1e3 * _sustained_seconds_per_call(
+                    fn, args.time, is_cuda=True, warm_seconds=args.warm))
         base = min(shape["cublas"]["ms"]) if "cublas" in fns else None
         for name in fns:
             ms = min(shape[name]["ms"])
