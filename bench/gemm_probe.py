@@ -67,6 +67,15 @@ def make_fn(op: str, name: str, x: torch.Tensor, weight: torch.Tensor, out: torc
     raise ValueError(f"unknown variant {name!r} for {op}")
 
 
+def in_graph(fn, calls: int):
+    """fn called `calls` times, captured once: the returned function replays them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--op", choices=sorted(SHAPES), default="gate_up")
@@ -78,6 +87,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warm", type=float, default=1.0)
     p.add_argument("--time", type=float, default=1.5)
+    p.add_argument("--graph", type=int, default=0, metavar="N",
+                   help="time N calls captured in a CUDA graph a replay, as the decode graphs "
+                        "run them (no host launch cost); 0: launched one by one")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -87,7 +99,7 @@ def main() -> None:
     out_features = args.out_features or SHAPES[args.op][1]
     weight = torch.randn(out_features, in_features, device=dev,
                          dtype=torch.bfloat16) * in_features ** -0.5
-    results = {"env": describe_environment(dev), "op": args.op, "in_features": in_features,
+    results = {"env": describe_environment(dev), "op": args.op, "graph_calls": args.graph, "in_features": in_features,
                "out_features": out_features, "shapes": {}}
     for num_tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(num_tokens, in_features, device=dev, dtype=torch.bfloat16)
@@ -115,11 +127,11 @@ def main() -> None:
                     continue
             else:
                 shape[name] = {}
-            fns[name] = fn
+            fns[name] = in_graph(fn, args.graph) if args.graph else fn
             shape[name]["ms"] = []
         for _ in range(args.rounds):
             for name, fn in fns.items():
-                shape[name]["ms"].append(1e3 * _sustained_seconds_per_call(
+                shape[name]["ms"].append(1e3 / max(1, args.graph) * _sustained_seconds_per_call(
                     fn, args.time, is_cuda=True, warm_seconds=args.warm))
         base = min(shape["cublas"]["ms"]) if "cublas" in fns else None
         for name in fns:
