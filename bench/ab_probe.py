@@ -11,8 +11,9 @@ cap what counts is the whole step's energy, so a choice is confirmed here, end t
 Variants: `default` (the code as it is); `tiles=M/N/W/S/K` (the prefill kernel's BLOCK_M,
 BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `no-mixed-split`
 (a mixed step's decodes stay in the prefill kernel); `no-dense` (runs of fresh prompts stay
-in the paged kernel, not cuDNN's); `no-fused-mlp` (every MLP on cuBLAS and silu_and_mul). Each variant is warmed up (compiled) before the first
-round. A variant that needs code the engine no longer has (session 11's in-kernel q rotation)
+in the paged kernel, not cuDNN's); `no-fused-mlp` (every MLP on cuBLAS and silu_and_mul, the
+decode graphs captured again that way for its runs). Each variant is warmed up (compiled)
+before the first round. A variant that needs code the engine no longer has (session 11's in-kernel q rotation)
 is kept in git history with its results, not here.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ from batchgen.kernels import prefill_attention  # noqa: E402
 # variant -> the model runner's attribute it sets to None (turning that path off)
 SWITCHES = {"no-mixed-split": "min_mixed_decodes", "no-dense": "dense_min_tokens",
             "no-fused-mlp": "fused_mlp_min_tokens"}
+# the attributes the decode graphs are captured with: switched, they are captured again
+CAPTURED = {"fused_mlp_min_tokens"}
 
 
 def check_variant(name: str) -> tuple[int, ...] | None:
@@ -61,11 +64,16 @@ def variant(name: str, llm):
     if name in SWITCHES:
         runner, attribute = llm.engine.runner, SWITCHES[name]
         saved = getattr(runner, attribute)
+        recapture = attribute in CAPTURED and runner.graphs is not None
         setattr(runner, attribute, None)
+        if recapture:
+            runner.graphs.capture()
         try:
             yield
         finally:
             setattr(runner, attribute, saved)
+            if recapture:
+                runner.graphs.capture()
     elif tiles is not None:
         block_m, block_n, warps, stages, k_rows = tiles
         original = prefill_attention._tile_sizes

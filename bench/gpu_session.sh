@@ -3,7 +3,7 @@
 # (BENCH_ARGS, e.g. "--repeat 2", go to the bench of 8b / 8bq / 1b)
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill / sweep-cascade /
 # sweep-decode / sweep-mixed / sweep-sample: bench/kernel_sweep.py)
-# (gemm: bench/gemm_probe.py, GEMM_ARGS for its flags; overlap: bench/overlap_probe.py; fewshot: that workload with and without cascade attention)
+# (gemm-silu: bench/gemm_silu_probe.py, GEMM_ARGS for its flags; overlap: bench/overlap_probe.py; fewshot: that workload with and without cascade attention)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -39,7 +39,7 @@ for step in "${@:-8b}"; do
           python bench/bench.py --shape llama3-8b --workloads fewshot --skip-numerics $flag \
             --out "$OUT/fewshot${flag:+-plain}.json" 2>&1 | tee "$OUT/fewshot${flag:+-plain}.log" | tail -4
         done ;;
-    gemm) python bench/gemm_probe.py ${GEMM_ARGS:-} --out "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.log" \
+    gemm-silu) python bench/gemm_silu_probe.py ${GEMM_ARGS:-} --out "$OUT/gemm-silu.json" 2>&1 | tee "$OUT/gemm-silu.log" \
           | grep -v Warning | tail -32 ;;
     tests) python -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu-tests.log" | tail -8 ;;
   esac

@@ -4,7 +4,7 @@
 A persistent, warp-specialised Hopper GEMM: tensor-descriptor (TMA) loads, one program per SM
 walking output tiles, two fp32 accumulators per tile (gate and up share the x tile). Under the
 H200's power cap it runs 1.03-1.04x cuBLAS's matmul plus silu_and_mul from 1,024 to 16,384
-tokens, and loses below ~1,000 (bench/gemm_probe.py, RESULTS.md); the MLP calls it from
+tokens, and loses below ~1,000 (bench/gemm_silu_probe.py, RESULTS.md); the MLP calls it from
 MIN_TOKENS up. Without warp specialisation it ran 0.80-0.87x, as session 6's pointer-based,
 one-program-a-tile version did (0.80-0.91x).
 """
@@ -14,8 +14,8 @@ import logging
 
 import torch
 
-from ._persistent_gemm import Config, check_tma_aligned, is_tma_aligned, launch
-from ._triton import check_dtype, check_last_dim_contiguous, check_same_device, require_triton
+from ._triton import (check_dtype, check_last_dim_contiguous, check_same_device, jit,
+                      require_triton, tl, triton)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ MIN_TOKENS = 1024
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps): the H200's best under the cap
 # (bench/results/2026-11-26-s13-gemm-silu*.json). A stage holds (BLOCK_M + 2 * BLOCK_N) *
 # BLOCK_K inputs: 48 KiB in bf16.
+Config = tuple[int, int, int, int, int, int]
 DEFAULT_CONFIG: Config = (128, 128, 64, 16, 3, 8)
 
 
@@ -38,6 +39,44 @@ def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
+@jit
+def _tile_coords(tile, num_m_tiles, num_n_tiles, GROUP_M: tl.constexpr):
+    # GROUP_M row tiles walk down one column of output tiles before moving right: programs
+    # running together share weight tiles, and a group's x rows stay in L2 across its columns.
+    per_group = GROUP_M * num_n_tiles
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)  # the last group is short
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@jit(do_not_specialize=["num_tokens", "num_programs"])
+def _gate_up_silu_kernel(x_desc, gate_desc, up_desc, out_desc, num_tokens, intermediate, hidden,
+                         num_programs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # grid: (num_programs,), each program taking every num_programs-th output tile (a
+    # runtime value: a small model's step sizes give it many values, none a new variant). The
+    # descriptors clip: rows past num_tokens and columns past intermediate load as zeros and
+    # are not stored.
+    num_m_tiles = tl.cdiv(num_tokens, BLOCK_M)
+    num_n_tiles = tl.cdiv(intermediate, BLOCK_N)
+    k_tiles = tl.cdiv(hidden, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs,
+                         warp_specialize=WARP_SPECIALIZE):
+        m_tile, n_tile = _tile_coords(tile, num_m_tiles, num_n_tiles, GROUP_M)
+        row, col = m_tile * BLOCK_M, n_tile * BLOCK_N
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            x = x_desc.load([row, k * BLOCK_K])
+            acc_gate = tl.dot(x, gate_desc.load([col, k * BLOCK_K]).T, acc_gate,
+                              input_precision=DOT_PRECISION)
+            acc_up = tl.dot(x, up_desc.load([col, k * BLOCK_K]).T, acc_up,
+                            input_precision=DOT_PRECISION)
+        out = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+        out_desc.store([row, col], out.to(out_desc.dtype))
+
+
 _WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
@@ -47,11 +86,10 @@ def supports(weight: torch.Tensor) -> bool:
     the kernel compiles and computes right there (tried once per device and dtype)."""
     if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (9, 0):
         return False
-    intermediate = weight.shape[0] // 2
-    return (weight.dtype in (torch.float16, torch.bfloat16) and weight.shape[0] % 2 == 0
-            and (intermediate * weight.element_size()) % 16 == 0
-            and is_tma_aligned(weight[:intermediate], weight[intermediate:])
-            and _works(weight.device, weight.dtype))
+    hidden, intermediate = weight.shape[1], weight.shape[0] // 2
+    return (weight.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous()
+            and weight.shape[0] % 2 == 0 and hidden % 8 == 0 and intermediate % 8 == 0
+            and weight.data_ptr() % 16 == 0 and _works(weight.device, weight.dtype))
 
 
 def _works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -95,29 +133,45 @@ def _check_args(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
                          f"{weight.dtype}")
     check_last_dim_contiguous(op, x=x, weight=weight)
     check_same_device(op, x=x, weight=weight)
-    intermediate = weight.shape[0] // 2
-    check_tma_aligned(op, x=x, gate=weight[:intermediate], up=weight[intermediate:])
-    if (intermediate * x.element_size()) % 16:
-        raise ValueError(f"{op}: the output's rows ({intermediate} x {x.dtype}) must be a "
-                         f"multiple of 16 bytes for its tensor descriptor")
+    elem = x.element_size()
+    if (x.stride(0) * elem) % 16 or (weight.stride(0) * elem) % 16 \
+            or (weight.shape[0] // 2 * elem) % 16 or x.data_ptr() % 16 or weight.data_ptr() % 16:
+        raise ValueError(f"{op}: tensor descriptors need 16-byte aligned rows and bases; "
+                         f"got x {tuple(x.shape)} stride {x.stride(0)}, weight "
+                         f"{tuple(weight.shape)} stride {weight.stride(0)} ({x.dtype})")
 
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, config: Config | None = None,
-                 num_programs: int | None = None, tail_split: int | None = None) -> torch.Tensor:
+                 num_programs: int | None = None) -> torch.Tensor:
     """x: [T, H]; weight: [2 * I, H] (rows [0, I) gate, [I, 2I) up) -> [T, I].
     config: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps) instead of
-    DEFAULT_CONFIG; num_programs: the persistent grid (default: one program per SM);
-    tail_split: the last wave's column pieces (default: _persistent_gemm's choice)."""
+    DEFAULT_CONFIG; num_programs: the persistent grid (default: one program per SM)."""
     op = "gate_up_silu"
     require_triton(op)
     _check_args(op, x, weight)
     if config is not None and len(config) != 6:
         raise ValueError(f"{op}: config must be (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, "
                          f"num_stages, num_warps), got {config}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_tokens, hidden = x.shape
     intermediate = weight.shape[0] // 2
-    out = torch.empty((x.shape[0], intermediate), dtype=x.dtype, device=x.device)
-    if x.shape[0]:
-        launch(x, (weight[:intermediate], weight[intermediate:]), out, swiglu=True,
-               add_to_out=False, config=config or DEFAULT_CONFIG, num_programs=num_programs,
-               tail_split=tail_split)
+    out = torch.empty((num_tokens, intermediate), dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    block_m, block_n, block_k, group_m, num_stages, num_warps = config or DEFAULT_CONFIG
+    num_tiles = triton.cdiv(num_tokens, block_m) * triton.cdiv(intermediate, block_n)
+    if num_programs is None:
+        num_programs = (torch.cuda.get_device_properties(x.device).multi_processor_count
+                        if x.is_cuda else 4)
+    num_programs = max(1, min(num_programs, num_tiles))
+    _gate_up_silu_kernel[(num_programs,)](
+        TensorDescriptor.from_tensor(x, [block_m, block_k]),
+        TensorDescriptor.from_tensor(weight[:intermediate], [block_n, block_k]),
+        TensorDescriptor.from_tensor(weight[intermediate:], [block_n, block_k]),
+        TensorDescriptor.from_tensor(out, [block_m, block_n]),
+        num_tokens, intermediate, hidden, num_programs, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=group_m, WARP_SPECIALIZE=x.is_cuda,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
     return out

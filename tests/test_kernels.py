@@ -15,9 +15,7 @@ import pytest  # noqa: E402
 
 from batchgen.kernels._triton import has_triton  # noqa: E402
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
-from batchgen.kernels._persistent_gemm import choose_tail_split  # noqa: E402
 from batchgen.kernels.gate_up_silu import gate_up_silu, gate_up_silu_ref  # noqa: E402
-from batchgen.kernels.matmul_add import matmul_add, matmul_add_ref  # noqa: E402
 from batchgen.kernels.prefill_attention import (prefill_attention,  # noqa: E402
                                                 prefill_attention_ref)
 from batchgen.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
@@ -337,31 +335,6 @@ def test_gate_up_silu_matches_ref(num_tokens, num_programs, dtype, poisoned_empt
     _assert_close(out, gate_up_silu_ref(x, weight))
 
 
-@needs_triton
-@pytest.mark.parametrize("num_tokens", [7, 333])
-@pytest.mark.parametrize("tail_split", [2, 4])
-def test_gate_up_silu_cuts_the_last_wave(num_tokens, tail_split, poisoned_empty):
-    # 5 programs: 333 tokens make 42 tiles, two past the last whole wave, each cut into
-    # pieces of 16 or 8 columns (the last column tile's pieces partly past I = 40); 7 tokens
-    # make 2 tiles, no whole wave.
-    x = _randn(num_tokens, 96, dtype=torch.float16)
-    weight = (_randn(2 * 40, 96, seed=1) * 96 ** -0.5).half()
-    out = gate_up_silu(x, weight, config=(16, 32, 32, 2, 2, 4), num_programs=5,
-                       tail_split=tail_split)
-    _assert_close(out, gate_up_silu_ref(x, weight))
-
-
-@pytest.mark.parametrize("num_tiles, num_programs, block_n, split", [
-    (448, 132, 128, 2),   # llama3-8b's gate/up at 512 rows: 52 tiles past 3 waves -> 104 pieces
-    (896, 132, 128, 1),   # 104 past 6 waves: halves would need a second wave
-    (4, 132, 128, 4),     # one short wave: quarters, the most
-    (264, 132, 128, 1),   # whole waves
-    (50, 132, 64, 2),     # quarters would be 16 columns wide
-])
-def test_choose_tail_split(num_tiles, num_programs, block_n, split):
-    assert choose_tail_split(num_tiles, num_programs, block_n) == split
-
-
 def test_gate_up_silu_ref_is_silu_and_mul_of_the_projection():
     x, weight = _randn(5, 16), _randn(2 * 8, 16, seed=1)
     torch.testing.assert_close(gate_up_silu_ref(x, weight), silu_and_mul_ref(x @ weight.T))
@@ -380,49 +353,6 @@ def test_gate_up_silu_refuses_bad_args():
         gate_up_silu(_randn(4, 10), _randn(2 * 8, 10))
     with pytest.raises(ValueError, match="config must be"):
         gate_up_silu(x, weight, config=(16, 32, 32))
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", [1, 7, 333])
-@pytest.mark.parametrize("tail_split", [None, 2])
-def test_matmul_add_matches_ref(num_tokens, tail_split, dtype):
-    # out is a row slice of a bigger residual, as o_proj's pieces are; N = 40 leaves a partial
-    # column tile, K = 96 three K tiles.
-    x = _randn(num_tokens, 96, dtype=dtype)
-    weight = (_randn(40, 96, seed=1) * 96 ** -0.5).to(dtype)
-    residual = _randn(num_tokens + 3, 40, dtype=dtype, seed=2)
-    want = matmul_add_ref(x, weight, residual[2:2 + num_tokens].clone())
-    got = matmul_add(x, weight, residual[2:2 + num_tokens], config=(16, 32, 32, 2, 2, 4),
-                     num_programs=3, tail_split=tail_split)
-    _assert_close(got, want)
-    _assert_close(residual[2:2 + num_tokens], want)  # in place
-    torch.testing.assert_close(residual[:2], _randn(num_tokens + 3, 40, dtype=dtype, seed=2)[:2])
-
-
-def test_matmul_add_ref_adds_the_product():
-    x, weight, out = _randn(5, 16), _randn(8, 16, seed=1), _randn(5, 8, seed=2)
-    want = (out.double() + x.double() @ weight.double().T).float()
-    got = matmul_add_ref(x, weight, out)
-    assert got is out
-    torch.testing.assert_close(got, want)
-
-
-@needs_triton
-def test_matmul_add_refuses_bad_args():
-    x, weight, out = _randn(4, 16), _randn(8, 16), _randn(4, 8)
-    with pytest.raises(ValueError, match="do not chain"):
-        matmul_add(x, _randn(8, 12), out)
-    with pytest.raises(ValueError, match="do not chain"):
-        matmul_add(x, weight, _randn(5, 8))
-    with pytest.raises(ValueError, match="share a dtype"):
-        matmul_add(x, weight, out.half())
-    with pytest.raises(ValueError, match="16-byte aligned"):
-        matmul_add(x, weight, _randn(4, 10)[:, :8])  # rows 40 bytes apart
-    with pytest.raises(ValueError, match="16-byte aligned"):
-        matmul_add(_randn(4, 10), _randn(8, 10), out)
-    with pytest.raises(ValueError, match="tail_split"):
-        matmul_add(x, weight, out, tail_split=3)
 
 
 def _cos_sin_cache(max_position, rot_dim, base=10000.0):

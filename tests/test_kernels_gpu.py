@@ -10,9 +10,7 @@ sys.path.insert(0, str(BENCH))
 from kernel_sweep import (decode_args, mixed_step, paged_batch,  # noqa: E402
                           share_prefix)  # (the sweep times the same batches)
 
-from batchgen.kernels import _persistent_gemm
 from batchgen.kernels import gate_up_silu as gus
-from batchgen.kernels import matmul_add as ma
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref
 from batchgen.kernels.prefill_attention import (padded_attention_ref, prefill_attention,
                                                 prefill_attention_ref)
@@ -167,52 +165,16 @@ def test_gate_up_silu_bf16(num_tokens, hidden, intermediate):
     torch.testing.assert_close(gus.gate_up_silu(x, weight), silu_and_mul(x @ weight.T), **BF16)
 
 
-@pytest.mark.parametrize("tail_split", [1, 2, 4])
-@pytest.mark.parametrize("hidden, intermediate", [(4096, 14336), (2048, 200)])
-def test_gate_up_silu_bf16_cut_last_wave(hidden, intermediate, tail_split):
-    # 512 rows: a decode step's; llama3-8b's 448 tiles leave 52 past the third wave.
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(512, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
-    weight = (torch.randn(2 * intermediate, hidden, device="cuda", generator=gen)
-              * hidden ** -0.5).to(torch.bfloat16)
-    torch.testing.assert_close(gus.gate_up_silu(x, weight, tail_split=tail_split),
-                               gus.gate_up_silu_ref(x, weight), **BF16)
-
-
-@pytest.mark.parametrize("num_tokens", [1, 333, 512, 4099])
-@pytest.mark.parametrize("in_features, out_features", [(4096, 4096), (576, 576), (2048, 200)])
-@pytest.mark.parametrize("tail_split", [None, 2])
-def test_matmul_add_bf16(num_tokens, in_features, out_features, tail_split):
-    # Llama-8B's o_proj, SmolLM2-135M's, and a partial column tile.
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(num_tokens, in_features, device="cuda", generator=gen, dtype=torch.bfloat16)
-    weight = (torch.randn(out_features, in_features, device="cuda", generator=gen)
-              * in_features ** -0.5).to(torch.bfloat16)
-    residual = torch.randn(num_tokens, out_features, device="cuda", generator=gen,
-                           dtype=torch.bfloat16)
-    want = ma.matmul_add_ref(x, weight, residual.clone())
-    torch.testing.assert_close(residual.clone().addmm_(x, weight.T), want, **BF16)  # cuBLAS's
-    torch.testing.assert_close(ma.matmul_add(x, weight, residual, tail_split=tail_split), want,
-                               **BF16)
-
-
-def test_persistent_gemm_compiles_once_per_tail_split():
-    # The token count changes every step: a kernel variant per count would stall a run. The
-    # tail split takes at most three values, a variant each.
+def test_gate_up_silu_compiles_once_for_any_token_count():
+    # The token count changes every step: a kernel variant per count would stall a run.
     weight = torch.randn(2 * 256, 128, device="cuda", dtype=torch.bfloat16)
 
     def run(num_tokens):
         gus.gate_up_silu(torch.randn(num_tokens, 128, device="cuda", dtype=torch.bfloat16),
                          weight)
-    run(1024)  # on 132 SMs: 16 tiles, cut in 4
-    run(4099)  # 66 tiles, cut in 2
-    kernel = _persistent_gemm._persistent_gemm_kernel._kernel
-    compiled = kernel.device_caches[torch.cuda.current_device()][0]
+    run(1024)
+    compiled = gus._gate_up_silu_kernel._kernel.device_caches[torch.cuda.current_device()][0]
     variants = len(compiled)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for num_tokens in (1025, 1040, 2000, 4098):
-        if _persistent_gemm.choose_tail_split(-(-num_tokens // 128) * 2, sms, 128) in (
-                _persistent_gemm.choose_tail_split(2 * 8, sms, 128),
-                _persistent_gemm.choose_tail_split(2 * 33, sms, 128)):
-            run(num_tokens)
+    for num_tokens in (1025, 1040, 2000, 4099):
+        run(num_tokens)
     assert len(compiled) == variants

@@ -41,17 +41,21 @@ class DecodeGraphs:
         self.pool = None
 
     def _context(self, bs: int, cascade: bool = False) -> ForwardContext:
+        min_fused = self.runner.fused_mlp_min_tokens
         return ForwardContext(
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
             kv_caches=self.runner.kv_caches, max_query_len=1,
             max_seq_len=self.runner.max_model_len, is_decode_only=True,
-            shared_prefix_len=self.shared_prefix_len if cascade else None)
+            shared_prefix_len=self.shared_prefix_len if cascade else None,
+            fused_mlp=min_fused is not None and bs >= min_fused)
 
     @torch.inference_mode()
     def capture(self) -> None:
         """The plain graph of every size, and the cascade graph of every size where a step
-        could pass input_batch's bar for one (even with a prefix of max_model_len keys)."""
+        could pass input_batch's bar for one (even with a prefix of max_model_len keys). Again
+        mid-run, it replaces them: the warm-up forwards then write no KV either."""
+        self.slot_mapping.fill_(-1)
         bar = input_batch.MIN_CASCADE_SAVED_KEYS
         cascade_from = max(2, -(-bar // self.runner.max_model_len) + 1)
         use_cascade = not self.runner.config.disable_cascade_attn
@@ -65,9 +69,9 @@ class DecodeGraphs:
         bs = key[0]
         ctx = self._context(*key)
         model = self.runner.model
-        # Warm-up outside the graph (Triton compiles, cuBLAS picks algorithms). At start-up
-        # the padding inputs write no KV; mid-run it writes this step's K/V, which the
-        # replay then writes again.
+        # Warm-up outside the graph (Triton compiles, cuBLAS picks algorithms). From capture()
+        # the padding inputs write no KV; from run() (a size capture() left out) it writes
+        # this step's K/V, which the replay then writes again.
         model(self.input_ids[:bs], self.positions[:bs], ctx)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
