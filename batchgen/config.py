@@ -46,8 +46,9 @@ class EngineConfig:
     # CUDA: runs of fresh prompts of one length are attended by cuDNN's fused attention
     # (batchgen.layers.dense_attention); True keeps every request on the paged kernels.
     disable_dense_attn: bool = False
-    # CUDA (Hopper+): steps of gate_up_silu.MIN_TOKENS or more run the MLP's gate/up
-    # projection and SwiGLU as one Triton GEMM; True keeps cuBLAS and silu_and_mul.
+    # CUDA (Hopper+): steps (decode graphs included) of sizes where gate_up_silu.pays_off
+    # run the MLP's gate/up projection and SwiGLU as one Triton GEMM; True keeps cuBLAS and
+    # silu_and_mul.
     disable_fused_mlp: bool = False
     # Schedule and launch step n+1 while the device runs step n (None: on for CUDA).
     async_scheduling: bool | None = None

@@ -40,9 +40,9 @@ from batchgen.kernels import prefill_attention  # noqa: E402
 
 # variant -> the model runner's attribute it sets to None (turning that path off)
 SWITCHES = {"no-mixed-split": "min_mixed_decodes", "no-dense": "dense_min_tokens",
-            "no-fused-mlp": "fused_mlp_min_tokens"}
+            "no-fused-mlp": "fused_mlp_shape"}
 # the attributes the decode graphs are captured with: switched, they are captured again
-CAPTURED = {"fused_mlp_min_tokens"}
+CAPTURED = {"fused_mlp_shape"}
 
 
 def check_variant(name: str) -> tuple[int, ...] | None:

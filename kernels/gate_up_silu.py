@@ -4,8 +4,8 @@
 A persistent, warp-specialised Hopper GEMM: tensor-descriptor (TMA) loads, one program per SM
 walking output tiles, two fp32 accumulators per tile (gate and up share the x tile). Under the
 H200's power cap it runs 1.03-1.04x cuBLAS's matmul plus silu_and_mul from 1,024 to 16,384
-tokens, and loses below ~1,000 (bench/gemm_silu_probe.py, RESULTS.md); the MLP calls it from
-MIN_TOKENS up. Without warp specialisation it ran 0.80-0.87x, as session 6's pointer-based,
+tokens, and loses where its last wave of tiles runs part-empty (bench/gemm_silu_probe.py,
+RESULTS.md); the engine calls it where `pays_off`. Without warp specialisation it ran 0.80-0.87x, as session 6's pointer-based,
 one-program-a-tile version did (0.80-0.91x).
 """
 from __future__ import annotations
@@ -21,14 +21,29 @@ log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Fewer tokens than this: cuBLAS + silu_and_mul is faster (0.95x at 512, 0.97-0.99x at 256).
-MIN_TOKENS = 1024
+# Where the kernel beats cuBLAS + silu_and_mul (pays_off): MIN_TOKENS or more (untimed below),
+# its output tiles filling their waves over the SMs to MIN_WAVE_FILL or more. Graph-timed
+# under the cap (RESULTS.md, session 14), fused against unfused:
+#   llama3-8b (448 / 672 / 784 / 896 tiles at 512 / 768 / 832-896 / 960-1024 rows, on 132
+#   SMs 85% / 85% / 99% / 97% of their waves): 0.95x / 1.00x / 1.11x / 1.01-1.05x;
+#   llama-1b (256 / 384 / 512 tiles at 512 / 768 / 1024 rows, 97%): 1.06x / 1.08x / 1.09x.
+MIN_TOKENS = 512
+MIN_WAVE_FILL = 0.9
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps): the H200's best under the cap
 # (bench/results/2026-11-26-s13-gemm-silu*.json). A stage holds (BLOCK_M + 2 * BLOCK_N) *
 # BLOCK_K inputs: 48 KiB in bf16.
 Config = tuple[int, int, int, int, int, int]
 DEFAULT_CONFIG: Config = (128, 128, 64, 16, 3, 8)
+
+
+def pays_off(num_tokens: int, intermediate: int, num_sms: int) -> bool:
+    """True when a [num_tokens, H] x [2 * intermediate, H] step runs faster fused than by
+    cuBLAS and silu_and_mul on a GPU of num_sms SMs (see MIN_TOKENS)."""
+    block_m, block_n = DEFAULT_CONFIG[:2]
+    num_tiles = -(-num_tokens // block_m) * -(-intermediate // block_n)
+    waves = -(-num_tiles // num_sms)
+    return num_tokens >= MIN_TOKENS and num_tiles >= MIN_WAVE_FILL * waves * num_sms
 
 
 def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -125,12 +125,12 @@ def test_mixed_steps_give_their_leading_decodes_to_the_decode_kernel_when_enough
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shared_blocks, fused", [(0, False), (1, False), (0, True)])
-def test_graph_replay_matches_the_eager_forward(shared_blocks, fused):
+def test_graph_replay_matches_the_eager_forward(shared_blocks, fused, monkeypatch):
     """A decode step replayed from its captured graph (padded to its bucket) gives the eager
     forward's hidden states; with a shared first block, the cascade graph (prefix keys read
     once for the batch) gives what the eager forward gets reading them per request. fused: in
-    bf16, buckets from fused_mlp_min_tokens up (lowered to 32 here) capture the fused MLP,
-    against cuBLAS and silu_and_mul eagerly."""
+    bf16, buckets where it pays off (from 32 rows here, on one SM) capture the fused MLP
+    (test_models checks it against cuBLAS and silu_and_mul)."""
     import torch
 
     from batchgen.config import EngineConfig
@@ -140,12 +140,15 @@ def test_graph_replay_matches_the_eager_forward(shared_blocks, fused):
     device = torch.device("cuda")
     dtype = torch.bfloat16 if fused else torch.float32
     model = ours_from(perturbed_hf_model(tiny_config("llama3-untied"))).to(device, dtype)
+    model.reset_buffers()  # the rotary table back in fp32
     config = EngineConfig(model="tiny", device="cuda", dtype=str(dtype)[6:], block_size=16)
     runner = ModelRunner(config, model, 256, device, dtype)
     if fused:
-        if runner.fused_mlp_min_tokens is None:
+        if runner.fused_mlp_shape is None:
             pytest.skip("the fused MLP does not run on this GPU")
-        runner.fused_mlp_min_tokens = 32
+        from batchgen.kernels import gate_up_silu
+        monkeypatch.setattr(gate_up_silu, "MIN_TOKENS", 32)
+        runner.fused_mlp_shape = (runner.fused_mlp_shape[0], 1)
     runner.initialize_kv_cache(64)
     gen = torch.Generator().manual_seed(3)
     for key, value in runner.kv_caches:
@@ -173,14 +176,13 @@ def test_graph_replay_matches_the_eager_forward(shared_blocks, fused):
         # the replay wrote this step's K/V; the eager forward writes the same values again
         ctx = graphs._context(32)
         eager_ctx = dataclasses.replace(
-            ctx, query_start_loc=ctx.query_start_loc[:num_reqs + 1], fused_mlp=False,
+            ctx, query_start_loc=ctx.query_start_loc[:num_reqs + 1],
             **{name: getattr(ctx, name)[:num_reqs]
                for name in ("seq_lens", "block_tables", "slot_mapping")})
         eager = model(graphs.input_ids[:num_reqs], graphs.positions[:num_reqs], eager_ctx)
-    if fused:
-        torch.testing.assert_close(replayed, eager, atol=2e-2, rtol=2e-2)
-    else:
-        torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=0)
+    # bf16: cuBLAS may sum 21 rows in another order than the bucket's 32
+    tolerance = dict(atol=2e-2, rtol=2e-2) if fused else dict(atol=1e-4, rtol=0)
+    torch.testing.assert_close(replayed, eager, **tolerance)
 
 
 def _shared_prefix_run(model_dir, monkeypatch, device: str, **llm_kwargs):

@@ -335,6 +335,21 @@ def test_gate_up_silu_matches_ref(num_tokens, num_programs, dtype, poisoned_empt
     _assert_close(out, gate_up_silu_ref(x, weight))
 
 
+@pytest.mark.parametrize("num_tokens, intermediate, fused", [
+    (512, 14336, False),   # llama3-8b: 448 tiles, the fourth wave 39% full (0.95x)
+    (768, 14336, False),   # 672 tiles, the sixth wave 9% full (1.00x)
+    (832, 14336, True),    # 784 tiles, 99% of six waves (1.11x)
+    (1024, 14336, True),
+    (16384, 14336, True),
+    (512, 8192, True),     # llama-1b: 256 tiles, 97% of two waves (1.06x)
+    (640, 8192, False),    # 320 tiles, 81% of three waves
+    (256, 8192, False),    # under MIN_TOKENS
+])
+def test_gate_up_silu_pays_off_where_its_tiles_fill_their_waves(num_tokens, intermediate, fused):
+    from batchgen.kernels.gate_up_silu import pays_off
+    assert pays_off(num_tokens, intermediate, num_sms=132) == fused
+
+
 def test_gate_up_silu_ref_is_silu_and_mul_of_the_projection():
     x, weight = _randn(5, 16), _randn(2 * 8, 16, seed=1)
     torch.testing.assert_close(gate_up_silu_ref(x, weight), silu_and_mul_ref(x @ weight.T))

@@ -41,14 +41,13 @@ class DecodeGraphs:
         self.pool = None
 
     def _context(self, bs: int, cascade: bool = False) -> ForwardContext:
-        min_fused = self.runner.fused_mlp_min_tokens
         return ForwardContext(
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
             block_tables=self.block_tables[:bs], slot_mapping=self.slot_mapping[:bs],
             kv_caches=self.runner.kv_caches, max_query_len=1,
             max_seq_len=self.runner.max_model_len, is_decode_only=True,
             shared_prefix_len=self.shared_prefix_len if cascade else None,
-            fused_mlp=min_fused is not None and bs >= min_fused)
+            fused_mlp=self.runner.fuses_mlp(bs))
 
     @torch.inference_mode()
     def capture(self) -> None:

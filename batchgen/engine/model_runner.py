@@ -84,9 +84,10 @@ class ModelRunner:
         # The (requests, length) shapes dense runs have had: cuDNN plans each new one, so
         # past MAX_DENSE_SHAPES only those already planned are attended densely.
         self.dense_shapes: set[tuple[int, int]] = set()
-        # Steps of this many tokens or more run each MLP's gate/up projection and SwiGLU as
-        # one GEMM (batchgen.kernels.gate_up_silu) where it runs; None: never.
-        self.fused_mlp_min_tokens = None
+        # (intermediate size, SMs): steps whose sizes pay off with them run each MLP's
+        # gate/up projection and SwiGLU as one GEMM (batchgen.kernels.gate_up_silu); None:
+        # never (it does not run here, or is turned off).
+        self.fused_mlp_shape: tuple[int, int] | None = None
         if self.is_cuda:
             from batchgen.kernels.decode_attention import min_unsplit_batch
             from batchgen.layers.dense_attention import cudnn_attention_works
@@ -95,8 +96,16 @@ class ModelRunner:
                     and cudnn_attention_works(device):
                 self.dense_min_tokens = MIN_DENSE_RUN_TOKENS
             if not config.disable_fused_mlp and model.can_fuse_mlp():
-                from batchgen.kernels.gate_up_silu import MIN_TOKENS
-                self.fused_mlp_min_tokens = MIN_TOKENS
+                self.fused_mlp_shape = (model.config.intermediate_size,
+                                        torch.cuda.get_device_properties(device)
+                                        .multi_processor_count)
+
+    def fuses_mlp(self, num_tokens: int) -> bool:
+        """True when a step of num_tokens rows runs its MLPs fused (ForwardContext.fused_mlp)."""
+        if self.fused_mlp_shape is None:
+            return False
+        from batchgen.kernels.gate_up_silu import pays_off
+        return pays_off(num_tokens, *self.fused_mlp_shape)
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -207,8 +216,7 @@ class ModelRunner:
             num_decodes=0 if batch.is_decode_only else batch.num_decodes,
             shared_prefix_len=shared_prefix_len if batch.shared_prefix_len else None,
             dense_layout=batch.dense_layout,
-            fused_mlp=self.fused_mlp_min_tokens is not None
-            and len(batch.input_ids) >= self.fused_mlp_min_tokens)
+            fused_mlp=self.fuses_mlp(len(batch.input_ids)))
         return ctx, input_ids, positions, logits_indices
 
     @torch.inference_mode()
