@@ -29,6 +29,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #   llama-1b (256 / 384 / 512 tiles at 512 / 768 / 1024 rows, 97%): 1.06x / 1.08x / 1.09x.
 MIN_TOKENS = 512
 MIN_WAVE_FILL = 0.9
+# Launched one by one rather than from a CUDA graph, a call also costs the host tens of
+# microseconds (four tensor descriptors and Triton's launch), more than cuBLAS's: steps that
+# small are often host-bound. From this many tokens the kernel's own time (>= 0.11 ms at
+# llama-1b's size) hides it, as session 13 measured end to end.
+MIN_EAGER_TOKENS = 1024
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps): the H200's best under the cap
 # (bench/results/2026-11-26-s13-gemm-silu*.json). A stage holds (BLOCK_M + 2 * BLOCK_N) *
@@ -37,13 +42,16 @@ Config = tuple[int, int, int, int, int, int]
 DEFAULT_CONFIG: Config = (128, 128, 64, 16, 3, 8)
 
 
-def pays_off(num_tokens: int, intermediate: int, num_sms: int) -> bool:
+def pays_off(num_tokens: int, intermediate: int, num_sms: int, eager: bool) -> bool:
     """True when a [num_tokens, H] x [2 * intermediate, H] step runs faster fused than by
-    cuBLAS and silu_and_mul on a GPU of num_sms SMs (see MIN_TOKENS)."""
+    cuBLAS and silu_and_mul on a GPU of num_sms SMs, launched from a CUDA graph or (eager)
+    not (see MIN_TOKENS)."""
+    if num_tokens < (MIN_EAGER_TOKENS if eager else MIN_TOKENS):
+        return False
     block_m, block_n = DEFAULT_CONFIG[:2]
     num_tiles = -(-num_tokens // block_m) * -(-intermediate // block_n)
     waves = -(-num_tiles // num_sms)
-    return num_tokens >= MIN_TOKENS and num_tiles >= MIN_WAVE_FILL * waves * num_sms
+    return num_tiles >= MIN_WAVE_FILL * waves * num_sms
 
 
 def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -335,19 +335,23 @@ def test_gate_up_silu_matches_ref(num_tokens, num_programs, dtype, poisoned_empt
     _assert_close(out, gate_up_silu_ref(x, weight))
 
 
-@pytest.mark.parametrize("num_tokens, intermediate, fused", [
-    (512, 14336, False),   # llama3-8b: 448 tiles, the fourth wave 39% full (0.95x)
-    (768, 14336, False),   # 672 tiles, the sixth wave 9% full (1.00x)
-    (832, 14336, True),    # 784 tiles, 99% of six waves (1.11x)
-    (1024, 14336, True),
-    (16384, 14336, True),
-    (512, 8192, True),     # llama-1b: 256 tiles, 97% of two waves (1.06x)
-    (640, 8192, False),    # 320 tiles, 81% of three waves
-    (256, 8192, False),    # under MIN_TOKENS
+@pytest.mark.parametrize("num_tokens, intermediate, in_graph, eager", [
+    (512, 14336, False, False),   # llama3-8b: 448 tiles, the fourth wave 39% full (0.95x)
+    (768, 14336, False, False),   # 672 tiles, the sixth wave 9% full (1.00x)
+    (832, 14336, True, False),    # 784 tiles, 99% of six waves (1.11x); eager: too small
+    (1024, 14336, True, True),
+    (1152, 14336, True, True),    # 1,008 tiles, 95% of eight waves
+    (16384, 14336, True, True),
+    (512, 8192, True, False),     # llama-1b: 256 tiles, 97% of two waves (1.06x)
+    (640, 8192, False, False),    # 320 tiles, 81% of three waves
+    (1152, 8192, False, False),   # 576 tiles, 87% of five waves
+    (256, 8192, False, False),    # under MIN_TOKENS
 ])
-def test_gate_up_silu_pays_off_where_its_tiles_fill_their_waves(num_tokens, intermediate, fused):
+def test_gate_up_silu_pays_off_where_its_tiles_fill_their_waves(num_tokens, intermediate,
+                                                                 in_graph, eager):
     from batchgen.kernels.gate_up_silu import pays_off
-    assert pays_off(num_tokens, intermediate, num_sms=132) == fused
+    assert pays_off(num_tokens, intermediate, num_sms=132, eager=False) == in_graph
+    assert pays_off(num_tokens, intermediate, num_sms=132, eager=True) == eager
 
 
 def test_gate_up_silu_ref_is_silu_and_mul_of_the_projection():

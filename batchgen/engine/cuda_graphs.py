@@ -47,7 +47,7 @@ class DecodeGraphs:
             kv_caches=self.runner.kv_caches, max_query_len=1,
             max_seq_len=self.runner.max_model_len, is_decode_only=True,
             shared_prefix_len=self.shared_prefix_len if cascade else None,
-            fused_mlp=self.runner.fuses_mlp(bs))
+            fused_mlp=self.runner.fuses_mlp(bs, eager=False))
 
     @torch.inference_mode()
     def capture(self) -> None:

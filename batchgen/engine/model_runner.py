@@ -100,12 +100,13 @@ class ModelRunner:
                                         torch.cuda.get_device_properties(device)
                                         .multi_processor_count)
 
-    def fuses_mlp(self, num_tokens: int) -> bool:
-        """True when a step of num_tokens rows runs its MLPs fused (ForwardContext.fused_mlp)."""
+    def fuses_mlp(self, num_tokens: int, eager: bool = True) -> bool:
+        """True when a step of num_tokens rows, launched eagerly or from a CUDA graph, runs its
+        MLPs fused (ForwardContext.fused_mlp)."""
         if self.fused_mlp_shape is None:
             return False
         from batchgen.kernels.gate_up_silu import pays_off
-        return pays_off(num_tokens, *self.fused_mlp_shape)
+        return pays_off(num_tokens, *self.fused_mlp_shape, eager=eager)
 
     # ---- KV pool -------------------------------------------------------------------------
 
