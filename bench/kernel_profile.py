@@ -22,6 +22,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(p)) for
     ("attention_decode", r"decode_attention|combine_splits"),
     ("rotary_kv_write", r"rotary_kv_write"),
     ("norm", r"rms_norm"),
+    ("gemm_swiglu", r"gate_up_silu"),  # the fused MLP: gate/up GEMM with SwiGLU
     ("activation", r"silu"),
     ("sampling", r"gumbel|argmax|softmax|topk|sort|multinomial"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm)$"),

@@ -275,6 +275,8 @@ def test_kernel_profile_categories():
                "_4x1x1_cga1x1x1_kernel0_0") == "attention_dense"
     assert cat("_combine_splits_kernel") == "attention_decode"
     assert cat("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopA_NNT") == "gemm"
+    assert cat("_gate_up_silu_kernel") == "gemm_swiglu"
+    assert cat("_silu_and_mul_kernel") == "activation"
     assert cat("aten::addmm") == "gemm" and cat("aten::addmm_backward") != "gemm"
     assert cat("Memcpy HtoD (Pinned -> Device)") == "copy"
     assert cat("_gumbel_sample_kernel") == "sampling"
