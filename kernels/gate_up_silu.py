@@ -109,10 +109,19 @@ def supports(weight: torch.Tensor) -> bool:
     the kernel compiles and computes right there (tried once per device and dtype)."""
     if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (9, 0):
         return False
-    hidden, intermediate = weight.shape[1], weight.shape[0] // 2
-    return (weight.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous()
-            and weight.shape[0] % 2 == 0 and hidden % 8 == 0 and intermediate % 8 == 0
-            and weight.data_ptr() % 16 == 0 and _works(weight.device, weight.dtype))
+    return (weight.dtype in (torch.float16, torch.bfloat16) and _fits_descriptors(weight)
+            and _works(weight.device, weight.dtype))
+
+
+def _fits_descriptors(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
+    # Tensor descriptors: rows contiguous, row strides and bases (the up half's too) 16-byte
+    # aligned, and so the [T, I] output's rows.
+    elem = weight.element_size()
+    intermediate = weight.shape[0] // 2
+    return (weight.shape[0] % 2 == 0 and (intermediate * elem) % 16 == 0
+            and all(t.stride(-1) == 1 and (t.stride(0) * elem) % 16 == 0
+                    and t.data_ptr() % 16 == 0
+                    for t in (weight, weight[intermediate:], *(() if x is None else (x,)))))
 
 
 def _works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -156,9 +165,7 @@ def _check_args(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
                          f"{weight.dtype}")
     check_last_dim_contiguous(op, x=x, weight=weight)
     check_same_device(op, x=x, weight=weight)
-    elem = x.element_size()
-    if (x.stride(0) * elem) % 16 or (weight.stride(0) * elem) % 16 \
-            or (weight.shape[0] // 2 * elem) % 16 or x.data_ptr() % 16 or weight.data_ptr() % 16:
+    if not _fits_descriptors(weight, x):
         raise ValueError(f"{op}: tensor descriptors need 16-byte aligned rows and bases; "
                          f"got x {tuple(x.shape)} stride {x.stride(0)}, weight "
                          f"{tuple(weight.shape)} stride {weight.stride(0)} ({x.dtype})")
