@@ -17,6 +17,16 @@ CAUSAL = _constexpr(2)  # KEY_BOUND, and row r sees keys up to row_positions[r] 
 
 
 @jit
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    # A plain load where every element exists (the unmasked tiles' loop stays pipelined).
+    if MASKED:
+        values = tl.load(ptrs, mask=mask, other=0)
+    else:
+        values = tl.load(ptrs)
+    return values
+
+
+@jit
 def attend_keys(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_positions, dims,
                 key_start, key_end, num_keys, qk_scale, cache_block_stride, cache_slot_stride,
                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
@@ -30,27 +40,17 @@ def attend_keys(acc, l_i, m_i, q, key_ptr, value_ptr, block_table_row, row_posit
     # BLOCK_N] straight away); which is faster is measured by bench/kernel_sweep.py.
     for start in range(key_start, key_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        if MASK == NO_MASK:
-            block_ids = tl.load(block_table_row + keys // BLOCK_SIZE)
-        else:
-            is_key = keys < num_keys
-            block_ids = tl.load(block_table_row + keys // BLOCK_SIZE, mask=is_key, other=0)
+        is_key = keys < num_keys  # unused in unmasked tiles
+        block_ids = _load(block_table_row + keys // BLOCK_SIZE, is_key, MASK != NO_MASK)
         slot_offsets = (block_ids.to(tl.int64) * cache_block_stride
                         + (keys % BLOCK_SIZE) * cache_slot_stride)
         kv_offsets = slot_offsets[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
-        if MASK == NO_MASK:
-            v = tl.load(value_ptr + kv_offsets)
-            if K_ROWS:
-                k = tl.trans(tl.load(key_ptr + kv_offsets))
-            else:
-                k = tl.load(key_ptr + slot_offsets[None, :] + dims[:, None])
+        v = _load(value_ptr + kv_offsets, is_key[:, None], MASK != NO_MASK)
+        if K_ROWS:
+            k = tl.trans(_load(key_ptr + kv_offsets, is_key[:, None], MASK != NO_MASK))
         else:
-            v = tl.load(value_ptr + kv_offsets, mask=is_key[:, None], other=0.0)
-            if K_ROWS:
-                k = tl.trans(tl.load(key_ptr + kv_offsets, mask=is_key[:, None], other=0.0))
-            else:
-                k = tl.load(key_ptr + slot_offsets[None, :] + dims[:, None],
-                            mask=is_key[None, :], other=0.0)
+            k = _load(key_ptr + slot_offsets[None, :] + dims[:, None], is_key[None, :],
+                      MASK != NO_MASK)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # k: [HEAD_DIM, BLOCK_N]
         if MASK == KEY_BOUND:
             qk = tl.where(is_key[None, :], qk, float("-inf"))
