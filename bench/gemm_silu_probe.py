@@ -81,8 +81,8 @@ def main() -> None:
     dev = torch.device("cuda")
     weight = torch.randn(2 * args.intermediate, args.hidden, device=dev,
                          dtype=torch.bfloat16) * args.hidden ** -0.5
-    results = {"env": describe_environment(dev), "graph_calls": args.graph, "hidden": args.hidden,
-               "intermediate": args.intermediate, "shapes": {}}
+    results = {"env": describe_environment(dev), "graph_calls": args.graph,
+               "hidden": args.hidden, "intermediate": args.intermediate, "shapes": {}}
     for num_tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(num_tokens, args.hidden, device=dev, dtype=torch.bfloat16)
         ref = silu_and_mul(torch.mm(x, weight.T)).float()

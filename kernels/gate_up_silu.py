@@ -5,8 +5,8 @@ A persistent, warp-specialised Hopper GEMM: tensor-descriptor (TMA) loads, one p
 walking output tiles, two fp32 accumulators per tile (gate and up share the x tile). Under the
 H200's power cap it runs 1.03-1.04x cuBLAS's matmul plus silu_and_mul from 1,024 to 16,384
 tokens, and loses where its last wave of tiles runs part-empty (bench/gemm_silu_probe.py,
-RESULTS.md); the engine calls it where `pays_off`. Without warp specialisation it ran 0.80-0.87x, as session 6's pointer-based,
-one-program-a-tile version did (0.80-0.91x).
+RESULTS.md); the engine calls it where `pays_off`. Without warp specialisation it ran
+0.80-0.87x, as session 6's pointer-based, one-program-a-tile version did (0.80-0.91x).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Where the kernel beats cuBLAS + silu_and_mul (pays_off): MIN_TOKENS or more (untimed below),
+# Where the kernel beats cuBLAS + silu_and_mul (pays_off): MIN_TOKENS or more (0.99x at 256),
 # its output tiles filling their waves over the SMs to MIN_WAVE_FILL or more. Graph-timed
 # under the cap (RESULTS.md, session 14), fused against unfused:
 #   llama3-8b (448 / 672 / 784 / 896 tiles at 512 / 768 / 832-896 / 960-1024 rows, on 132
