@@ -3,7 +3,7 @@ batchgen's model, logits compared for a varlen prefill batch and one decode step
 paged KV cache. No engine, no sampling: the ForwardContext is built here by hand (contiguous
 blocks per request), so a mismatch points at the model, its layers or its kernels. The prefill
 step runs the MLPs fused (batchgen.kernels.gate_up_silu) where the model can, as the engine's
-steps of 1,024 tokens or more do; the decode step runs them on cuBLAS and silu_and_mul.
+big steps do (gate_up_silu.pays_off); the decode step runs them on cuBLAS and silu_and_mul.
 """
 from __future__ import annotations
 

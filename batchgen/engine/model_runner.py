@@ -17,6 +17,7 @@ from batchgen.engine.input_batch import (MIN_DENSE_RUN_TOKENS, InputBatch, build
 from batchgen.engine.sampler import Sampler
 from batchgen.engine.sampling_metadata import build_sampling_metadata
 from batchgen.engine.step_timer import StepTimer
+from batchgen.kernels.gate_up_silu import pays_off
 from batchgen.layers.context import ForwardContext
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ class ModelRunner:
         MLPs fused (ForwardContext.fused_mlp)."""
         if self.fused_mlp_shape is None:
             return False
-        from batchgen.kernels.gate_up_silu import pays_off
         return pays_off(num_tokens, *self.fused_mlp_shape, eager=eager)
 
     # ---- KV pool -------------------------------------------------------------------------
