@@ -12,7 +12,8 @@ Variants: `default` (the code as it is); `tiles=M/N/W/S/K` (the prefill kernel's
 BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `no-mixed-split`
 (a mixed step's decodes stay in the prefill kernel); `no-dense` (runs of fresh prompts stay
 in the paged kernel, not cuDNN's); `no-fused-mlp` (every MLP on cuBLAS and silu_and_mul, the
-decode graphs captured again that way for its runs). Each variant is warmed up (compiled)
+decode graphs captured again that way for its runs); `no-pdl` (our kernels launched plainly,
+not by programmatic dependent launch; the graphs captured again). Each variant is warmed up (compiled)
 before the first round. A variant that needs code the engine no longer has (session 11's
 in-kernel q rotation) is kept in git history with its results, not here.
 """
@@ -35,7 +36,7 @@ from power import ClockSampler  # noqa: E402
 from shapes import get_shape  # noqa: E402
 from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
 
-from batchgen.kernels import prefill_attention  # noqa: E402
+from batchgen.kernels import _triton, prefill_attention  # noqa: E402
 
 
 # variant -> the model runner's attribute it sets to None (turning that path off)
@@ -47,13 +48,13 @@ CAPTURED = {"fused_mlp_shape"}
 
 def check_variant(name: str) -> tuple[int, ...] | None:
     """Raises on a name no variant has; -> the tiles of a `tiles=` variant, else None."""
-    if name in SWITCHES or name == "default":
+    if name in SWITCHES or name in ("default", "no-pdl"):
         return None
     if name.startswith("tiles="):
         parts = name[6:].split("/")
         if len(parts) == 5 and all(x.isdigit() for x in parts):
             return tuple(int(x) for x in parts)
-    raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K or one of "
+    raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K, no-pdl or one of "
                      f"{', '.join(SWITCHES)}")
 
 
@@ -61,7 +62,19 @@ def check_variant(name: str) -> tuple[int, ...] | None:
 def variant(name: str, llm):
     """llm's engine as variant `name` while the block runs."""
     tiles = check_variant(name)
-    if name in SWITCHES:
+    graphs = llm.engine.runner.graphs
+    if name == "no-pdl":
+        saved = _triton.pdl_enabled()
+        _triton.set_pdl(False)
+        if graphs is not None:
+            graphs.capture()
+        try:
+            yield
+        finally:
+            _triton.set_pdl(saved)
+            if graphs is not None:
+                graphs.capture()
+    elif name in SWITCHES:
         runner, attribute = llm.engine.runner, SWITCHES[name]
         saved = getattr(runner, attribute)
         recapture = attribute in CAPTURED and runner.graphs is not None

@@ -6,6 +6,8 @@ it wraps a function, so deferring it lets a test module switch the interpreter o
 another module imported `batchgen.kernels` first."""
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any, Callable
 
 try:
@@ -38,6 +40,7 @@ class LazyKernel:
     there by then."""
 
     def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.pdl = options.pop("pdl", False)
         self.fn = fn
         self.options = options
         self._kernel = None
@@ -46,7 +49,11 @@ class LazyKernel:
         if self._kernel is None:
             require_triton(self.fn.__name__)
             self._kernel = _wrap(self.fn, self.options)
-        return self._kernel[grid]
+        if not self.pdl:
+            return self._kernel[grid]
+        if pdl_enabled():
+            return functools.partial(self._kernel[grid], PDL=True, launch_pdl=True)
+        return functools.partial(self._kernel[grid], PDL=False)
 
 
 def _wrap(fn: Callable[..., Any], options: dict[str, Any]) -> Any:
@@ -64,10 +71,57 @@ def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     """`@jit` or `@jit(do_not_specialize=[...])` (options go to triton.jit). Triton compiles
     a variant per integer argument that is 1 or a multiple of 16; an argument that changes
     from step to step (a batch size, a table width) belongs in do_not_specialize, or a long
-    run keeps meeting new variants and stalls ~0.5 s on each compile."""
+    run keeps meeting new variants and stalls ~0.5 s on each compile.
+
+    `@jit(pdl=True)`: a kernel with a `PDL: tl.constexpr` parameter whose first statement is
+    `wait_for_inputs(PDL)`; every launch passes PDL (and Triton's launch_pdl) as
+    pdl_enabled() says."""
     if fn is None:
         return lambda f: LazyKernel(f, options)
     return LazyKernel(fn, options)
+
+
+# Programmatic dependent launch (sm_90+): a kernel launched with it may be scheduled before
+# the kernel ahead of it in the stream has finished, and waits in `wait_for_inputs` until
+# that kernel's writes are visible. Its launch latency then overlaps the previous kernel's
+# last wave instead of following it: ~1 us at each of a decode step's ~160 boundaries into
+# our kernels (cuBLAS's kernels are launched plainly and wait as before). None: not decided
+# yet (pdl_enabled decides on first use); set_pdl switches it (bench/ab_probe.py).
+_pdl: bool | None = None
+
+
+def _detect_pdl() -> bool:
+    if triton is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("BATCHGEN_PDL", "1") == "0":
+        return False
+    import torch
+
+    cuda = getattr(tl.extra, "cuda", None)
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+            and hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents"))
+
+
+def pdl_enabled() -> bool:
+    global _pdl
+    if _pdl is None:
+        _pdl = _detect_pdl()
+    return _pdl
+
+
+def set_pdl(enabled: bool | None) -> None:
+    """On, off, or None: back to detecting (BATCHGEN_PDL=0 turns it off for a process)."""
+    global _pdl
+    _pdl = enabled
+
+
+@jit
+def wait_for_inputs(PDL: tl.constexpr):
+    # A PDL launch's first statement: wait for the previous kernel's writes, then let the
+    # next kernel be scheduled (it waits here in turn, so it never reads ours early).
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def check_same_device(op_name: str, **tensors: Any) -> None:

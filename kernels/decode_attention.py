@@ -16,7 +16,7 @@ import math
 import torch
 
 from ._attention_tiles import KEY_BOUND, attend_key_range
-from ._triton import check_same_device, jit, next_power_of_2, tl
+from ._triton import check_same_device, jit, next_power_of_2, tl, wait_for_inputs
 from .prefill_attention import check_paged_attention_args, gather_kv_ref, padded_attention_ref
 
 # Enough programs to fill every SM a few times; a split below this many keys does not pay.
@@ -45,7 +45,7 @@ def decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     return padded_attention_ref(q[:, None], positions, keys, values, scale)[:, 0]
 
 
-@jit(do_not_specialize=["block_table_stride"])
+@jit(pdl=True, do_not_specialize=["block_table_stride"])
 def _decode_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
         partial_max_ptr, partial_sum_ptr, partial_acc_ptr, prefix_len_ptr, state_max_ptr,
@@ -54,12 +54,14 @@ def _decode_attention_kernel(
         cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr, CASCADE: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr, CASCADE: tl.constexpr,
+        PDL: tl.constexpr):
     # grid: (B, KVH, NUM_SPLITS). Rows are the GROUP query heads of one kv head, padded to
     # BLOCK_G >= 16 for tl.dot. With one split the program writes the output itself;
     # otherwise it writes its (max, sum, acc) to the partial buffers [B, H, NUM_SPLITS(, D)].
     # CASCADE: keys below *prefix_len_ptr were attended by _shared_prefix_kernel; the splits
     # cut the keys after them, and split 0 starts from that kernel's state [B, H(, D)].
+    wait_for_inputs(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -117,18 +119,19 @@ def _decode_attention_kernel(
                  mask=is_row[:, None])
 
 
-@jit(do_not_specialize=["num_reqs"])
+@jit(pdl=True, do_not_specialize=["num_reqs"])
 def _shared_prefix_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, prefix_len_ptr,
         state_max_ptr, state_sum_ptr, state_acc_ptr, qk_scale, num_reqs,
         q_req_stride, q_head_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        K_ROWS: tl.constexpr):
+        K_ROWS: tl.constexpr, PDL: tl.constexpr):
     # grid: (cdiv(B * GROUP, BLOCK_M), KVH). Keys 0..prefix_len of request 0's block table,
     # which every request shares, against BLOCK_M rows of the whole batch: row r is request
     # r // GROUP, query head kv_head * GROUP + r % GROUP. Writes each row's unnormalised
     # softmax state (max in log2 units, sum, acc) for the decode kernel to continue.
+    wait_for_inputs(PDL)
     prefix_len = tl.load(prefix_len_ptr)
     if prefix_len == 0:
         return
@@ -158,11 +161,12 @@ def _shared_prefix_kernel(
              mask=is_row[:, None])
 
 
-@jit
+@jit(pdl=True)
 def _combine_splits_kernel(partial_max_ptr, partial_sum_ptr, partial_acc_ptr, out_ptr,
                            out_req_stride, out_head_stride, HEAD_DIM: tl.constexpr,
-                           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     # grid: (B, H). Rescales each split's partial softmax to the global max and sums them.
+    wait_for_inputs(PDL)
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     row = req * tl.num_programs(1) + head

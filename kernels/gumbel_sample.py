@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_dtype, jit, next_power_of_2, require_triton, tl
+from ._triton import check_dtype, jit, next_power_of_2, require_triton, tl, wait_for_inputs
 
 MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2^31: a 32-bit value times one stays below 2^63 in int64.
@@ -59,14 +59,15 @@ def gumbel_sample_ref(x: torch.Tensor, keys: torch.Tensor,
     return (x - token_noise_ref(keys, x.shape[1]).log_()).argmax(dim=-1)
 
 
-@jit(do_not_specialize=["num_splits", "split_size"])
+@jit(pdl=True, do_not_specialize=["num_splits", "split_size"])
 def _gumbel_sample_kernel(x_ptr, keys_ptr, temperature_ptr, out_ptr, part_val_ptr, part_idx_ptr,
                           vocab_size, x_stride, num_splits, split_size,
-                          HAS_TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_TEMPERATURE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # grid: (R, num_splits). A program races tokens split * split_size.. of its row; with one
     # split it writes the row's token, else its best (score, token) for _pick_split_kernel.
     # The hash in uint32, whose products wrap mod 2^32: the int64 "& MASK32" of the
     # reference, at a fraction of the cost of 64-bit multiplies.
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     key = tl.load(keys_ptr + row).to(tl.uint32)
@@ -107,10 +108,11 @@ def _gumbel_sample_kernel(x_ptr, keys_ptr, temperature_ptr, out_ptr, part_val_pt
         tl.store(part_idx_ptr + row * num_splits + split, token)
 
 
-@jit(do_not_specialize=["num_splits"])
+@jit(pdl=True, do_not_specialize=["num_splits"])
 def _pick_split_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_splits,
-                       BLOCK_S: tl.constexpr):
+                       BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     # grid: (R,). The best of a row's splits; of equal scores the lowest token, as in one pass
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     splits = tl.arange(0, BLOCK_S)
     is_split = splits < num_splits

@@ -8,7 +8,7 @@ import torch
 
 from ._attention_tiles import CAUSAL, attend_key_range
 from ._triton import (check_dtype, check_same_device, jit, next_power_of_2, require_triton,
-                      tl)
+                      tl, wait_for_inputs)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,7 +79,7 @@ def prefill_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
     return out
 
 
-@jit(do_not_specialize=["num_reqs", "block_table_stride"])
+@jit(pdl=True, do_not_specialize=["num_reqs", "block_table_stride"])
 def _prefill_attention_kernel(
         q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr,
         seq_lens_ptr, tile_reqs_ptr, tile_first_rows_ptr, qk_scale, num_reqs,
@@ -87,10 +87,11 @@ def _prefill_attention_kernel(
         cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        K_ROWS: tl.constexpr):
+        K_ROWS: tl.constexpr, PDL: tl.constexpr):
     # grid: (query tiles, KVH). A tile is BLOCK_M rows of one request, row r being query
     # token r // GROUP of the request and query head kv_head * GROUP + r % GROUP: the GROUP
     # heads sharing a kv head are packed into one tl.dot and read each K/V tile once.
+    wait_for_inputs(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = tl.load(tile_reqs_ptr + tile)

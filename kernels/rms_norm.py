@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import (check_dtype, check_last_dim_contiguous, check_same_device, jit,
-                      next_power_of_2, require_triton, tl)
+                      next_power_of_2, require_triton, tl, wait_for_inputs)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -17,10 +17,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return normed.to(x.dtype) * weight
 
 
-@jit
+@jit(pdl=True)
 def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, hidden, x_stride, out_stride, eps,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
     # One program per token row.
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden

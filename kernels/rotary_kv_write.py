@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_dtype, check_same_device, jit, next_power_of_2, require_triton, tl
+from ._triton import (check_dtype, check_same_device, jit, next_power_of_2, require_triton, tl,
+                      wait_for_inputs)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -60,16 +61,17 @@ def _rotate_pairs(row_ptrs, out_ptrs, pair_offsets1, pair_offsets2, mask, cos, s
              mask=mask)
 
 
-@jit
+@jit(pdl=True)
 def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key_cache_ptr,
                             value_cache_ptr, slot_mapping_ptr, num_heads, num_kv_heads,
                             q_token_stride, q_head_stride, k_token_stride, k_head_stride,
                             v_token_stride, v_head_stride, cos_sin_stride,
                             HEAD_DIM: tl.constexpr, IS_NEOX: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-                            ROTATE_K: tl.constexpr):
+                            ROTATE_K: tl.constexpr, PDL: tl.constexpr):
     # One program per token: all its q heads in place, then its k and v rows into the cache
     # (and its k heads in place too when ROTATE_K).
+    wait_for_inputs(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import (check_dtype, check_last_dim_contiguous, jit, next_power_of_2,
-                      require_triton, tl)
+                      require_triton, tl, wait_for_inputs)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -16,10 +16,11 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
 
-@jit
+@jit(pdl=True)
 def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, x_stride, out_stride,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
     # grid: (num_tokens, cdiv(intermediate, BLOCK))
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate

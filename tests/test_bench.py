@@ -379,7 +379,7 @@ def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     out = tmp_path / "ab.json"
     cmd = [sys.executable, str(BENCH / "ab_probe.py"), "--shape", "tiny", "--workload",
            "prefill", "--limit", "3", "--variants",
-           "default,no-mixed-split,no-dense,no-fused-mlp,tiles=128/32/4/2/1",
+           "default,no-mixed-split,no-dense,no-fused-mlp,no-pdl,tiles=128/32/4/2/1",
            "--rounds", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BATCHGEN_GIT_SHA": "abc1234"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
@@ -389,7 +389,7 @@ def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     # interleaved: A B C, A B C
     assert [(r["round"], r["variant"]) for r in results["runs"]] == [
         (i, v) for i in range(2)
-        for v in ("default", "no-mixed-split", "no-dense", "no-fused-mlp",
+        for v in ("default", "no-mixed-split", "no-dense", "no-fused-mlp", "no-pdl",
                   "tiles=128/32/4/2/1")]
     assert all(r["wall_s"] > 0 for r in results["runs"])
     assert results["summary"]["default"]["vs_first"] == 1.0

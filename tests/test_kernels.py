@@ -497,3 +497,32 @@ def test_prefill_attention_plan_cache_is_shared_across_layers(poisoned_empty):
         batch = _paged_batch(QUERY_LENS, PREFIX_LENS, 8, 2, 64, 16, torch.float32)
         _assert_close(prefill_attention(**batch, plan_cache=plans), prefill_attention_ref(**batch))
         assert len(plans) == 1
+
+
+def test_pdl_kernels_get_the_switch_at_each_launch():
+    # A kernel declared @jit(pdl=True) is launched with PDL (and Triton's launch_pdl) as
+    # pdl_enabled() says at that launch; a plain kernel gets neither.
+    from batchgen.kernels import _triton
+
+    calls = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    pdl_kernel = _triton.LazyKernel(lambda: None, {"pdl": True})
+    plain_kernel = _triton.LazyKernel(lambda: None, {})
+    pdl_kernel._kernel = plain_kernel._kernel = Launcher()
+    try:
+        _triton.set_pdl(True)
+        pdl_kernel[(3,)](1, BLOCK=4)
+        plain_kernel[(3,)](1)
+        _triton.set_pdl(False)
+        pdl_kernel[(2, 5)](7)
+        _triton.set_pdl(None)  # decided again: off without a CUDA GPU of sm_90+
+        assert _triton.pdl_enabled() is (torch.cuda.is_available() and has_triton()
+                                         and torch.cuda.get_device_capability() >= (9, 0))
+    finally:
+        _triton.set_pdl(None)
+    assert calls == [((3,), (1,), {"BLOCK": 4, "PDL": True, "launch_pdl": True}),
+                     ((3,), (1,), {}), ((2, 5), (7,), {"PDL": False})]

@@ -117,6 +117,57 @@ def test_decode_attention_replays_in_a_cuda_graph():
     torch.testing.assert_close(out, decode_attention_ref(*decode_args(batch)), **BF16)
 
 
+def test_programmatic_dependent_launch_changes_no_output():
+    # A decode step's chain of our kernels (norm, rotary + KV write, attention, SiLU, sampling)
+    # replayed from a CUDA graph with each kernel launched by PDL, then plainly: same bits.
+    from batchgen.kernels import _triton
+    from batchgen.kernels.gumbel_sample import gumbel_sample
+
+    if not _triton.pdl_enabled():
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    batch = paged_batch([1] * 48, [700] * 48, 32, 8, 128, seed=4)
+    args = list(decode_args(batch))
+    hidden = torch.randn(48, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)
+    weight = torch.randn(4096, device="cuda", generator=gen, dtype=torch.bfloat16)
+    keys = torch.randint(0, 2**32, (48,), device="cuda", generator=gen)
+    positions = torch.full((48,), 700, device="cuda")
+    cos_sin = torch.randn(1024, 128, device="cuda", generator=gen)
+    slots = batch["block_tables"][:, 700 // 16].long() * 16 + 700 % 16
+
+    def step():
+        normed = rms_norm(hidden, weight, 1e-5)
+        q = normed[:, :4096].reshape(48, 32, 128) * 0.05
+        kv = normed[:, :2048].reshape(48, 16, 128)
+        rotary_kv_write(q, kv[:, :8], kv[:, 8:], positions, cos_sin, args[1], args[2], slots,
+                        is_neox=True)
+        attended = decode_attention(q, *args[1:])
+        act = silu_and_mul(torch.cat((attended.reshape(48, -1),) * 2, dim=1))
+        return normed, attended, act, gumbel_sample(act, keys)
+
+    outputs = []
+    try:
+        for enabled in (True, False):
+            _triton.set_pdl(enabled)
+            caches = [args[1].clone(), args[2].clone()]
+            step()  # compile outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                result = step()
+            args[1].copy_(caches[0])
+            args[2].copy_(caches[1])
+            graph.replay()
+            torch.cuda.synchronize()
+            outputs.append([t.clone() for t in (*result, args[1], args[2])])
+            args[1].copy_(caches[0])
+            args[2].copy_(caches[1])
+    finally:
+        _triton.set_pdl(None)
+    for with_pdl, without in zip(*outputs):
+        assert torch.equal(with_pdl, without)
+
+
 @pytest.mark.parametrize("num_tokens", [1, 4099])
 def test_rowwise_ops_bf16(num_tokens):
     gen = torch.Generator(device="cuda").manual_seed(0)
