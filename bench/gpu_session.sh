@@ -15,7 +15,7 @@ for step in "${@:-8b}"; do
           --profile reviews,decode --profile-requests 600 ${BENCH_ARGS:-} --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
     8bq) python bench/bench.py --shape llama3-8b --workloads reviews,decode,prefill --baseline ${BENCH_ARGS:-} \
           --out "$OUT/llama3-8b.json" 2>&1 | tee "$OUT/llama3-8b.log" ;;
-    1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
+    1b) python bench/bench.py --shape llama-1b --workloads small --skip-numerics --baseline \
           --profile small ${BENCH_ARGS:-} --out "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.log" ;;
     1b2k) python bench/bench.py --shape llama-1b --workloads small --skip-numerics \
           --max-num-seqs 2048 --out "$OUT/llama-1b-2048.json" 2>&1 | tee "$OUT/llama-1b-2048.log" ;;

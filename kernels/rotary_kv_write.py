@@ -51,14 +51,18 @@ def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @jit
-def _rotate_pairs(row_ptrs, out_ptrs, pair_offsets1, pair_offsets2, mask, cos, sin):
-    # row_ptrs / out_ptrs: [heads, 1] pointers at each head's first element; cos, sin: [1, pairs]
+def _rotated_pairs(row_ptrs, pair_offsets1, pair_offsets2, mask, cos, sin):
+    # row_ptrs: [heads, 1] pointers at each head's first element; cos, sin: [1, pairs]
+    # -> the rotated (first, second) elements of each pair, fp32
     x1 = tl.load(row_ptrs + pair_offsets1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row_ptrs + pair_offsets2, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs + pair_offsets1, (x1 * cos - x2 * sin).to(out_ptrs.dtype.element_ty),
-             mask=mask)
-    tl.store(out_ptrs + pair_offsets2, (x2 * cos + x1 * sin).to(out_ptrs.dtype.element_ty),
-             mask=mask)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@jit
+def _store_pairs(out_ptrs, pair_offsets1, pair_offsets2, mask, first, second):
+    tl.store(out_ptrs + pair_offsets1, first.to(out_ptrs.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs + pair_offsets2, second.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 @jit(pdl=True)
@@ -87,23 +91,25 @@ def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, key
 
     heads = tl.arange(0, BLOCK_H)[:, None]
     q_rows = q_ptr + token * q_token_stride + heads * q_head_stride
-    _rotate_pairs(q_rows, q_rows, offsets1, offsets2, heads < num_heads, cos, sin)
+    is_head = heads < num_heads
+    q1, q2 = _rotated_pairs(q_rows, offsets1, offsets2, is_head, cos, sin)
+    _store_pairs(q_rows, offsets1, offsets2, is_head, q1, q2)
 
     kv_heads = tl.arange(0, BLOCK_KVH)[:, None]
     is_kv_head = kv_heads < num_kv_heads
     k_rows = k_ptr + token * k_token_stride + kv_heads * k_head_stride
+    k1, k2 = _rotated_pairs(k_rows, offsets1, offsets2, is_kv_head, cos, sin)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
         cache_rows = slot * num_kv_heads * HEAD_DIM + kv_heads * HEAD_DIM
-        _rotate_pairs(k_rows, key_cache_ptr + cache_rows, offsets1, offsets2, is_kv_head,
-                      cos, sin)
+        _store_pairs(key_cache_ptr + cache_rows, offsets1, offsets2, is_kv_head, k1, k2)
         dims = tl.arange(0, HEAD_DIM)[None, :]
         v = tl.load(v_ptr + token * v_token_stride + kv_heads * v_head_stride + dims,
                     mask=is_kv_head, other=0.0)
         tl.store(value_cache_ptr + cache_rows + dims,
                  v.to(value_cache_ptr.dtype.element_ty), mask=is_kv_head)
-    if ROTATE_K:  # (after the cache's copy, which read k unrotated)
-        _rotate_pairs(k_rows, k_rows, offsets1, offsets2, is_kv_head, cos, sin)
+    if ROTATE_K:  # the rows rotated once, stored twice
+        _store_pairs(k_rows, offsets1, offsets2, is_kv_head, k1, k2)
 
 
 def _check(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
