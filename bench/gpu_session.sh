@@ -2,7 +2,7 @@
 # One device call: install, then the named steps. Usage: bash bench/gpu_session.sh tests 8b 1b
 # (BENCH_ARGS, e.g. "--repeat 2", go to the bench of 8b / 8bq / 1b)
 # (8bq: 8b without the profile; sweep / sweep-gemm-prefill / sweep-prefill / sweep-cascade /
-# sweep-decode / sweep-mixed / sweep-sample: bench/kernel_sweep.py)
+# sweep-decode / sweep-mixed / sweep-sample / sweep-rowwise: bench/kernel_sweep.py)
 # (gemm-silu: bench/gemm_silu_probe.py, GEMM_ARGS for its flags; overlap: bench/overlap_probe.py; fewshot: that workload with and without cascade attention)
 # (1b2k: small again with 2,048 sequences, which llama-1b's KV pool holds: fewer, fuller steps)
 set -uo pipefail
@@ -27,6 +27,8 @@ for step in "${@:-8b}"; do
           --out "$OUT/kernel-sweep-cascade.json" 2>&1 | tee "$OUT/kernel-sweep-cascade.log" ;;
     sweep-sample) python bench/kernel_sweep.py --only sample \
           --out "$OUT/kernel-sweep-sample.json" 2>&1 | tee "$OUT/kernel-sweep-sample.log" ;;
+    sweep-rowwise) python bench/kernel_sweep.py --only rowwise \
+          --out "$OUT/kernel-sweep-rowwise.json" 2>&1 | tee "$OUT/kernel-sweep-rowwise.log" ;;
     sweep-mixed) python bench/kernel_sweep.py --only mixed \
           --out "$OUT/kernel-sweep-mixed.json" 2>&1 | tee "$OUT/kernel-sweep-mixed.log" ;;
     sweep-decode) python bench/kernel_sweep.py --only decode \

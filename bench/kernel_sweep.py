@@ -1,8 +1,9 @@
 """Times the attention kernels' tile choices on the shapes the workloads run, the projections
-under each BLAS library, and the copy and read bandwidth (GPU only).
+under each BLAS library, the row-wise kernels' launch configs, and the copy and read bandwidth
+(GPU only).
 
     python bench/kernel_sweep.py --out $OUT/sweep.json \
-        [--only gemm,prefill,decode,cascade,mixed,sample,bandwidth]
+        [--only gemm,prefill,decode,cascade,mixed,sample,rowwise,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
@@ -318,6 +319,64 @@ def sweep_sample() -> dict:
     return results
 
 
+def sweep_rowwise() -> dict:
+    """The step's row-wise kernels at llama3-8b's widths, ms by launch config, graph-timed:
+    RMSNorm by num_warps, SiLU-and-mul by (BLOCK, num_warps), rotary + KV write by num_warps
+    (the first config of each is the engine's)."""
+    from batchgen.kernels import rms_norm as norm_mod
+    from batchgen.kernels import rotary_kv_write as rotary_mod
+    from batchgen.kernels import silu_and_mul as silu_mod
+
+    hidden, intermediate, heads, kv_heads, dim = 4096, 14336, 32, 8, 128
+    results = {}
+    for rows in (64, 500, 1024):
+        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(x)
+        gate_up = torch.randn(rows, 2 * intermediate, device="cuda", dtype=torch.bfloat16)
+        act = torch.empty(rows, intermediate, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, device="cuda",
+                          dtype=torch.bfloat16)
+        q = qkv[:, :heads * dim].view(rows, heads, dim)
+        k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(rows, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim:].view(rows, kv_heads, dim)
+        cache = [torch.zeros(rows, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+                 for _ in range(2)]
+        positions = torch.randint(0, 4096, (rows,), device="cuda")
+        cos_sin = torch.randn(4096, dim, device="cuda")
+        slots = torch.randperm(rows * 16, device="cuda")[:rows]
+
+        def norm(warps):
+            norm_mod._rms_norm_kernel[(rows,)](x, w, out, hidden, x.stride(0), out.stride(0),
+                                               1e-5, BLOCK=hidden, num_warps=warps)
+
+        def silu(config):
+            block, warps = config
+            silu_mod._silu_and_mul_kernel[(rows, -(-intermediate // block))](
+                gate_up, act, intermediate, gate_up.stride(0), act.stride(0), BLOCK=block,
+                num_warps=warps)
+
+        def rotary(warps):
+            rotary_mod._rotary_kv_write_kernel[(rows,)](
+                q, k, v, positions, cos_sin, *cache, slots, heads, kv_heads, q.stride(0),
+                q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                cos_sin.stride(0), HEAD_DIM=dim, IS_NEOX=True, BLOCK_H=heads,
+                BLOCK_KVH=kv_heads, ROTATE_K=False, num_warps=warps)
+
+        for name, run, configs in (
+                ("rms_norm", norm, (8, 16, 4, 2, 1)),
+                ("silu_and_mul", silu, ((4096, 8), (4096, 4), (4096, 16), (2048, 4), (2048, 8),
+                                        (1024, 4), (1024, 2), (8192, 8), (8192, 16))),
+                ("rotary_kv_write", rotary, (4, 1, 2, 8))):
+            row = {str(c): time_graph_ms(lambda: run(c), reps=100) * 1000 for c in configs}
+            best = min(row, key=row.get)
+            print(f"{name} {rows} rows: engine's {configs[0]} {row[str(configs[0])]:.2f} us, "
+                  f"best {best} {row[best]:.2f} us; " + ", ".join(
+                      f"{c} {t:.2f}" for c, t in row.items()))
+            results[f"{name} {rows} (us)"] = row
+    return results
+
+
 def sweep_bandwidth() -> dict:
     """Read-only (a sum) and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings."""
     x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda").normal_()
@@ -361,7 +420,7 @@ def sweep_gemm() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--only", default="decode,prefill,gemm,cascade,mixed,sample,bandwidth",
+    p.add_argument("--only", default="decode,prefill,gemm,cascade,mixed,sample,rowwise,bandwidth",
                    help="comma list of sections")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
@@ -409,6 +468,8 @@ def main(argv=None) -> int:
         results["sample (ms)"] = sweep_sample()
     if "mixed" in sections:
         results["mixed (ms)"] = sweep_mixed()
+    if "rowwise" in sections:
+        results["rowwise (us)"] = sweep_rowwise()
     if "bandwidth" in sections:
         results["bandwidth"] = sweep_bandwidth()
     if args.out is not None:
