@@ -345,6 +345,7 @@ def sweep_rowwise() -> dict:
         positions = torch.randint(0, 4096, (rows,), device="cuda")
         cos_sin = torch.randn(4096, dim, device="cuda")
         slots = torch.randperm(rows * 16, device="cuda")[:rows]
+        rotary_warps = 8 if rows <= rotary_mod._MAX_TOKENS_FOR_8_WARPS else 4
 
         def norm(warps):
             norm_mod._rms_norm_kernel[(rows,)](x, w, out, hidden, x.stride(0), out.stride(0),
@@ -367,7 +368,8 @@ def sweep_rowwise() -> dict:
                 ("rms_norm", norm, (8, 16, 4, 2, 1)),
                 ("silu_and_mul", silu, ((4096, 8), (4096, 4), (4096, 16), (2048, 4), (2048, 8),
                                         (1024, 4), (1024, 2), (8192, 8), (8192, 16))),
-                ("rotary_kv_write", rotary, (4, 1, 2, 8))):
+                ("rotary_kv_write", rotary, (rotary_warps, *(
+                    w for w in (1, 2, 4, 8) if w != rotary_warps)))):
             row = {str(c): time_graph_ms(lambda: run(c), reps=100) * 1000 for c in configs}
             best = min(row, key=row.get)
             print(f"{name} {rows} rows: engine's {configs[0]} {row[str(configs[0])]:.2f} us, "

@@ -15,6 +15,10 @@ from ._triton import (check_dtype, check_same_device, jit, next_power_of_2, requ
                       wait_for_inputs)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# One program per token: a small step has few, so each takes more warps. H200, bf16, llama3-8b
+# widths, graph-timed (bench/kernel_sweep.py --only rowwise): 64 tokens 2.92 us with 8 warps
+# against 4.87 with 4; 500 tokens 4.40 against 4.39; 1,024 tokens 6.87 against 6.27.
+_MAX_TOKENS_FOR_8_WARPS = 256
 
 
 def rotate_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -161,5 +165,5 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), cos_sin_cache.stride(0), HEAD_DIM=q.shape[2], IS_NEOX=is_neox,
         BLOCK_H=next_power_of_2(q.shape[1]), BLOCK_KVH=next_power_of_2(k.shape[1]),
-        ROTATE_K=rotate_k, num_warps=4)
+        ROTATE_K=rotate_k, num_warps=8 if q.shape[0] <= _MAX_TOKENS_FOR_8_WARPS else 4)
     return q
