@@ -13,9 +13,9 @@ BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `no-m
 (a mixed step's decodes stay in the prefill kernel); `no-dense` (runs of fresh prompts stay
 in the paged kernel, not cuDNN's); `no-fused-mlp` (every MLP on cuBLAS and silu_and_mul, the
 decode graphs captured again that way for its runs); `no-pdl` (our kernels launched plainly,
-not by programmatic dependent launch; the graphs captured again). Each variant is warmed up (compiled)
-before the first round. A variant that needs code the engine no longer has (session 11's
-in-kernel q rotation) is kept in git history with its results, not here.
+not by programmatic dependent launch; the graphs captured again). Each variant is warmed up
+(compiled) before the first round. A variant that needs code the engine no longer has
+(session 11's in-kernel q rotation) is kept in git history with its results, not here.
 """
 from __future__ import annotations
 

@@ -83,10 +83,11 @@ def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
 
 # Programmatic dependent launch (sm_90+): a kernel launched with it may be scheduled before
 # the kernel ahead of it in the stream has finished, and waits in `wait_for_inputs` until
-# that kernel's writes are visible. Its launch latency then overlaps the previous kernel's
-# last wave instead of following it: ~1 us at each of a decode step's ~160 boundaries into
-# our kernels (cuBLAS's kernels are launched plainly and wait as before). None: not decided
-# yet (pdl_enabled decides on first use); set_pdl switches it (bench/ab_probe.py).
+# that kernel's writes are visible. Its launch then overlaps the previous kernel's last wave
+# instead of following it, at the ~5 boundaries a layer where the next kernel is ours
+# (cuBLAS's kernels are launched plainly and wait as before): 0.2% of decode and of reviews
+# on the H200 (bench/RESULTS.md, session 15). None: not decided yet (pdl_enabled decides on
+# first use); set_pdl switches it (bench/ab_probe.py).
 _pdl: bool | None = None
 
 
