@@ -380,15 +380,37 @@ def sweep_rowwise() -> dict:
 
 
 def sweep_bandwidth() -> dict:
-    """Read-only (a sum) and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings."""
+    """Read-only and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings. Read by
+    torch's sum and by a plain Triton streaming read at several (BLOCK, ITERS, num_warps):
+    whether the sum leaves read bandwidth that a kernel could still take."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        # each program sums ITERS consecutive blocks of BLOCK elements
+        start = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(ITERS):
+            acc += tl.load(x_ptr + start + i * BLOCK + tl.arange(0, BLOCK)).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
     x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
     read_ms = time_ms(lambda: x.sum(dtype=torch.float32))
     copy_ms = time_ms(lambda: y.copy_(x))
     out = {"read TB/s": x.numel() * 2 / read_ms / 1e9,
            "copy TB/s": 2 * x.numel() * 2 / copy_ms / 1e9}
-    print(f"bandwidth: read {out['read TB/s']:.3f} TB/s, copy {out['copy TB/s']:.3f} TB/s")
-    del x, y
+    sums = torch.empty(x.numel() // 1024, device="cuda")
+    for block, iters, warps in itertools.product((1024, 4096, 8192), (1, 8, 64), (4, 8)):
+        grid = (x.numel() // (block * iters),)
+        ms = time_ms(lambda: read_kernel[grid](x, sums, BLOCK=block, ITERS=iters,
+                                               num_warps=warps))
+        out[f"triton read {block}/{iters}/{warps} TB/s"] = x.numel() * 2 / ms / 1e9
+    best = max((k for k in out if k.startswith("triton")), key=out.get)
+    print(f"bandwidth: read {out['read TB/s']:.3f} TB/s, copy {out['copy TB/s']:.3f} TB/s, "
+          f"best Triton read ({best[13:-5]}) {out[best]:.3f} TB/s")
+    del x, y, sums
     torch.cuda.empty_cache()
     return out
 
