@@ -409,7 +409,7 @@ def sweep_bandwidth() -> dict:
         out[f"triton read {block}/{iters}/{warps} TB/s"] = x.numel() * 2 / ms / 1e9
     best = max((k for k in out if k.startswith("triton")), key=out.get)
     print(f"bandwidth: read {out['read TB/s']:.3f} TB/s, copy {out['copy TB/s']:.3f} TB/s, "
-          f"best Triton read ({best[13:-5]}) {out[best]:.3f} TB/s")
+          f"best Triton read ({best[12:-5]}) {out[best]:.3f} TB/s")
     del x, y, sums
     torch.cuda.empty_cache()
     return out
