@@ -9,7 +9,9 @@ cap what counts is the whole step's energy, so a choice is confirmed here, end t
         default,no-mixed-split --rounds 1 --out /tmp/ab.json  # CPU: the harness itself
 
 Variants: `default` (the code as it is); `tiles=M/N/W/S/K` (the prefill kernel's BLOCK_M,
-BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `no-mixed-split`
+BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `dtiles=N/W/S/K`
+(the decode kernel's BLOCK_N, num_warps, num_stages and K-by-rows at head dims 64 and 128,
+the graphs captured again); `no-mixed-split`
 (a mixed step's decodes stay in the prefill kernel); `no-dense` (runs of fresh prompts stay
 in the paged kernel, not cuDNN's); `no-fused-mlp` (every MLP on cuBLAS and silu_and_mul, the
 decode graphs captured again that way for its runs); `no-pdl` (our kernels launched plainly,
@@ -36,7 +38,7 @@ from power import ClockSampler  # noqa: E402
 from shapes import get_shape  # noqa: E402
 from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
 
-from batchgen.kernels import _triton, prefill_attention  # noqa: E402
+from batchgen.kernels import _triton, decode_attention, prefill_attention  # noqa: E402
 
 
 # variant -> the model runner's attribute it sets to None (turning that path off)
@@ -47,47 +49,56 @@ CAPTURED = {"fused_mlp_shape"}
 
 
 def check_variant(name: str) -> tuple[int, ...] | None:
-    """Raises on a name no variant has; -> the tiles of a `tiles=` variant, else None."""
+    """Raises on a name no variant has; -> the tiles of a `tiles=` or `dtiles=` variant,
+    else None."""
     if name in SWITCHES or name in ("default", "no-pdl"):
         return None
-    if name.startswith("tiles="):
-        parts = name[6:].split("/")
-        if len(parts) == 5 and all(x.isdigit() for x in parts):
-            return tuple(int(x) for x in parts)
-    raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K, no-pdl or one of "
-                     f"{', '.join(SWITCHES)}")
+    for prefix, count in (("tiles=", 5), ("dtiles=", 4)):
+        if name.startswith(prefix):
+            parts = name[len(prefix):].split("/")
+            if len(parts) == count and all(x.isdigit() for x in parts):
+                return tuple(int(x) for x in parts)
+    raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K, dtiles=N/W/S/K, "
+                     f"no-pdl or one of {', '.join(SWITCHES)}")
 
 
 @contextlib.contextmanager
-def variant(name: str, llm):
-    """llm's engine as variant `name` while the block runs."""
-    tiles = check_variant(name)
-    graphs = llm.engine.runner.graphs
-    if name == "no-pdl":
-        saved = _triton.pdl_enabled()
-        _triton.set_pdl(False)
+def _swapped(apply, undo, graphs=None):
+    """apply() while the block runs, undo() after it; `graphs` (the decode graphs, or None)
+    captured again after each, so they replay the variant's kernels and then the default's."""
+    apply()
+    if graphs is not None:
+        graphs.capture()
+    try:
+        yield
+    finally:
+        undo()
         if graphs is not None:
             graphs.capture()
-        try:
-            yield
-        finally:
-            _triton.set_pdl(saved)
-            if graphs is not None:
-                graphs.capture()
-    elif name in SWITCHES:
-        runner, attribute = llm.engine.runner, SWITCHES[name]
+
+
+def variant(name: str, llm):
+    """llm's engine as variant `name` while the returned context's block runs."""
+    tiles = check_variant(name)
+    runner = llm.engine.runner
+    if name == "no-pdl":
+        saved = _triton.pdl_enabled()
+        return _swapped(lambda: _triton.set_pdl(False), lambda: _triton.set_pdl(saved),
+                        runner.graphs)
+    if name in SWITCHES:
+        attribute = SWITCHES[name]
         saved = getattr(runner, attribute)
-        recapture = attribute in CAPTURED and runner.graphs is not None
-        setattr(runner, attribute, None)
-        if recapture:
-            runner.graphs.capture()
-        try:
-            yield
-        finally:
-            setattr(runner, attribute, saved)
-            if recapture:
-                runner.graphs.capture()
-    elif tiles is not None:
+        return _swapped(lambda: setattr(runner, attribute, None),
+                        lambda: setattr(runner, attribute, saved),
+                        runner.graphs if attribute in CAPTURED else None)
+    if name.startswith("dtiles="):  # the decode kernel's, at head dims 64 and 128
+        block_n, warps, stages, k_rows = tiles
+        original = dict(decode_attention._TUNING)
+        tuned = {**original, 64: (block_n, warps, stages, bool(k_rows)),
+                 128: (block_n, warps, stages, bool(k_rows))}
+        return _swapped(lambda: decode_attention._TUNING.update(tuned),
+                        lambda: decode_attention._TUNING.update(original), runner.graphs)
+    if tiles is not None:
         block_m, block_n, warps, stages, k_rows = tiles
         original = prefill_attention._tile_sizes
 
@@ -96,13 +107,9 @@ def variant(name: str, llm):
                 return original(head_dim, num_rows)
             return (min(block_m, max(16, prefill_attention.next_power_of_2(num_rows))),
                     block_n, warps, stages, bool(k_rows))
-        prefill_attention._tile_sizes = tile_sizes
-        try:
-            yield
-        finally:
-            prefill_attention._tile_sizes = original
-    else:  # default
-        yield
+        return _swapped(lambda: setattr(prefill_attention, "_tile_sizes", tile_sizes),
+                        lambda: setattr(prefill_attention, "_tile_sizes", original))
+    return contextlib.nullcontext()  # default
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ under each BLAS library, the row-wise kernels' launch configs, and the copy and 
 (GPU only).
 
     python bench/kernel_sweep.py --out $OUT/sweep.json \
-        [--only gemm,prefill,decode,cascade,mixed,sample,rowwise,bandwidth]
+        [--only gemm,prefill,decode,decode-grown,cascade,mixed,sample,rowwise,bandwidth]
 
 Each attention case is a paged batch at llama3-8b's attention shape (32 heads, 8 kv heads,
 dim 128; llama-1b's has dim 64) with 16-token blocks at shuffled ids, sized like a step of a
@@ -39,6 +39,12 @@ DECODE_CASES = {
     "decode 64 x (256 shared + 484) (baseline set)": (128, [(1, 739)] * 64, 256),
     "decode 1024 x (256 shared + 344), llama-1b (small)": (64, [(1, 599)] * 1024, 256),
     "decode 8 x 4096 (few long)": (128, [(1, 4095)] * 8, 0),
+}
+# The decode workload's steps with their blocks laid out as the engine's pool hands them out
+# (paged_batch's grown_from: 8 prompt blocks per request, then one per request in turn)
+GROWN_DECODE_CASES = {
+    "decode 500 x 640 (decode workload, mid-run), grown blocks": (128, [(1, 639)] * 500, 0, 8),
+    "decode 500 x 1,000 (decode workload, late), grown blocks": (128, [(1, 999)] * 500, 0, 8),
 }
 PREFILL_CASES = {
     "prefill 16 x 1024 (prefill workload)": (128, [(1024, 0)] * 16, 0),
@@ -79,20 +85,31 @@ GEMM_TOKENS = (64, 512, 1024, 8192, 16384)
 
 
 def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size=16,
-                 dtype=torch.bfloat16, seed=0):
+                 dtype=torch.bfloat16, seed=0, grown_from=None):
     """Random caches, each request's blocks at random ids (holes), tables padded with 0; the
-    keyword arguments of both attention kernels (GPU; also tests/test_kernels_gpu.py's)."""
+    keyword arguments of both attention kernels (GPU; also tests/test_kernels_gpu.py's).
+    grown_from=k: the blocks as a fresh pool hands them out to a batch decoding in lock-step
+    (the engine's `decode` workload): each request's first k blocks in a row, request after
+    request (its prompt), then one block per request in turn (one per 16 decode steps)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     seq_lens = torch.tensor([q + p for q, p in zip(query_lens, prefix_lens)], device="cuda")
     blocks_per_req = (seq_lens + block_size - 1) // block_size
     num_blocks = int(blocks_per_req.sum()) + 5
     max_blocks = int(blocks_per_req.max()) + 1
-    block_ids = torch.randperm(num_blocks, device="cuda", generator=gen)
-    first = torch.cumsum(blocks_per_req, 0) - blocks_per_req
     columns = torch.arange(max_blocks, device="cuda")
     is_used = columns[None, :] < blocks_per_req[:, None]
-    index = (first[:, None] + columns[None, :]).clamp(max=num_blocks - 1)
-    block_tables = torch.where(is_used, block_ids[index], 0).to(torch.int32)
+    if grown_from is None:
+        block_ids = torch.randperm(num_blocks, device="cuda", generator=gen)
+        first = torch.cumsum(blocks_per_req, 0) - blocks_per_req
+        index = (first[:, None] + columns[None, :]).clamp(max=num_blocks - 1)
+        block_tables = torch.where(is_used, block_ids[index], 0).to(torch.int32)
+    else:  # (equal lengths: the ids are dense)
+        num_reqs = len(query_lens)
+        reqs = torch.arange(num_reqs, device="cuda")[:, None]
+        prompt = reqs * grown_from + columns[None, :]
+        grown = num_reqs * grown_from + (columns[None, :] - grown_from) * num_reqs + reqs
+        block_tables = torch.where(is_used, torch.where(columns[None, :] < grown_from, prompt,
+                                                        grown), 0).to(torch.int32)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()],
                                    dtype=torch.int32, device="cuda")
@@ -181,9 +198,10 @@ def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     lens) -> work per launch. Timed replayed from a CUDA graph: GPU time only, as in the
     engine, whose decode steps replay graphs and whose eager steps launch ahead of the GPU."""
     results = {}
-    for name, (head_dim, lens, shared) in cases.items():
+    for name, (head_dim, lens, shared, *grown_from) in cases.items():
         batch = paged_batch([q for q, _ in lens], [p for _, p in lens], NUM_HEADS,
-                            NUM_KV_HEADS, head_dim, BLOCK_SIZE)
+                            NUM_KV_HEADS, head_dim, BLOCK_SIZE,
+                            grown_from=(grown_from or [None])[0])
         share_prefix(batch, shared)
         expected = run(batch, None, {})
         rows = []
@@ -486,6 +504,10 @@ def main(argv=None) -> int:
                                          + SPLIT_DECODE_CONFIGS,
                                          lambda b, config, _: run_decode(b, config),
                                          decode_bytes, "TB/s")
+    if "decode-grown" in sections:
+        results["decode, grown blocks (TB/s)"] = sweep(
+            GROWN_DECODE_CASES, DECODE_CONFIGS, lambda b, config, _: run_decode(b, config),
+            decode_bytes, "TB/s")
     if "cascade" in sections:
         results["cascade"] = sweep_cascade(run_decode)
     if "sample" in sections:

@@ -379,7 +379,8 @@ def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     out = tmp_path / "ab.json"
     cmd = [sys.executable, str(BENCH / "ab_probe.py"), "--shape", "tiny", "--workload",
            "prefill", "--limit", "3", "--variants",
-           "default,no-mixed-split,no-dense,no-fused-mlp,no-pdl,tiles=128/32/4/2/1",
+           "default,no-mixed-split,no-dense,no-fused-mlp,no-pdl,tiles=128/32/4/2/1,"
+           "dtiles=64/4/3/0",
            "--rounds", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BATCHGEN_GIT_SHA": "abc1234"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
@@ -390,7 +391,7 @@ def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     assert [(r["round"], r["variant"]) for r in results["runs"]] == [
         (i, v) for i in range(2)
         for v in ("default", "no-mixed-split", "no-dense", "no-fused-mlp", "no-pdl",
-                  "tiles=128/32/4/2/1")]
+                  "tiles=128/32/4/2/1", "dtiles=64/4/3/0")]
     assert all(r["wall_s"] > 0 for r in results["runs"])
     assert results["summary"]["default"]["vs_first"] == 1.0
 
@@ -401,3 +402,27 @@ def test_ab_probe_refuses_an_unknown_variant_before_building_a_model(tmp_path):
                           timeout=120)
     assert proc.returncode != 0 and "unknown variant 'fast'" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_ab_probe_variants_swap_their_setting_for_the_block_only():
+    # A decode-tile variant (and no-pdl) holds while its block runs, the decode graphs
+    # captured again on the way in and out; afterwards the defaults are back.
+    import types
+
+    import ab_probe
+    from batchgen.kernels import _triton, decode_attention
+
+    captures = []
+    graphs = types.SimpleNamespace(capture=lambda: captures.append(
+        (decode_attention._TUNING[128], _triton.pdl_enabled())))
+    llm = types.SimpleNamespace(engine=types.SimpleNamespace(
+        runner=types.SimpleNamespace(graphs=graphs)))
+    default_tiles, default_pdl = decode_attention._TUNING[128], _triton.pdl_enabled()
+    with ab_probe.variant("dtiles=32/4/3/1", llm):
+        assert decode_attention._TUNING[128] == decode_attention._TUNING[64] == (32, 4, 3, True)
+    with ab_probe.variant("no-pdl", llm):
+        assert _triton.pdl_enabled() is False
+    assert decode_attention._TUNING[128] == default_tiles
+    assert _triton.pdl_enabled() is default_pdl
+    assert captures == [((32, 4, 3, True), default_pdl), (default_tiles, default_pdl),
+                        (default_tiles, False), (default_tiles, default_pdl)]
