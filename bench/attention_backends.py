@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_sweep import NUM_HEADS, NUM_KV_HEADS, paged_batch, time_ms  # noqa: E402
+from gpu_timing import time_ms  # noqa: E402
+from kernel_sweep import NUM_HEADS, NUM_KV_HEADS  # noqa: E402
+from paged_batches import paged_batch  # noqa: E402
 
 # name -> (head_dim, query lengths of the step's fresh prompts)
 CASES = {

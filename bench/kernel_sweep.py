@@ -15,20 +15,24 @@ as attention TFLOP/s (causal: the keys each query sees). `cascade` times decode 
 requests share a prompt prefix's blocks, the shared keys read per request and once. The
 shuffled blocks make the timings pessimistic next to the engine, whose fresh prompts get
 mostly consecutive blocks: compare configs with each other here, and confirm a winner end to
-end (RESULTS.md, session 6).
+end (RESULTS.md, session 6). `decode-grown` lays the blocks out as the engine's pool hands
+them to a lock-step batch (session 15). The sections beyond attention are in op_sweeps.py.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZE = 32, 8, 16
+from gpu_timing import time_graph_ms
+from op_sweeps import sweep_bandwidth, sweep_gemm, sweep_rowwise, sweep_sample
+from paged_batches import BLOCK_SIZE, mixed_step, paged_batch, share_prefix
+
+NUM_HEADS, NUM_KV_HEADS = 32, 8
 GRAPH_MAX_SEQ_LEN = 4096  # decode graphs are captured with max_model_len: splits follow it
 
 # name -> (head_dim, [(query length, prefix length)] of the step's requests, keys at the
@@ -78,120 +82,6 @@ SPLIT_DECODE_CONFIGS = list(itertools.product((16, 32, 64), (1, 2, 4), (2,), (Fa
                                               (1, 2, 4, 8, 16)))
 PREFILL_CONFIGS = (list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False,)))
                    + list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (True,))))
-# llama3-8b's projections (out, in) and the tokens per step the workloads run
-GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
-               "down": (4096, 14336), "lm_head": (128256, 4096)}
-GEMM_TOKENS = (64, 512, 1024, 8192, 16384)
-
-
-def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size=16,
-                 dtype=torch.bfloat16, seed=0, grown_from=None):
-    """Random caches, each request's blocks at random ids (holes), tables padded with 0; the
-    keyword arguments of both attention kernels (GPU; also tests/test_kernels_gpu.py's).
-    grown_from=k: the blocks as a fresh pool hands them out to a batch decoding in lock-step
-    (the engine's `decode` workload): each request's first k blocks in a row, request after
-    request (its prompt), then one block per request in turn (one per 16 decode steps)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    seq_lens = torch.tensor([q + p for q, p in zip(query_lens, prefix_lens)], device="cuda")
-    blocks_per_req = (seq_lens + block_size - 1) // block_size
-    num_blocks = int(blocks_per_req.sum()) + 5
-    max_blocks = int(blocks_per_req.max()) + 1
-    columns = torch.arange(max_blocks, device="cuda")
-    is_used = columns[None, :] < blocks_per_req[:, None]
-    if grown_from is None:
-        block_ids = torch.randperm(num_blocks, device="cuda", generator=gen)
-        first = torch.cumsum(blocks_per_req, 0) - blocks_per_req
-        index = (first[:, None] + columns[None, :]).clamp(max=num_blocks - 1)
-        block_tables = torch.where(is_used, block_ids[index], 0).to(torch.int32)
-    else:  # (equal lengths: the ids are dense)
-        num_reqs = len(query_lens)
-        reqs = torch.arange(num_reqs, device="cuda")[:, None]
-        prompt = reqs * grown_from + columns[None, :]
-        grown = num_reqs * grown_from + (columns[None, :] - grown_from) * num_reqs + reqs
-        block_tables = torch.where(is_used, torch.where(columns[None, :] < grown_from, prompt,
-                                                        grown), 0).to(torch.int32)
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()],
-                                   dtype=torch.int32, device="cuda")
-    return dict(
-        q=torch.randn(sum(query_lens), num_heads, head_dim, device="cuda", generator=gen,
-                      dtype=dtype),
-        key_cache=torch.randn(shape, device="cuda", generator=gen, dtype=dtype),
-        value_cache=torch.randn(shape, device="cuda", generator=gen, dtype=dtype),
-        block_tables=block_tables, query_start_loc=query_start_loc,
-        seq_lens=seq_lens.to(torch.int32), scale=head_dim ** -0.5,
-        max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()))
-
-
-def decode_args(batch: dict) -> tuple:
-    """A batch of one-query requests as decode_attention's (and its reference's) positional
-    arguments."""
-    return (batch["q"], batch["key_cache"], batch["value_cache"], batch["block_tables"],
-            batch["seq_lens"], batch["scale"], batch["max_seq_len"])
-
-
-def mixed_step(batch: dict, num_decodes: int, shared_prefix_len: torch.Tensor | None = None):
-    """-> (Attention layer, ForwardContext): the batch as a step the engine attends with
-    `Attention.attend`, its leading num_decodes requests by the decode kernel (cascade over
-    shared_prefix_len keys, a [1] int32 tensor, or None) and the rest by the prefill kernel."""
-    from batchgen.layers.attention import Attention
-    from batchgen.layers.context import ForwardContext
-
-    q, key_cache = batch["q"], batch["key_cache"]
-    ctx = ForwardContext(
-        query_start_loc=batch["query_start_loc"], seq_lens=batch["seq_lens"],
-        block_tables=batch["block_tables"], slot_mapping=None,
-        kv_caches=[(key_cache, batch["value_cache"])], max_query_len=batch["max_query_len"],
-        max_seq_len=batch["max_seq_len"], num_decodes=num_decodes,
-        shared_prefix_len=shared_prefix_len)
-    layer = Attention(q.shape[1], key_cache.shape[2], q.shape[2], batch["scale"], layer_idx=0,
-                      rotary_emb=None)
-    return layer, ctx
-
-
-def share_prefix(batch: dict, num_keys: int, block_size: int = BLOCK_SIZE) -> None:
-    """Every request's first num_keys keys (whole blocks) become request 0's: its table's
-    first blocks in every row, as a prompt prefix from the prefix cache."""
-    num_blocks = num_keys // block_size
-    batch["block_tables"][:, :num_blocks] = batch["block_tables"][0, :num_blocks].clone()
-
-
-def time_ms(fn, reps: int = 15) -> float:
-    """Median of single eager calls between two events: host launch time included (for the
-    4 GiB bandwidth passes, whose launch is short next to the work)."""
-    for _ in range(3):  # compile, and bring the clocks up (the first timing ran ~20% slow)
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def time_graph_ms(fn, reps: int = 20) -> float:
-    """fn captured in a CUDA graph (as the engine replays decode steps), then `reps` replays
-    back to back between two events: no host launch time in the figure."""
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def sweep(cases: dict, configs: list, run, work, unit: str) -> dict:
     """run(batch, config or None, plans) -> output (plans: a dict for the step's plans, which
     the engine builds once per step: filled by the call before the capture); work(head_dim,
@@ -307,155 +197,6 @@ def sweep_mixed() -> dict:
         results[name] = row
         del batch
         torch.cuda.empty_cache()
-    return results
-
-
-def sweep_sample() -> dict:
-    """The fused sampler on a step's bf16 logits (llama3-8b's vocabulary), ms by (BLOCK,
-    num_warps, splits): one program per row, or the vocabulary split across several."""
-    from batchgen.kernels.gumbel_sample import gumbel_sample
-
-    configs = [(1024, 4, 1), (1024, 8, 1), (2048, 8, 1), (1024, 4, 2), (1024, 4, 4),
-               (1024, 4, 8), (2048, 8, 2), (2048, 8, 4), (1024, 4, None), (2048, 8, None)]
-    results = {}
-    for rows in (64, 500, 1024):
-        x = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16)
-        keys = torch.randint(0, 2**32, (rows,), device="cuda")
-        for label, temperature in (("t=1", torch.ones(rows, device="cuda")),
-                                   ("t=0.7", torch.full((rows,), 0.7, device="cuda"))):
-            expected = gumbel_sample(x, keys, temperature)
-            row = {}
-            for config in configs:
-                out = gumbel_sample(x, keys, temperature, tuning=config)
-                assert torch.equal(out, expected), config
-                row[str(config)] = time_graph_ms(
-                    lambda: gumbel_sample(x, keys, temperature, tuning=config))
-            best = min(row, key=row.get)
-            print(f"sample {rows} x 128256 {label}: (1024, 4, 1) {row['(1024, 4, 1)']:.3f} ms, "
-                  f"chosen {row['(1024, 4, None)']:.3f} ms, best {best} {row[best]:.3f} ms")
-            results[f"{rows} {label}"] = row
-    return results
-
-
-def sweep_rowwise() -> dict:
-    """The step's row-wise kernels at llama3-8b's widths, ms by launch config, graph-timed:
-    RMSNorm by num_warps, SiLU-and-mul by (BLOCK, num_warps), rotary + KV write by num_warps
-    (the first config of each is the engine's)."""
-    from batchgen.kernels import rms_norm as norm_mod
-    from batchgen.kernels import rotary_kv_write as rotary_mod
-    from batchgen.kernels import silu_and_mul as silu_mod
-
-    hidden, intermediate, heads, kv_heads, dim = 4096, 14336, 32, 8, 128
-    results = {}
-    for rows in (64, 500, 1024):
-        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty_like(x)
-        gate_up = torch.randn(rows, 2 * intermediate, device="cuda", dtype=torch.bfloat16)
-        act = torch.empty(rows, intermediate, device="cuda", dtype=torch.bfloat16)
-        qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, device="cuda",
-                          dtype=torch.bfloat16)
-        q = qkv[:, :heads * dim].view(rows, heads, dim)
-        k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(rows, kv_heads, dim)
-        v = qkv[:, (heads + kv_heads) * dim:].view(rows, kv_heads, dim)
-        cache = [torch.zeros(rows, 16, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-                 for _ in range(2)]
-        positions = torch.randint(0, 4096, (rows,), device="cuda")
-        cos_sin = torch.randn(4096, dim, device="cuda")
-        slots = torch.randperm(rows * 16, device="cuda")[:rows]
-        rotary_warps = 8 if rows <= rotary_mod._MAX_TOKENS_FOR_8_WARPS else 4
-
-        def norm(warps):
-            norm_mod._rms_norm_kernel[(rows,)](x, w, out, hidden, x.stride(0), out.stride(0),
-                                               1e-5, BLOCK=hidden, num_warps=warps)
-
-        def silu(config):
-            block, warps = config
-            silu_mod._silu_and_mul_kernel[(rows, -(-intermediate // block))](
-                gate_up, act, intermediate, gate_up.stride(0), act.stride(0), BLOCK=block,
-                num_warps=warps)
-
-        def rotary(warps):
-            rotary_mod._rotary_kv_write_kernel[(rows,)](
-                q, k, v, positions, cos_sin, *cache, slots, heads, kv_heads, q.stride(0),
-                q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                cos_sin.stride(0), HEAD_DIM=dim, IS_NEOX=True, BLOCK_H=heads,
-                BLOCK_KVH=kv_heads, ROTATE_K=False, num_warps=warps)
-
-        for name, run, configs in (
-                ("rms_norm", norm, (8, 16, 4, 2, 1)),
-                ("silu_and_mul", silu, ((4096, 8), (4096, 4), (4096, 16), (2048, 4), (2048, 8),
-                                        (1024, 4), (1024, 2), (8192, 8), (8192, 16))),
-                ("rotary_kv_write", rotary, (rotary_warps, *(
-                    w for w in (1, 2, 4, 8) if w != rotary_warps)))):
-            row = {str(c): time_graph_ms(lambda: run(c), reps=100) * 1000 for c in configs}
-            best = min(row, key=row.get)
-            print(f"{name} {rows} rows: engine's {configs[0]} {row[str(configs[0])]:.2f} us, "
-                  f"best {best} {row[best]:.2f} us; " + ", ".join(
-                      f"{c} {t:.2f}" for c, t in row.items()))
-            results[f"{name} {rows} (us)"] = row
-    return results
-
-
-def sweep_bandwidth() -> dict:
-    """Read-only and copy bandwidth over 4 GiB, TB/s: the decode kernel's ceilings. Read by
-    torch's sum and by a plain Triton streaming read at several (BLOCK, ITERS, num_warps):
-    whether the sum leaves read bandwidth that a kernel could still take."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def read_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # each program sums ITERS consecutive blocks of BLOCK elements
-        start = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for i in range(ITERS):
-            acc += tl.load(x_ptr + start + i * BLOCK + tl.arange(0, BLOCK)).to(tl.float32)
-        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
-
-    x = torch.empty(2 * 1024**3, dtype=torch.bfloat16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    read_ms = time_ms(lambda: x.sum(dtype=torch.float32))
-    copy_ms = time_ms(lambda: y.copy_(x))
-    out = {"read TB/s": x.numel() * 2 / read_ms / 1e9,
-           "copy TB/s": 2 * x.numel() * 2 / copy_ms / 1e9}
-    sums = torch.empty(x.numel() // 1024, device="cuda")
-    for block, iters, warps in itertools.product((1024, 4096, 8192), (1, 8, 64), (4, 8)):
-        grid = (x.numel() // (block * iters),)
-        ms = time_ms(lambda: read_kernel[grid](x, sums, BLOCK=block, ITERS=iters,
-                                               num_warps=warps))
-        out[f"triton read {block}/{iters}/{warps} TB/s"] = x.numel() * 2 / ms / 1e9
-    best = max((k for k in out if k.startswith("triton")), key=out.get)
-    print(f"bandwidth: read {out['read TB/s']:.3f} TB/s, copy {out['copy TB/s']:.3f} TB/s, "
-          f"best Triton read ({best[12:-5]}) {out[best]:.3f} TB/s")
-    del x, y, sums
-    torch.cuda.empty_cache()
-    return out
-
-
-def sweep_gemm() -> dict:
-    """F.linear at the model's shapes under each BLAS library torch can call: TFLOP/s, graph
-    timed. Replays reuse one weight, which L2 (50 MB) may hold where it is small (o_proj's
-    34 MB): the engine reads every layer's from HBM, so take these as upper bounds."""
-    import torch.nn.functional as F
-
-    results = {}
-    default = torch.backends.cuda.preferred_blas_library()
-    try:
-        for name, (n, k) in GEMM_SHAPES.items():
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            for m in GEMM_TOKENS:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                row = {}
-                for lib in ("cublas", "cublaslt"):
-                    torch.backends.cuda.preferred_blas_library(lib)
-                    ms = time_graph_ms(lambda: F.linear(x, w))
-                    row[lib] = 2 * m * n * k / ms / 1e9
-                results[f"{name} M={m}"] = row
-                print(f"gemm {name} [{m} x {k}] x [{k} x {n}]: " + ", ".join(
-                    f"{lib} {tf:.0f} TFLOP/s" for lib, tf in row.items()))
-    finally:
-        torch.backends.cuda.preferred_blas_library(default)
     return results
 
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_sweep import paged_batch, time_ms  # noqa: E402
+from gpu_timing import time_ms  # noqa: E402
+from paged_batches import paged_batch  # noqa: E402
 
 from batchgen.kernels.decode_attention import decode_attention  # noqa: E402
 from batchgen.kernels.silu_and_mul import silu_and_mul  # noqa: E402

@@ -24,7 +24,7 @@ from batchgen.kernels.rotary_kv_write import (rotary_kv_write, rotary_kv_write_r
 from batchgen.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from kernel_sweep import decode_args, mixed_step, share_prefix  # noqa: E402  (as the sweep)
+from paged_batches import decode_args, mixed_step, share_prefix  # noqa: E402  (as the sweep)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is left out: the interpreter computes NaN for it (test_kernels_gpu.py covers bf16).

@@ -7,8 +7,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-from kernel_sweep import (decode_args, mixed_step, paged_batch,  # noqa: E402
-                          share_prefix)  # (the sweep times the same batches)
+from paged_batches import (decode_args, mixed_step, paged_batch,  # noqa: E402
+                           share_prefix)  # (the sweep times the same batches)
 
 from batchgen.kernels import gate_up_silu as gus
 from batchgen.kernels.decode_attention import decode_attention, decode_attention_ref

@@ -1,0 +1,42 @@
+"""GPU timing for the sweeps and probes: single eager calls, or replays of one CUDA graph."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def time_ms(fn, reps: int = 15) -> float:
+    """Median of single eager calls between two events: host launch time included (for the
+    4 GiB bandwidth passes, whose launch is short next to the work)."""
+    for _ in range(3):  # compile, and bring the clocks up (the first timing ran ~20% slow)
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_graph_ms(fn, reps: int = 20) -> float:
+    """fn captured in a CUDA graph (as the engine replays decode steps), then `reps` replays
+    back to back between two events: no host launch time in the figure."""
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
