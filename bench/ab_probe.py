@@ -10,14 +10,14 @@ cap what counts is the whole step's energy, so a choice is confirmed here, end t
 
 Variants: `default` (the code as it is); `tiles=M/N/W/S/K` (the prefill kernel's BLOCK_M,
 BLOCK_N, num_warps, num_stages and K-by-rows 0/1 for head dims up to 128); `dtiles=N/W/S/K`
-(the decode kernel's BLOCK_N, num_warps, num_stages and K-by-rows at head dims 64 and 128,
-the graphs captured again); `no-mixed-split`
-(a mixed step's decodes stay in the prefill kernel); `no-dense` (runs of fresh prompts stay
-in the paged kernel, not cuDNN's); `no-fused-mlp` (every MLP on cuBLAS and silu_and_mul, the
-decode graphs captured again that way for its runs); `no-pdl` (our kernels launched plainly,
-not by programmatic dependent launch; the graphs captured again). Each variant is warmed up
-(compiled) before the first round. A variant that needs code the engine no longer has
-(session 11's in-kernel q rotation) is kept in git history with its results, not here.
+(the decode kernel's BLOCK_N, num_warps, num_stages and K-by-rows at head dims 64 and 128, the
+graphs captured again); `no-mixed-split` (a mixed step's decodes stay in the prefill kernel);
+`no-dense` (runs of fresh prompts stay in the paged kernel, not cuDNN's); `no-fused-mlp` (every
+MLP on cuBLAS and silu_and_mul, the decode graphs captured again that way for its runs);
+`no-pdl` (our kernels launched plainly, not by programmatic dependent launch; the graphs
+captured again). Each variant is warmed up (compiled) before the first round. A variant that
+needs code the engine no longer has (session 11's in-kernel q rotation) is kept in git history
+with its results, not here.
 """
 from __future__ import annotations
 

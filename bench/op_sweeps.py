@@ -42,7 +42,7 @@ def sweep_sample() -> dict:
 
 
 def sweep_rowwise() -> dict:
-    """The step's row-wise kernels at llama3-8b's widths, ms by launch config, graph-timed:
+    """The step's row-wise kernels at llama3-8b's widths, us by launch config, graph-timed:
     RMSNorm by num_warps, SiLU-and-mul by (BLOCK, num_warps), rotary + KV write by num_warps
     (the first config of each is the engine's)."""
     from batchgen.kernels import rms_norm as norm_mod

@@ -27,7 +27,9 @@ def paged_batch(query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, bloc
         first = torch.cumsum(blocks_per_req, 0) - blocks_per_req
         index = (first[:, None] + columns[None, :]).clamp(max=num_blocks - 1)
         block_tables = torch.where(is_used, block_ids[index], 0).to(torch.int32)
-    else:  # (equal lengths: the ids are dense)
+    else:
+        if len(set(seq_lens.tolist())) > 1:  # (the ids below are dense for equal lengths only)
+            raise ValueError("paged_batch: grown_from lays out requests of one length")
         num_reqs = len(query_lens)
         reqs = torch.arange(num_reqs, device="cuda")[:, None]
         prompt = reqs * grown_from + columns[None, :]
