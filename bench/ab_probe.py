@@ -5,6 +5,8 @@ cap what counts is the whole step's energy, so a choice is confirmed here, end t
 
     python bench/ab_probe.py --shape llama3-8b --workload prefill --limit 400 \
         --variants default,tiles=128/32/4/2/1 --rounds 2 --out $OUT/ab.json
+    python bench/ab_probe.py --shape llama3-8b --workload reviews --limit 64 \
+        --max-output-tokens 128 --variants default,no-pacing --rounds 5 --out $OUT/ab-set.json
     python bench/ab_probe.py --shape tiny --workload reviews --limit 8 --variants \
         default,no-mixed-split --rounds 1 --out /tmp/ab.json  # CPU: the harness itself
 
@@ -15,7 +17,7 @@ graphs captured again); `no-mixed-split` (a mixed step's decodes stay in the pre
 `no-dense` (runs of fresh prompts stay in the paged kernel, not cuDNN's); `no-fused-mlp` (every
 MLP on cuBLAS and silu_and_mul, the decode graphs captured again that way for its runs);
 `no-pdl` (our kernels launched plainly, not by programmatic dependent launch; the graphs
-captured again). Each variant is warmed up (compiled) before the first round. A variant that
+captured again); `no-pacing` (prompts admitted greedily: engine/pacing.py off). Each variant is warmed up (compiled) before the first round. A variant that
 needs code the engine no longer has (session 11's in-kernel q rotation) is kept in git history
 with its results, not here.
 """
@@ -51,7 +53,7 @@ CAPTURED = {"fused_mlp_shape"}
 def check_variant(name: str) -> tuple[int, ...] | None:
     """Raises on a name no variant has; -> the tiles of a `tiles=` or `dtiles=` variant,
     else None."""
-    if name in SWITCHES or name in ("default", "no-pdl"):
+    if name in SWITCHES or name in ("default", "no-pdl", "no-pacing"):
         return None
     for prefix, count in (("tiles=", 5), ("dtiles=", 4)):
         if name.startswith(prefix):
@@ -59,7 +61,7 @@ def check_variant(name: str) -> tuple[int, ...] | None:
             if len(parts) == count and all(x.isdigit() for x in parts):
                 return tuple(int(x) for x in parts)
     raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K, dtiles=N/W/S/K, "
-                     f"no-pdl or one of {', '.join(SWITCHES)}")
+                     f"no-pdl, no-pacing or one of {', '.join(SWITCHES)}")
 
 
 @contextlib.contextmanager
@@ -85,6 +87,11 @@ def variant(name: str, llm):
         saved = _triton.pdl_enabled()
         return _swapped(lambda: _triton.set_pdl(False), lambda: _triton.set_pdl(saved),
                         runner.graphs)
+    if name == "no-pacing":
+        config = llm.engine.scheduler.config
+        saved = config.pace_step_tokens
+        return _swapped(lambda: setattr(config, "pace_step_tokens", 0),
+                        lambda: setattr(config, "pace_step_tokens", saved))
     if name in SWITCHES:
         attribute = SWITCHES[name]
         saved = getattr(runner, attribute)
@@ -117,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--workload", default="prefill")
     p.add_argument("--limit", type=int, default=None, help="the workload's first N requests")
+    p.add_argument("--max-output-tokens", type=int, default=None,
+                   help="outputs capped: reviews --limit 64 --max-output-tokens 128 is the "
+                        "baseline set")
     p.add_argument("--variants", default="default,no-mixed-split")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
@@ -128,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()},
                      "environment": describe_environment(device), "runs": []}
-    requests = fit_to_vocab(draw_workload(args.workload, limit=args.limit).requests,
-                            shape.vocab_size)
+    requests = cap_outputs(fit_to_vocab(draw_workload(args.workload, limit=args.limit).requests,
+                                        shape.vocab_size), args.max_output_tokens)
     with tempfile.TemporaryDirectory() as folder:
         shape.write_config(folder)
         llm = build_llm(shape, Path(folder), bench_args(["--shape", shape.name]))
