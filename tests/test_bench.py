@@ -426,6 +426,8 @@ def test_ab_probe_variants_swap_their_setting_for_the_block_only():
         assert _triton.pdl_enabled() is False
     with ab_probe.variant("no-pacing", llm):
         assert scheduler_config.pace_step_tokens == 0
+    with ab_probe.variant("pace=256", llm):
+        assert scheduler_config.pace_step_tokens == 256
     assert scheduler_config.pace_step_tokens == 128
     assert decode_attention._TUNING[128] == default_tiles
     assert _triton.pdl_enabled() is default_pdl
