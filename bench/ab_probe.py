@@ -6,7 +6,7 @@ cap what counts is the whole step's energy, so a choice is confirmed here, end t
     python bench/ab_probe.py --shape llama3-8b --workload prefill --limit 400 \
         --variants default,tiles=128/32/4/2/1 --rounds 2 --out $OUT/ab.json
     python bench/ab_probe.py --shape llama3-8b --workload reviews --limit 64 \
-        --max-output-tokens 128 --variants default,no-pacing --rounds 5 --out $OUT/ab-set.json
+        --max-output-tokens 128 --variants default,no-pdl --rounds 5 --out $OUT/ab-set.json
     python bench/ab_probe.py --shape tiny --workload reviews --limit 8 --variants \
         default,no-mixed-split --rounds 1 --out /tmp/ab.json  # CPU: the harness itself
 
@@ -17,8 +17,7 @@ graphs captured again); `no-mixed-split` (a mixed step's decodes stay in the pre
 `no-dense` (runs of fresh prompts stay in the paged kernel, not cuDNN's); `no-fused-mlp` (every
 MLP on cuBLAS and silu_and_mul, the decode graphs captured again that way for its runs);
 `no-pdl` (our kernels launched plainly, not by programmatic dependent launch; the graphs
-captured again); `no-pacing` (prompts admitted greedily: engine/pacing.py off); `pace=N`
-(paced steps of up to N tokens). Each variant is warmed up (compiled) before the first round. A variant that
+captured again). Each variant is warmed up (compiled) before the first round. A variant that
 needs code the engine no longer has (session 11's in-kernel q rotation) is kept in git history
 with its results, not here.
 """
@@ -54,17 +53,15 @@ CAPTURED = {"fused_mlp_shape"}
 def check_variant(name: str) -> tuple[int, ...] | None:
     """Raises on a name no variant has; -> the tiles of a `tiles=` or `dtiles=` variant,
     else None."""
-    if name in SWITCHES or name in ("default", "no-pdl", "no-pacing"):
+    if name in SWITCHES or name in ("default", "no-pdl"):
         return None
-    if name.startswith("pace=") and name[5:].isdigit():
-        return (int(name[5:]),)
     for prefix, count in (("tiles=", 5), ("dtiles=", 4)):
         if name.startswith(prefix):
             parts = name[len(prefix):].split("/")
             if len(parts) == count and all(x.isdigit() for x in parts):
                 return tuple(int(x) for x in parts)
     raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K, dtiles=N/W/S/K, "
-                     f"no-pdl, no-pacing, pace=N or one of {', '.join(SWITCHES)}")
+                     f"no-pdl or one of {', '.join(SWITCHES)}")
 
 
 @contextlib.contextmanager
@@ -90,11 +87,6 @@ def variant(name: str, llm):
         saved = _triton.pdl_enabled()
         return _swapped(lambda: _triton.set_pdl(False), lambda: _triton.set_pdl(saved),
                         runner.graphs)
-    if name == "no-pacing" or name.startswith("pace="):
-        config = llm.engine.scheduler.config
-        saved, wanted = config.pace_step_tokens, tiles[0] if tiles else 0
-        return _swapped(lambda: setattr(config, "pace_step_tokens", wanted),
-                        lambda: setattr(config, "pace_step_tokens", saved))
     if name in SWITCHES:
         attribute = SWITCHES[name]
         saved = getattr(runner, attribute)
@@ -108,7 +100,7 @@ def variant(name: str, llm):
                  128: (block_n, warps, stages, bool(k_rows))}
         return _swapped(lambda: decode_attention._TUNING.update(tuned),
                         lambda: decode_attention._TUNING.update(original), runner.graphs)
-    if name.startswith("tiles="):
+    if tiles is not None:
         block_m, block_n, warps, stages, k_rows = tiles
         original = prefill_attention._tile_sizes
 

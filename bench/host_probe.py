@@ -48,7 +48,6 @@ def main() -> int:
     p.add_argument("--workload", default="reviews")
     p.add_argument("--limit", type=int, default=64)
     p.add_argument("--max-output-tokens", type=int, default=128)
-    p.add_argument("--pace", type=int, default=None, help="pace_step_tokens (default: as built)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     shape = get_shape(args.shape)
@@ -57,8 +56,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         shape.write_config(folder)
         llm = build_llm(shape, Path(folder), bench_args(["--shape", shape.name]))
-    if args.pace is not None:
-        llm.engine.scheduler.config.pace_step_tokens = args.pace
     generate(llm, cap_outputs(requests[:16], 4))
     result = {}
     for label in ("first", "second"):
