@@ -57,7 +57,8 @@ def main() -> int:
         shape.write_config(folder)
         llm = build_llm(shape, Path(folder), bench_args(["--shape", shape.name]))
     generate(llm, cap_outputs(requests[:16], 4))
-    result = {}
+    result = {"startup_s": llm.engine.startup_seconds, "graph_s": llm.engine.graph_seconds}
+    print(f"start-up {result['startup_s']:.1f} s, of which graphs {result['graph_s']:.1f} s")
     for label in ("first", "second"):
         llm.reset_prefix_cache()
         kinds, times = timed_steps(llm)
