@@ -50,10 +50,6 @@ class EngineConfig:
     # run the MLP's gate/up projection and SwiGLU as one Triton GEMM; True keeps cuBLAS and
     # silu_and_mul.
     disable_fused_mlp: bool = False
-    # CUDA: when the rest of a job has known output lengths and fits at once, prompt chunks
-    # ride in the decode steps that have room for them (batchgen.engine.pacing); True admits
-    # greedily, as vLLM does.
-    disable_prefill_pacing: bool = False
     # Schedule and launch step n+1 while the device runs step n (None: on for CUDA).
     async_scheduling: bool | None = None
 

@@ -29,7 +29,7 @@ class LLM:
                  load_format: str = "auto", skip_tokenizer_init: bool = False,
                  enforce_eager: bool = False, async_scheduling: bool | None = None,
                  disable_cascade_attn: bool = False, disable_dense_attn: bool = False,
-                 disable_fused_mlp: bool = False, disable_prefill_pacing: bool = False):
+                 disable_fused_mlp: bool = False):
         self.config = EngineConfig(
             model=model, dtype=dtype, device=device, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -39,8 +39,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size, load_format=load_format,
             skip_tokenizer_init=skip_tokenizer_init, enforce_eager=enforce_eager,
             async_scheduling=async_scheduling, disable_cascade_attn=disable_cascade_attn,
-            disable_dense_attn=disable_dense_attn, disable_fused_mlp=disable_fused_mlp,
-            disable_prefill_pacing=disable_prefill_pacing)
+            disable_dense_attn=disable_dense_attn, disable_fused_mlp=disable_fused_mlp)
         self.engine = Engine(self.config)
         self._counter = 0
 

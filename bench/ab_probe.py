@@ -17,9 +17,7 @@ graphs captured again); `no-mixed-split` (a mixed step's decodes stay in the pre
 `no-dense` (runs of fresh prompts stay in the paged kernel, not cuDNN's); `no-fused-mlp` (every
 MLP on cuBLAS and silu_and_mul, the decode graphs captured again that way for its runs);
 `no-pdl` (our kernels launched plainly, not by programmatic dependent launch; the graphs
-captured again); `no-piecewise` (steps with prompt tokens launched eagerly, not from
-engine/piecewise_graphs.py's graphs); `no-pacing` (prompts admitted greedily, not paced by
-engine/pacing.py); `pace=N` (paced steps of up to N tokens). Each variant is warmed up (compiled) before the first round. A variant that
+captured again). Each variant is warmed up (compiled) before the first round. A variant that
 needs code the engine no longer has (session 11's in-kernel q rotation) is kept in git history
 with its results, not here.
 """
@@ -47,7 +45,7 @@ from batchgen.kernels import _triton, decode_attention, prefill_attention  # noq
 
 # variant -> the model runner's attribute it sets to None (turning that path off)
 SWITCHES = {"no-mixed-split": "min_mixed_decodes", "no-dense": "dense_min_tokens",
-            "no-fused-mlp": "fused_mlp_shape", "no-piecewise": "piecewise"}
+            "no-fused-mlp": "fused_mlp_shape"}
 # the attributes the decode graphs are captured with: switched, they are captured again
 CAPTURED = {"fused_mlp_shape"}
 
@@ -55,17 +53,15 @@ CAPTURED = {"fused_mlp_shape"}
 def check_variant(name: str) -> tuple[int, ...] | None:
     """Raises on a name no variant has; -> the tiles of a `tiles=` or `dtiles=` variant,
     else None."""
-    if name in SWITCHES or name in ("default", "no-pdl", "no-pacing"):
+    if name in SWITCHES or name in ("default", "no-pdl"):
         return None
-    if name.startswith("pace=") and name[5:].isdigit():
-        return (int(name[5:]),)
     for prefix, count in (("tiles=", 5), ("dtiles=", 4)):
         if name.startswith(prefix):
             parts = name[len(prefix):].split("/")
             if len(parts) == count and all(x.isdigit() for x in parts):
                 return tuple(int(x) for x in parts)
     raise ValueError(f"unknown variant {name!r}: default, tiles=M/N/W/S/K, dtiles=N/W/S/K, "
-                     f"no-pdl, no-pacing, pace=N or one of {', '.join(SWITCHES)}")
+                     f"no-pdl or one of {', '.join(SWITCHES)}")
 
 
 @contextlib.contextmanager
@@ -91,11 +87,6 @@ def variant(name: str, llm):
         saved = _triton.pdl_enabled()
         return _swapped(lambda: _triton.set_pdl(False), lambda: _triton.set_pdl(saved),
                         runner.graphs)
-    if name == "no-pacing" or name.startswith("pace="):
-        config = llm.engine.scheduler.config
-        saved, wanted = config.pace_step_tokens, tiles[0] if tiles else 0
-        return _swapped(lambda: setattr(config, "pace_step_tokens", wanted),
-                        lambda: setattr(config, "pace_step_tokens", saved))
     if name in SWITCHES:
         attribute = SWITCHES[name]
         saved = getattr(runner, attribute)
@@ -109,7 +100,7 @@ def variant(name: str, llm):
                  128: (block_n, warps, stages, bool(k_rows))}
         return _swapped(lambda: decode_attention._TUNING.update(tuned),
                         lambda: decode_attention._TUNING.update(original), runner.graphs)
-    if name.startswith("tiles="):
+    if tiles is not None:
         block_m, block_n, warps, stages, k_rows = tiles
         original = prefill_attention._tile_sizes
 

@@ -379,8 +379,7 @@ def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     out = tmp_path / "ab.json"
     cmd = [sys.executable, str(BENCH / "ab_probe.py"), "--shape", "tiny", "--workload",
            "prefill", "--limit", "3", "--max-output-tokens", "2", "--variants",
-           "default,no-mixed-split,no-dense,no-fused-mlp,no-pdl,no-pacing,no-piecewise,"
-           "tiles=128/32/4/2/1,"
+           "default,no-mixed-split,no-dense,no-fused-mlp,no-pdl,tiles=128/32/4/2/1,"
            "dtiles=64/4/3/0",
            "--rounds", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BATCHGEN_GIT_SHA": "abc1234"}
@@ -392,7 +391,7 @@ def test_ab_probe_runs_every_variant_each_round_tiny_cpu(tmp_path):
     assert [(r["round"], r["variant"]) for r in results["runs"]] == [
         (i, v) for i in range(2)
         for v in ("default", "no-mixed-split", "no-dense", "no-fused-mlp", "no-pdl",
-                  "no-pacing", "no-piecewise", "tiles=128/32/4/2/1", "dtiles=64/4/3/0")]
+                  "tiles=128/32/4/2/1", "dtiles=64/4/3/0")]
     assert all(r["wall_s"] > 0 for r in results["runs"])
     assert results["summary"]["default"]["vs_first"] == 1.0
 
@@ -432,20 +431,13 @@ def test_ab_probe_variants_swap_their_setting_for_the_block_only():
     captures = []
     graphs = types.SimpleNamespace(capture=lambda: captures.append(
         (decode_attention._TUNING[128], _triton.pdl_enabled())))
-    scheduler_config = types.SimpleNamespace(pace_step_tokens=128)
     llm = types.SimpleNamespace(engine=types.SimpleNamespace(
-        runner=types.SimpleNamespace(graphs=graphs),
-        scheduler=types.SimpleNamespace(config=scheduler_config)))
+        runner=types.SimpleNamespace(graphs=graphs)))
     default_tiles, default_pdl = decode_attention._TUNING[128], _triton.pdl_enabled()
     with ab_probe.variant("dtiles=32/4/3/1", llm):
         assert decode_attention._TUNING[128] == decode_attention._TUNING[64] == (32, 4, 3, True)
     with ab_probe.variant("no-pdl", llm):
         assert _triton.pdl_enabled() is False
-    with ab_probe.variant("no-pacing", llm):
-        assert scheduler_config.pace_step_tokens == 0
-    with ab_probe.variant("pace=256", llm):
-        assert scheduler_config.pace_step_tokens == 256
-    assert scheduler_config.pace_step_tokens == 128
     assert decode_attention._TUNING[128] == default_tiles
     assert _triton.pdl_enabled() is default_pdl
     assert captures == [((32, 4, 3, True), default_pdl), (default_tiles, default_pdl),

@@ -12,7 +12,6 @@ from batchgen.config import EngineConfig
 from batchgen.engine.detokenizer import IncrementalDetokenizer, decode_output
 from batchgen.engine.model_runner import ModelRunner
 from batchgen.engine.output_processor import build_request_output, merge_fanout
-from batchgen.engine.pacing import PACE_STEP_TOKENS
 from batchgen.engine.overlap import (PendingStep, fill_placeholders, is_stop_token,
                                      placeholder_tokens, record_placeholders, stop_after)
 from batchgen.engine.request import Request, RequestStatus, prompt_error
@@ -46,9 +45,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
             max_model_len=self.max_model_len, block_size=config.block_size,
-            num_blocks=num_blocks, enable_prefix_caching=config.enable_prefix_caching,
-            pace_step_tokens=PACE_STEP_TOKENS
-            if config.is_cuda and not config.disable_prefill_pacing else 0))
+            num_blocks=num_blocks, enable_prefix_caching=config.enable_prefix_caching))
         self.graph_seconds = self.runner.capture_cuda_graphs(config.max_num_seqs)
         self._rng = random.Random(config.seed)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

@@ -14,8 +14,6 @@ from batchgen.engine.cuda_graphs import DecodeGraphs
 from batchgen.engine.host_packer import send_arrays
 from batchgen.engine.input_batch import (MIN_DENSE_RUN_TOKENS, InputBatch, build_input_batch,
                                          find_dense_run)
-from batchgen.engine.piecewise_graphs import MAX_TOKENS as PIECEWISE_MAX_TOKENS
-from batchgen.engine.piecewise_graphs import PiecewiseGraphs
 from batchgen.engine.sampler import Sampler
 from batchgen.engine.sampling_metadata import build_sampling_metadata
 from batchgen.engine.step_timer import StepTimer
@@ -76,9 +74,6 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
-        # Steps with prompt tokens, up to PIECEWISE_MAX_TOKENS of them: graphs between eager
-        # attentions (None: every such step eager).
-        self.piecewise: PiecewiseGraphs | None = None
         self.timer = StepTimer()
         # A mixed step's leading decodes go to the decode kernel once they fill the GPU with
         # one program per (request, kv head): at one split it compiles no new variant
@@ -197,10 +192,6 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.graphs = DecodeGraphs(self, max_num_seqs)
         self.graphs.capture()
-        self.piecewise = PiecewiseGraphs(
-            self, min(PIECEWISE_MAX_TOKENS, self.config.max_num_batched_tokens),
-            pool=self.graphs.pool)
-        self.piecewise.capture()
         return time.perf_counter() - t0
 
     # ---- one step ------------------------------------------------------------------------
@@ -258,10 +249,7 @@ class ModelRunner:
             ctx, input_ids, positions, logits_idx = self._send_step(batch)
             if fixup is not None:
                 input_ids[fixup[0]] = fixup[1]
-            if self.piecewise is not None and self.piecewise.can_run(len(batch.input_ids)):
-                hidden = self.piecewise.run(input_ids, positions, ctx)
-            else:
-                hidden = self.model(input_ids, positions, ctx)
+            hidden = self.model(input_ids, positions, ctx)
         timer.lap("launch_forward")
         if not batch.sample_rows:
             return LaunchedStep(batch.sample_rows, None, None, len(sched.requests))

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from batchgen.engine.kv_cache_manager import KVCacheManager
-from batchgen.engine.pacing import prefill_allowance
 from batchgen.engine.request import Request, RequestStatus
 
 
@@ -29,9 +28,6 @@ class SchedulerConfig:
     # > 0: no request gets more than this many tokens in one step (long prompts are chunked
     # even when the budget would allow more, so they do not starve other admissions).
     long_prefill_token_threshold: int = 0
-    # > 0: prompt chunks are paced into decode steps of up to this many tokens when the rest of
-    # the job has known lengths and fits at once (engine/pacing.py); 0: greedy admission.
-    pace_step_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -41,10 +37,10 @@ class SchedulerConfig:
         if not isinstance(self.num_blocks, int) or self.num_blocks < 2:
             raise ValueError(f"SchedulerConfig.num_blocks must be an integer >= 2 (block 0 is "
                              f"reserved), got {self.num_blocks!r}")
-        for name in ("long_prefill_token_threshold", "pace_step_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"SchedulerConfig.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.long_prefill_token_threshold, int) \
+                or self.long_prefill_token_threshold < 0:
+            raise ValueError("SchedulerConfig.long_prefill_token_threshold must be an integer "
+                             f">= 0, got {self.long_prefill_token_threshold!r}")
 
 
 @dataclass
@@ -83,7 +79,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order; the newest is last
         self.requests: dict[str, Request] = {}  # unfinished only
-        self._paced = False  # the last step's prompt budget came from pacing
 
     # ---- queues --------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -135,28 +130,13 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget, prompt_budget = self._schedule_running(out, self.config.max_num_batched_tokens,
-                                                       self._prompt_budget())
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
-            budget = self._schedule_waiting(out, budget, prompt_budget)
+            budget = self._schedule_waiting(out, budget)
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return out
 
-    def _prompt_budget(self) -> int:
-        """Prompt tokens (running chunks and admissions) this step may take: the whole budget,
-        or less when pacing applies (engine/pacing.py)."""
-        cfg = self.config
-        kv = self.kv_cache_manager
-        allowance = prefill_allowance(
-            self.running, self.waiting, num_waiting=len(self.waiting), was_paced=self._paced,
-            step_tokens=cfg.pace_step_tokens, max_num_seqs=cfg.max_num_seqs,
-            num_free_blocks=kv.num_free_blocks, block_size=cfg.block_size,
-            held_blocks=lambda request: len(kv.get_block_ids(request)))
-        self._paced = allowance is not None
-        return cfg.max_num_batched_tokens if allowance is None else allowance
-
-    def _schedule_running(self, out: SchedulerOutput, budget: int,
-                          prompt_budget: int) -> tuple[int, int]:
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # The hot loop of a large decode batch: _record and the KV manager's three calls are
         # inlined here as one fast_slots call (no new block, no block newly full); anything
         # else takes the general path below, with the same effect.
@@ -180,9 +160,7 @@ class Scheduler:
                 num_new = threshold
             if num_new > budget:
                 num_new = budget
-            if num_new > prompt_budget and num_new > 1:  # a paced prompt chunk
-                num_new = prompt_budget
-            if num_new <= 0:  # paced out, or waiting for a token the runner did not give
+            if num_new <= 0:  # waiting for a token the runner did not give (defensive)
                 i += 1
                 continue
             end = before + num_new
@@ -197,12 +175,12 @@ class Scheduler:
                         running.pop()
                         self._finish(request, RequestStatus.FINISHED_LENGTH)
                         out.finished.append(request)
-                        return budget, prompt_budget
+                        return budget
                     victim = running.pop()
                     self._preempt(victim)
                     out.preempted.append(victim)
                     if victim is request:
-                        return budget, prompt_budget
+                        return budget
                 kv.cache_blocks(request, end if end < num_known else num_known)
                 block_ids = kv.get_block_ids(request)
             add_request(request)
@@ -211,18 +189,15 @@ class Scheduler:
             add_block_ids(block_ids)
             add_needs_sample(end == num_tokens)
             budget -= num_new
-            if num_new > 1:
-                prompt_budget -= num_new
             i += 1
-        return budget, prompt_budget
+        return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, prompt_budget: int) -> int:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
         kv = self.kv_cache_manager
         cfg = self.config
         threshold = cfg.long_prefill_token_threshold
         now = time.monotonic()
-        while self.waiting and min(budget, prompt_budget) > 0 \
-                and len(self.running) < cfg.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
             error = self._check_can_ever_fit(request)
             if error is not None:
@@ -235,7 +210,7 @@ class Scheduler:
             num_new = request.num_tokens - num_hit
             if 0 < threshold < num_new:
                 num_new = threshold
-            num_new = min(num_new, budget, prompt_budget)
+            num_new = min(num_new, budget)
             if kv.allocate_slots(request, num_new, hit_blocks) is None:
                 break  # FIFO: no skipping ahead
             self.waiting.popleft()
@@ -248,7 +223,6 @@ class Scheduler:
             self._record(out, request, num_new, request.num_tokens)
             out.num_new_prefix_hit_tokens += num_hit
             budget -= num_new
-            prompt_budget -= num_new
         return budget
 
     def _record(self, out: SchedulerOutput, request: Request, num_new: int,

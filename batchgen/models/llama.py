@@ -73,33 +73,23 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               self.head_dim ** -0.5, layer_idx, rotary_emb)
 
-    def project_qkv(self, hidden: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden: [T, hidden] normed input -> q: [T, H, D]; k, v: [T, KVH, D]."""
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        # hidden: [T, hidden] normed input -> the attention output added into residual
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        # views into the fused output, rows contiguous
+        # q: [T, H, D]; k, v: [T, KVH, D] (views into the fused output, rows contiguous)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        return q, k, v
-
-    def project_out(self, pieces: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
-        """The attention output's consecutive row pieces [n, H * D], projected and added into
-        residual [T, hidden]."""
         start = 0
-        for piece in pieces:
+        for piece in self.attn(positions, q, k, v, ctx):  # consecutive rows [n, H * D]
             self.o_proj.add_to(piece, residual[start:start + piece.shape[0]])
             start += piece.shape[0]
         return residual
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        # hidden: [T, hidden] normed input -> the attention output added into residual
-        return self.project_out(self.attn(positions, *self.project_qkv(hidden), ctx), residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -140,27 +130,6 @@ class LlamaModel(nn.Module):
             residual = layer(positions, residual, ctx)
         return self.norm(residual)
 
-    # The forward cut at each attention, for CUDA graphs of the pieces in between
-    # (batchgen.engine.piecewise_graphs): first_piece, then per layer i its attention (eager)
-    # and next_piece(i); run in that order they are the forward above, op for op.
-    def first_piece(self, input_ids: torch.Tensor):
-        """-> (residual, layer 0's q, k, v)."""
-        residual = self.embed_tokens(input_ids)
-        layer = self.layers[0]
-        return (residual, *layer.self_attn.project_qkv(layer.input_layernorm(residual)))
-
-    def next_piece(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor,
-                   fused_mlp: bool):
-        """Layer i's output projection of attn_out [T, H * D] and its MLP, into residual; then
-        layer i + 1's (q, k, v), or after the last layer the final hidden states."""
-        layer = self.layers[i]
-        layer.self_attn.project_out([attn_out], residual)
-        layer.mlp(layer.post_attention_layernorm(residual), residual, fused_mlp)
-        if i + 1 == len(self.layers):
-            return self.norm(residual)
-        following = self.layers[i + 1]
-        return following.self_attn.project_qkv(following.input_layernorm(residual))
-
 
 class LlamaForCausalLM(nn.Module):
     """The model contract: forward -> hidden [T, hidden]; compute_logits -> [N, vocab]."""
@@ -192,18 +161,6 @@ class LlamaForCausalLM(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         # input_ids, positions: [T] int64 -> hidden [T, hidden_size]
         return self.model(input_ids, positions, ctx)
-
-    # The forward in pieces (LlamaModel.first_piece), for batchgen.engine.piecewise_graphs.
-    def first_piece(self, input_ids: torch.Tensor):
-        return self.model.first_piece(input_ids)
-
-    def attend(self, i: int, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
-        return self.model.layers[i].self_attn.attn(positions, q, k, v, ctx)
-
-    def next_piece(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor,
-                   fused_mlp: bool):
-        return self.model.next_piece(i, attn_out, residual, fused_mlp)
 
     def can_fuse_mlp(self) -> bool:
         """True when every layer's MLP can run fused (ForwardContext.fused_mlp)."""
