@@ -1,5 +1,7 @@
 """Where an engine step's host time goes on the GPU: each step's wall time by kind (mixed:
 any prompt token, eager; decode: replayed from a CUDA graph), then a cProfile of one run.
+With overlapped steps, a step's wall time is its host work or, when longer, the wait for the
+step launched before it.
 
     python bench/host_probe.py --shape llama3-8b --workload reviews --limit 64 \
         --max-output-tokens 128 --out $OUT/host.json
@@ -23,8 +25,9 @@ from shapes import get_shape  # noqa: E402
 from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
 
 
-def timed_steps(llm) -> list[tuple[bool, float]]:
-    """Wrap the engine's step: (the step scheduled prompt tokens, its wall seconds)."""
+def timed_steps(llm) -> tuple[list[bool], list[float]]:
+    """Wrap the engine's step and scheduler -> (per step: it scheduled prompt tokens; per
+    step: its wall seconds), filled as the engine runs."""
     engine, scheduler = llm.engine, llm.engine.scheduler
     schedule, step, kinds, times = scheduler.schedule, engine.step, [], []
 
