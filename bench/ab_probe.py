@@ -114,6 +114,17 @@ def variant(name: str, llm):
     return contextlib.nullcontext()  # default
 
 
+def build_probe(args) -> tuple:
+    """-> (the engine of args.shape with the bench's default settings, the requests of
+    args.workload: its first args.limit, outputs capped at args.max_output_tokens)."""
+    shape = get_shape(args.shape)
+    requests = cap_outputs(fit_to_vocab(draw_workload(args.workload, limit=args.limit).requests,
+                                        shape.vocab_size), args.max_output_tokens)
+    with tempfile.TemporaryDirectory() as folder:
+        shape.write_config(folder)
+        return build_llm(shape, Path(folder), bench_args(["--shape", shape.name])), requests
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama3-8b")
@@ -129,15 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",")
     for name in names:  # a typo fails here, before the model is built
         check_variant(name)
-    shape = get_shape(args.shape)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()},
                      "environment": describe_environment(device), "runs": []}
-    requests = cap_outputs(fit_to_vocab(draw_workload(args.workload, limit=args.limit).requests,
-                                        shape.vocab_size), args.max_output_tokens)
-    with tempfile.TemporaryDirectory() as folder:
-        shape.write_config(folder)
-        llm = build_llm(shape, Path(folder), bench_args(["--shape", shape.name]))
+    llm, requests = build_probe(args)
     for name in names:  # compile each variant's kernels outside the timed runs
         with variant(name, llm):
             generate(llm, cap_outputs(requests[:16], 4))

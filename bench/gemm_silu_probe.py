@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import _sustained_seconds_per_call  # noqa: E402
+from gpu_timing import in_graph  # noqa: E402
 from run_info import describe_environment  # noqa: E402
 
 from batchgen.kernels.gate_up_silu import gate_up_silu  # noqa: E402
@@ -52,15 +53,6 @@ def make_fn(name: str, x: torch.Tensor, weight: torch.Tensor):
         config = tuple(int(v) for v in name[6:].split("/"))
         return lambda: gate_up_silu(x, weight, config)
     raise ValueError(f"unknown variant {name!r}")
-
-
-def in_graph(fn, calls: int):
-    """fn called `calls` times, captured once: the returned function replays them."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph.replay
 
 
 def main() -> None:

@@ -28,15 +28,22 @@ def time_graph_ms(fn, reps: int = 20) -> float:
     back to back between two events: no host launch time in the figure."""
     fn()  # compile outside the capture
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    replay = in_graph(fn, 1)
     for _ in range(3):
-        graph.replay()
+        replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        graph.replay()
+        replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def in_graph(fn, calls: int):
+    """fn called `calls` times, captured once: the returned function replays them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay

@@ -15,14 +15,13 @@ import json
 import pstats
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_llm, generate, parse_args as bench_args  # noqa: E402
-from shapes import get_shape  # noqa: E402
-from workloads import cap_outputs, draw_workload, fit_to_vocab  # noqa: E402
+from ab_probe import build_probe  # noqa: E402
+from bench import generate  # noqa: E402
+from workloads import cap_outputs  # noqa: E402
 
 
 def timed_steps(llm) -> tuple[list[bool], list[float]]:
@@ -53,12 +52,7 @@ def main() -> int:
     p.add_argument("--max-output-tokens", type=int, default=128)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    shape = get_shape(args.shape)
-    requests = cap_outputs(fit_to_vocab(draw_workload(args.workload, limit=args.limit).requests,
-                                        shape.vocab_size), args.max_output_tokens)
-    with tempfile.TemporaryDirectory() as folder:
-        shape.write_config(folder)
-        llm = build_llm(shape, Path(folder), bench_args(["--shape", shape.name]))
+    llm, requests = build_probe(args)
     generate(llm, cap_outputs(requests[:16], 4))
     result = {"startup_s": llm.engine.startup_seconds, "graph_s": llm.engine.graph_seconds}
     print(f"start-up {result['startup_s']:.1f} s, of which graphs {result['graph_s']:.1f} s")
