@@ -136,6 +136,27 @@ def test_seeded_sampling_is_batch_independent_and_n(smol_model_dir):
         assert all(tok in entry for tok, entry in zip(c.token_ids, c.logprobs))
 
 
+def test_logprobs_are_each_requests_own(smol_model_dir):
+    # A request's entries are its own top-k plus the sampled token at its rank in the whole
+    # vocabulary, whatever k the other requests of its steps ask for.
+    llm = LLM(str(smol_model_dir), device="cpu")
+    asked = SamplingParams(temperature=1.5, max_tokens=6, seed=1, logprobs=1)
+    crowd = llm.generate(["The weather today is", "My favourite food is"],
+                         [asked, SamplingParams(temperature=0, max_tokens=6, logprobs=5)],
+                         use_tqdm=False)
+    alone = llm.generate("The weather today is", asked, use_tqdm=False)[0].outputs[0]
+    mine = crowd[0].outputs[0]
+    assert mine.token_ids == alone.token_ids
+    for tok, entry, entry_alone in zip(mine.token_ids, mine.logprobs, alone.logprobs):
+        assert {t: lp.rank for t, lp in entry.items()} == {
+            t: lp.rank for t, lp in entry_alone.items()}
+        best = min(entry, key=lambda t: entry[t].rank)
+        assert entry[best].rank == 1 and len(entry) == (1 if tok == best else 2)
+        assert entry[tok].rank == 1 + sum(lp.logprob > entry[tok].logprob
+                                          for lp in entry.values()) or entry[tok].rank > 2
+    assert all(len(e) in (5, 6) for e in crowd[1].outputs[0].logprobs)
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_stop_strings(smol_model_dir, overlap):
     llm = LLM(str(smol_model_dir), device="cpu", async_scheduling=overlap)

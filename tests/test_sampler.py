@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batchgen.engine.request import Request
-from batchgen.engine.sampler import Sampler, apply_penalties
+from batchgen.engine.sampler import Sampler, _gather_logprobs, apply_penalties
 from batchgen.engine.sampling_metadata import build_sampling_metadata
 from batchgen.sampling_params import SamplingParams
 
@@ -226,19 +226,28 @@ def test_logprobs_are_raw_log_softmax_sorted():
             make_req(1, temperature=0.5, logprobs=2),
             make_req(2, temperature=1.0)]
     out = sample(logits, reqs)
-    sampled_lp, top_ids, top_lps = out.logprobs
+    sampled_lp, sampled_rank, top_ids, top_lps = out.logprobs
     ref = torch.log_softmax(logits, dim=-1)
     assert top_ids.shape == (3, 4)
     assert (top_lps[:, :-1] >= top_lps[:, 1:]).all()
     assert torch.allclose(top_lps, ref.gather(1, top_ids))
     assert torch.equal(top_ids, ref.topk(4, dim=-1).indices)
     assert torch.allclose(sampled_lp, ref.gather(1, out.sampled_token_ids[:, None])[:, 0])
+    # the sampled token's rank in the whole vocabulary, past the top-k too
+    want_rank = [1 + int((ref[i] > ref[i, t]).sum()) for i, t in enumerate(out.sampled_token_ids)]
+    assert sampled_rank.tolist() == want_rank
+
+
+def test_sampled_rank_past_the_top_k():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    _, rank, top_ids, _ = _gather_logprobs(torch.log_softmax(logits, -1), torch.tensor([4]), 1)
+    assert rank.tolist() == [5] and top_ids.tolist() == [[0]]
 
 
 def test_logprobs_zero_gives_only_the_sampled_token():
     out = sample(torch.randn(2, 10), [make_req(0, logprobs=0), make_req(1)])
-    assert out.logprobs[1].shape == (2, 0)
-    assert out.logprobs[0].shape == (2,)
+    assert out.logprobs[2].shape == (2, 0)
+    assert out.logprobs[0].shape == out.logprobs[1].shape == (2,)
 
 
 # ---- metadata -------------------------------------------------------------------------------
@@ -356,7 +365,7 @@ def test_cuda_matches_cpu_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     same = (gpu.sampled_token_ids.cpu() == cpu.sampled_token_ids).float().mean().item()
     assert same > 0.95  # the hash is exact; softmax / log may differ in the last bit
-    assert torch.allclose(gpu.logprobs[2].cpu(), cpu.logprobs[2], atol=1e-4)
+    assert torch.allclose(gpu.logprobs[3].cpu(), cpu.logprobs[3], atol=1e-4)
     seeds, positions = torch.tensor([1, 2**40]), torch.tensor([0, 5])
     assert torch.allclose(sampler.exponential_noise(seeds.cuda(), positions.cuda(), 1000).cpu(),
                           sampler.exponential_noise(seeds, positions, 1000), rtol=1e-5)

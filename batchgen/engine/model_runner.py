@@ -30,8 +30,8 @@ MAX_DENSE_SHAPES = 64
 class StepResult:
     # Aligned with the SchedulerOutput's requests; None where the request did not sample.
     sampled_token_ids: list[int | None]
-    # Aligned likewise: (sampled logprob, top ids, top logprobs) or None.
-    logprobs: list[tuple[float, list[int], list[float]] | None] | None = None
+    # Aligned likewise: (sampled logprob, its rank, top ids, top logprobs) or None.
+    logprobs: list[tuple[float, int, list[int], list[float]] | None] | None = None
 
 
 @dataclass
@@ -304,7 +304,7 @@ class ModelRunner:
         logprobs = None
         if launched.logprobs is not None:
             logprobs = [None] * num
-            lp, top_ids, top_lps = lp_host
+            lp, rank, top_ids, top_lps = lp_host
             for j, row in enumerate(launched.sample_rows):
-                logprobs[row] = (lp[j], top_ids[j], top_lps[j])
+                logprobs[row] = (lp[j], rank[j], top_ids[j], top_lps[j])
         return StepResult(sampled, logprobs)

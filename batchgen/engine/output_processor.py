@@ -15,7 +15,7 @@ def build_request_output(req: Request, prompt: str | None, text: str, tokenizer)
         finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
         logprobs=_logprobs(req, tokenizer))
     if completion.logprobs is not None:
-        completion.cumulative_logprob = sum(lp for lp, _, _ in req.logprobs)
+        completion.cumulative_logprob = sum(entry[0] for entry in req.logprobs)
     metrics = RequestMetrics(
         arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
         first_token_time=req.first_token_time, finished_time=req.finished_time,
@@ -29,14 +29,14 @@ def build_request_output(req: Request, prompt: str | None, text: str, tokenizer)
 def _logprobs(req: Request, tokenizer) -> list[dict[int, Logprob]] | None:
     if req.sampling_params.logprobs is None:
         return None
+    k = req.sampling_params.logprobs  # the step's top-k is the batch's largest request's
     out = []
-    for token_id, (lp, top_ids, top_lps) in zip(req.output_token_ids, req.logprobs):
+    for token_id, (lp, rank, top_ids, top_lps) in zip(req.output_token_ids, req.logprobs):
         entry: dict[int, Logprob] = {}
-        for rank, (tid, tlp) in enumerate(zip(top_ids, top_lps), start=1):
-            entry[tid] = Logprob(tlp, rank, _decode(tokenizer, tid))
+        for top_rank, (tid, tlp) in enumerate(zip(top_ids[:k], top_lps[:k]), start=1):
+            entry[tid] = Logprob(tlp, top_rank, _decode(tokenizer, tid))
         if token_id not in entry:
-            # rank of the sampled token among all: unknown past top-k; vLLM reports k+1 too.
-            entry[token_id] = Logprob(lp, len(top_ids) + 1, _decode(tokenizer, token_id))
+            entry[token_id] = Logprob(lp, rank, _decode(tokenizer, token_id))
         out.append(entry)
     return out
 

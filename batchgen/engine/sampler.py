@@ -28,8 +28,9 @@ from batchgen.kernels.gumbel_sample import gumbel_sample, gumbel_sample_ref, row
 @dataclass
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [B] int64, on device
-    # (sampled_logprob [B], topk_ids [B, k] int64, topk_logprobs [B, k]), best first; or None.
-    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (sampled_logprob [B], sampled_rank [B] int64, topk_ids [B, k] int64, topk_logprobs
+    # [B, k]), best first, k the batch's largest request; or None.
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:
@@ -143,5 +144,7 @@ def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, k: int):
     sampled_logprob = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
+    # rank among the whole vocabulary: 1 + the tokens more likely than the sampled one
+    sampled_rank = (logprobs > sampled_logprob.unsqueeze(1)).sum(dim=-1) + 1
     top_logprobs, top_ids = logprobs.topk(k, dim=-1)
-    return sampled_logprob, top_ids, top_logprobs
+    return sampled_logprob, sampled_rank, top_ids, top_logprobs
