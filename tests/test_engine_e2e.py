@@ -136,6 +136,23 @@ def test_seeded_sampling_is_batch_independent_and_n(smol_model_dir):
         assert all(tok in entry for tok, entry in zip(c.token_ids, c.logprobs))
 
 
+def test_a_request_id_in_use_is_refused(smol_model_dir):
+    engine = LLM(str(smol_model_dir), device="cpu").engine
+    params = SamplingParams(max_tokens=2)
+    engine.add_request("x", [], params)  # cannot run: finished at once, emitted by a step
+    engine.add_request("y", [1, 2, 3], params)
+    engine.add_request("z", [1, 2, 3], SamplingParams(max_tokens=2, n=2))
+    for rid in ("x", "y", "z"):
+        with pytest.raises(ValueError, match="already in the engine"):
+            engine.add_request(rid, [4, 5], params)
+    done = []
+    while engine.has_unfinished():
+        done += engine.step()
+    assert sorted(o.request_id for o in done) == ["x", "y", "z"]
+    assert done[[o.request_id for o in done].index("x")].outputs[0].finish_reason == "error"
+    engine.add_request("x", [4, 5], params)  # an emitted id is free again
+
+
 def test_logprobs_are_each_requests_own(smol_model_dir):
     # A request's entries are its own top-k plus the sampled token at its rank in the whole
     # vocabulary, whatever k the other requests of its steps ask for.

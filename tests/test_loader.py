@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from batchgen.models import loader
 from batchgen.models.loader import (load_eos_token_ids, load_generation_defaults, load_hf_config,
                                     load_model, load_tokenizer, resolve_model)
-from batchgen.models.registry import get_model_spec, supported_architectures
+from batchgen.models.registry import attention_window, get_model_spec, supported_architectures
 
 CPU = torch.device("cpu")
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -206,3 +206,30 @@ def test_real_model_config_tokenizer_and_eos(smol_model_dir):
     tokenizer = load_tokenizer(smol_model_dir)
     assert tokenizer.is_fast
     assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
+
+
+@pytest.mark.parametrize("config,window", [
+    (transformers.MistralConfig(sliding_window=4096), 4096),  # Mistral 7B v0.1
+    (transformers.MistralConfig(sliding_window=None), None),  # v0.2 and later
+    (transformers.Qwen2Config(sliding_window=4096, use_sliding_window=False), None),
+    (transformers.Qwen2Config(sliding_window=64, use_sliding_window=True, max_window_layers=1,
+                              num_hidden_layers=2), 64),
+    (transformers.LlamaConfig(), None),
+])
+def test_attention_window(config, window):
+    assert attention_window(config) == window
+
+
+def test_a_sliding_window_caps_max_model_len(tmp_path):
+    # Full attention matches a sliding-window model only while sequences fit the window.
+    from batchgen import LLM
+
+    config = transformers.MistralConfig(**TINY, sliding_window=16,
+                                        architectures=["MistralForCausalLM"])
+    config.save_pretrained(tmp_path)
+    options = dict(device="cpu", load_format="dummy", skip_tokenizer_init=True,
+                   kv_cache_memory=2**20)
+    assert LLM(str(tmp_path), **options).engine.max_model_len == 16
+    assert LLM(str(tmp_path), max_model_len=12, **options).engine.max_model_len == 12
+    with pytest.raises(ValueError, match="sliding attention window \\(16\\)"):
+        LLM(str(tmp_path), max_model_len=32, **options)

@@ -18,6 +18,7 @@ from batchgen.engine.request import Request, RequestStatus, prompt_error
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig
 from batchgen.engine.stats import EngineStats, PeakTracker
 from batchgen.models import loader
+from batchgen.models.registry import attention_window
 from batchgen.outputs import RequestOutput
 from batchgen.sampling_params import SamplingParams
 
@@ -73,6 +74,18 @@ class Engine:
         if config.max_model_len is not None and config.max_model_len > max_pos:
             raise ValueError(f"max_model_len={config.max_model_len} is longer than the model's "
                              f"max_position_embeddings ({max_pos})")
+        window = attention_window(self.hf_config)
+        if window is not None and window < max_pos:
+            if config.max_model_len is not None and config.max_model_len > window:
+                raise ValueError(
+                    f"max_model_len={config.max_model_len} is longer than the model's sliding "
+                    f"attention window ({window}); batchgen attends to every earlier token, "
+                    f"which matches the model only within the window: use {window} or less")
+            if config.max_model_len is None:
+                log.warning("max_model_len capped at the model's sliding attention window "
+                            "(%d of %d positions): past it, full attention would differ from "
+                            "the model's", window, max_pos)
+            max_pos = window
         self.max_model_len = config.max_model_len or max_pos
         self.runner = ModelRunner(config, self.model, self.max_model_len, self.device, self.dtype)
         num_blocks = self.runner.determine_num_blocks()
@@ -91,6 +104,8 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None, prompt: str | None = None) -> None:
         params = params or SamplingParams()
+        if self._is_live(request_id):
+            raise ValueError(f"request id {request_id!r} is already in the engine")
         if params.n > 1:
             self._fanout[request_id] = [params.n, []]
             base = params.seed if params.seed is not None else self._rng.getrandbits(62)
@@ -99,6 +114,13 @@ class Engine:
             return
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         self._add_one(request_id, prompt_token_ids, params, seed, prompt)
+
+    def _is_live(self, request_id: str) -> bool:
+        """request_id names a request added and not yet emitted (or aborted)."""
+        unemitted = self._inflight.finished if self._inflight is not None else []
+        return (request_id in self._fanout or self.scheduler.get_request(request_id) is not None
+                or any(o.request_id == request_id for o in self._pending)
+                or any(r.request_id == request_id for r in unemitted))
 
     def _add_one(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, prompt: str | None) -> None:

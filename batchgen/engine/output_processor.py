@@ -12,7 +12,7 @@ def build_request_output(req: Request, prompt: str | None, text: str, tokenizer)
         req.finished_time = time.monotonic()
     completion = CompletionOutput(
         index=0, text=text, token_ids=list(req.output_token_ids),
-        finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
+        finish_reason=req.status.finish_reason, stop_reason=_stop_reason(req),
         logprobs=_logprobs(req, tokenizer))
     if completion.logprobs is not None:
         completion.cumulative_logprob = sum(entry[0] for entry in req.logprobs)
@@ -24,6 +24,16 @@ def build_request_output(req: Request, prompt: str | None, text: str, tokenizer)
         request_id=req.request_id, prompt=prompt, prompt_token_ids=req.prompt_token_ids,
         outputs=[completion], finished=True, metrics=metrics, error=req.error,
         num_cached_tokens=req.num_cached_tokens)
+
+
+def _stop_reason(req: Request) -> int | str | None:
+    """As vLLM reports it: the stop token id or stop string, None when EOS ended the request
+    (req.stop_reason holds the EOS id too: the engine drops that token from the text)."""
+    reason = req.stop_reason
+    if isinstance(reason, int) and reason in req.eos_token_ids \
+            and not req.sampling_params.ignore_eos:
+        return None
+    return reason
 
 
 def _logprobs(req: Request, tokenizer) -> list[dict[int, Logprob]] | None:

@@ -64,6 +64,20 @@ def get_model_spec(hf_config: Any) -> ModelSpec:
     return _ARCHITECTURES[name]
 
 
+def attention_window(hf_config: Any) -> int | None:
+    """The sliding window of a config whose layers (some or all) attend only to their last
+    `sliding_window` positions: Mistral v0.1 (4,096), Qwen2/3 with use_sliding_window. None
+    when every layer attends to the whole sequence. The engine's attention is full, which is
+    exact only while sequences stay within the window."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or getattr(hf_config, "use_sliding_window", None) is False:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 def create_model(hf_config: Any) -> nn.Module:
     """Build the model on the current default device (the loader uses meta)."""
     spec = get_model_spec(hf_config)
