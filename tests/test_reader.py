@@ -9,9 +9,12 @@ import pytest
 from batchgen.job.config import JobConfig, JobConfigError
 from batchgen.job.hf_dataset_reader import HFDatasetReader
 from batchgen.job.input_format import detect_format, open_reader
-from batchgen.job.jsonl_reader import JsonlReader, count_lines, parse_jsonl_line
+from batchgen.job.jsonl_reader import MAX_COLUMNS, JsonlReader, parse_jsonl_line
+from batchgen.job.openai_batch import parse_request
 from batchgen.job.parquet_reader import ParquetReader
 from batchgen.job.row_selection import RowSelection
+from batchgen.job.writer import OutputSchema
+from batchgen.recipe import RowError
 
 
 def write_lines(path, lines: list[bytes], newline_at_end=True):
@@ -43,10 +46,12 @@ def test_gzip_jsonl_and_line_count(tmp_path):
     assert reader.num_rows == 7
     assert [r.fields["p"] for r in reader.iter_rows(RowSelection(3, stop=5))] == [0, 1, 2, 3, 4]
     plain = write_lines(tmp_path / "x.jsonl", [b"a", b"b"], newline_at_end=False)
-    assert count_lines(lambda: open(plain, "rb")) == 2
+    assert JsonlReader(str(plain)).num_rows == 2
+    empty = write_lines(tmp_path / "e.jsonl", [], newline_at_end=False)
+    assert JsonlReader(str(empty)).num_rows == 0
 
 
-def test_jsonl_schema_is_inferred_and_values_that_do_not_fit_are_null(tmp_path):
+def test_jsonl_schema_is_inferred(tmp_path):
     records = [{"a": 1, "b": "x", "c": 1, "d": {"k": 1}, "e": True},
                {"a": 2, "b": None, "c": 2.5, "d": [1], "e": False}]
     path = write_lines(tmp_path / "in.jsonl", [json.dumps(r).encode() for r in records])
@@ -59,6 +64,111 @@ def test_jsonl_schema_is_inferred_and_values_that_do_not_fit_are_null(tmp_path):
     assert reader.output_value("c", 3) == 3.0
     assert reader.output_value("d", {"k": 1}) == '{"k": 1}'
     assert reader.output_value("e", 1) is None
+
+
+def _late_surprises(tmp_path):
+    """100 uniform records, then a record whose types differ and one with a new column."""
+    records = [{"prompt": "", "id": i, "v": 1} for i in range(100)]
+    records += [{"id": "x-100", "v": 4.5}, {"id": 101, "v": "abc", "extra": "kept?"}]
+    return write_lines(tmp_path / "types.jsonl", [json.dumps(r).encode() for r in records])
+
+
+def test_jsonl_schema_covers_the_whole_file_so_late_values_and_columns_are_kept(tmp_path):
+    reader = JsonlReader(str(_late_surprises(tmp_path)))
+    assert reader.columns == ["prompt", "id", "v", "extra"]
+    assert reader.num_rows == 102
+    schema = OutputSchema(reader.schema)
+    records = [{column: reader.output_value(column, row.fields.get(column))
+                for column in schema.input_names}
+               for row in reader.iter_rows(RowSelection(rows_per_part=1000))]
+    # what a part stores: every value must fit the schema every part is written with
+    table = pa.Table.from_pylist(records, schema=pa.schema([schema.arrow.field(c)
+                                                            for c in reader.columns]))
+    assert table.slice(99).to_pylist() == [
+        {"prompt": "", "id": "99", "v": "1", "extra": None},
+        {"prompt": None, "id": "x-100", "v": "4.5", "extra": None},
+        {"prompt": None, "id": "101", "v": "abc", "extra": "kept?"}]
+
+
+def test_jsonl_type_widening_never_rounds_or_drops(tmp_path):
+    records = [{"f": 1, "big": 2**60, "b": True, "n": None}] * 150
+    records += [{"f": 2.5, "big": 0.5, "b": 3, "n": None, "huge": 2**70}]
+    reader = JsonlReader(str(write_lines(tmp_path / "in.jsonl",
+                                         [json.dumps(r).encode() for r in records])))
+    assert reader.kinds == {"f": "float", "big": "json", "b": "json", "n": "string",
+                            "huge": "json"}
+    assert reader.output_value("f", 1) == 1.0
+    assert reader.output_value("big", 2**60 + 1) == str(2**60 + 1)  # float64 would round it
+    assert reader.output_value("b", True) == "true"
+    assert reader.output_value("huge", 2**70) == str(2**70)
+
+
+def test_jsonl_identity_changes_when_a_late_record_changes_the_schema(tmp_path):
+    """Same path, size and first MiB: only the schema tells the two files apart, and a job
+    resumed on the changed file must not write parts of another schema."""
+    head = [json.dumps({"prompt": "x" * 60, "v": 1}).encode()] * 20_000  # > 1 MiB
+    path = tmp_path / "in.jsonl"
+    write_lines(path, head + [b'{"v":123}'])
+    before = JsonlReader(str(path)).identity()
+    write_lines(path, head + [b'{"v":"a"}'])
+    after = JsonlReader(str(path)).identity()
+    assert before["size"] == after["size"] and before["head_sha256"] == after["head_sha256"]
+    assert before != after
+
+
+def test_jsonl_with_a_new_key_per_record_is_a_config_error(tmp_path):
+    lines = [json.dumps({"prompt": "p", f"k{i}": i}).encode() for i in range(MAX_COLUMNS + 1)]
+    with pytest.raises(JobConfigError, match="distinct keys"):
+        JsonlReader(str(write_lines(tmp_path / "in.jsonl", lines)))
+
+
+def test_run_keeps_jsonl_values_and_columns_after_the_first_100_records(tmp_path):
+    from typer.testing import CliRunner
+
+    from batchgen.cli import build_app
+    from fake_engine import fake_engine_factory
+    out = tmp_path / "out"
+    result = CliRunner().invoke(build_app(make_engine=fake_engine_factory()),
+                                ["run", "-i", str(_late_surprises(tmp_path)), "-o", str(out),
+                                 "--no-chat", "-q"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.select(["id", "v", "extra"]).slice(100).to_pylist() == [
+        {"id": "x-100", "v": "4.5", "extra": None}, {"id": "101", "v": "abc", "extra": "kept?"}]
+
+
+def _chat(body: dict) -> dict:
+    return {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", **body}}
+
+
+def test_openai_request_content_may_be_a_list_of_text_parts():
+    request = parse_request(_chat({"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                     {"type": "text", "text": "there"}]}]}))
+    assert request.messages == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Hello\nthere"}]
+    image = {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}
+    with pytest.raises(RowError, match=r"messages\[0\]\.content: a part of type 'image_url'"):
+        parse_request(_chat({"messages": [{"role": "user", "content": [image]}]}))
+    with pytest.raises(RowError, match="must be a string or a list of text parts"):
+        parse_request(_chat({"messages": [{"role": "user", "content": None}]}))
+    with pytest.raises(RowError, match="`text` must be a string"):
+        parse_request(_chat({"messages": [{"role": "user", "content": [{"type": "text"}]}]}))
+
+
+def test_openai_request_null_optional_fields_mean_absent():
+    nulls = dict.fromkeys(["n", "stop", "temperature", "top_p", "max_tokens",
+                           "max_completion_tokens", "seed", "presence_penalty",
+                           "frequency_penalty"])
+    request = parse_request(_chat({"messages": [{"role": "user", "content": "hi"}], **nulls}))
+    assert request.sampling == {}
+    request = parse_request(_chat({"messages": [{"role": "user", "content": "hi"}], "n": 1,
+                                   "max_tokens": None, "max_completion_tokens": 5}))
+    assert request.sampling == {"max_tokens": 5}
+    with pytest.raises(RowError, match="n=2 is not supported"):
+        parse_request(_chat({"messages": [{"role": "user", "content": "hi"}], "n": 2}))
 
 
 def test_row_selection_shards_done_parts_and_resume_points():

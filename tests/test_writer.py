@@ -94,3 +94,67 @@ def test_export_writes_parts_in_order_and_refuses_an_incomplete_job(tmp_path):
     assert export_job(out, tmp_path / "all.jsonl", allow_partial=True) == 0
     lines = (tmp_path / "all.jsonl").read_text().splitlines()
     assert [json.loads(x)["row"] for x in lines] == [0, 1, 2, 3]
+
+
+def _cli():
+    from typer.testing import CliRunner
+
+    from batchgen.cli import build_app
+    from fake_engine import fake_engine_factory
+    app, runner = build_app(make_engine=fake_engine_factory()), CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+def _run_job(cli, src, out, fmt):
+    result = cli("run", "-i", src, "-o", out, "--no-chat", "-q", "--rows-per-part", "4",
+                 "--format", fmt)
+    assert result.exit_code == 0, result.output
+
+
+def test_export_converts_jsonl_parts_to_the_same_parquet_a_parquet_job_writes(tmp_path):
+    cli = _cli()
+    src = tmp_path / "in.jsonl"
+    # an empty prompt is an error row: a part whose `text` is all null, typed by the others
+    rows = [{"prompt": "" if i < 4 else f"p{i}", "n": i, "x": i / 2, "ok": i % 2 == 0,
+             "tags": [i]} for i in range(10)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _run_job(cli, src, tmp_path / "pq", "parquet")
+    _run_job(cli, src, tmp_path / "js", "jsonl")
+    assert cli("export", tmp_path / "pq", tmp_path / "a.parquet").exit_code == 0
+    result = cli("export", tmp_path / "js", tmp_path / "b.parquet")
+    assert result.exit_code == 0, result.output
+    expected, got = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert got.schema == expected.schema
+    assert got.equals(expected)
+    assert got.column("text").to_pylist()[:4] == [None] * 4
+
+
+def test_export_mistakes_are_one_line_config_errors(tmp_path):
+    cli = _cli()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "out"
+    _run_job(cli, src, out, "parquet")
+    (tmp_path / "folder").mkdir()
+    cases = {tmp_path / "folder": "is a folder",
+             tmp_path / "all.csv": "must end in .jsonl or .parquet",
+             out / "all.parquet": "inside the job folder"}
+    for target, message in cases.items():
+        result = cli("export", out, target)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "all.csv").exists() and not (out / "all.parquet").exists()
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == []
+
+
+def test_export_of_an_openai_batch_job_is_jsonl_only(tmp_path):
+    cli = _cli()
+    src = tmp_path / "batch.jsonl"
+    src.write_text(json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": "m", "prompt": "hi"}}) + "\n")
+    out = tmp_path / "out"
+    _run_job(cli, src, out, "jsonl")
+    result = cli("export", out, tmp_path / "all.parquet")
+    assert result.exit_code == 2 and "export it as .jsonl" in result.output
+    assert cli("export", out, tmp_path / "all.jsonl").exit_code == 0
+    assert json.loads((tmp_path / "all.jsonl").read_text())["custom_id"] == "r1"

@@ -1,14 +1,17 @@
 """JSONL (.gz) input: every line is a record; blank, malformed or undecodable lines are rows
-with `error` set. Column types are inferred from the first records."""
+with `error` set. Columns and their types are inferred over the whole file, so no value is
+lost to a type or a column first seen late."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 
+from batchgen.job.config import JobConfigError
 from batchgen.job.reader import NUM_SAMPLE_RECORDS, Reader, Row
 from batchgen.job.row_selection import RowSelection
 
@@ -16,20 +19,23 @@ from batchgen.job.row_selection import RowSelection
 # JSON value kind -> arrow type of the output column
 _KIND_TYPES = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "string": pa.string(),
                "json": pa.string()}
+# A column of ints beyond this and floats cannot be float64 without rounding the ints.
+_MAX_EXACT_FLOAT_INT = 2**53
+# Columns one file may have: each costs the scan a dict entry and every part an output column,
+# so keys that differ per record (ids as keys) stop here rather than exhaust memory.
+MAX_COLUMNS = 10_000
+_ABSENT = object()
+
+
+# exact type -> kind (a dict look-up: the scan calls this for every value of the file)
+_TYPE_KINDS = {type(None): None, bool: "bool", int: "int", float: "float", str: "string"}
 
 
 def _kind(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int" if -2**63 <= value < 2**63 else "json"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    return "json"
+    kind = _TYPE_KINDS.get(type(value), "json")
+    if kind == "int" and not -2**63 <= value < 2**63:
+        return "json"
+    return kind
 
 
 def _merge_kinds(a: str | None, b: str | None) -> str | None:
@@ -44,35 +50,55 @@ def _merge_kinds(a: str | None, b: str | None) -> str | None:
 
 class JsonlReader(Reader):
     """One record per line (blank and malformed lines included); `.gz` is decompressed.
-    Columns and their types come from the first NUM_SAMPLE_RECORDS JSON objects; a value
-    that does not fit its column's type is stored as null (json-kind columns hold JSON text)."""
+    Columns are every key of every JSON object in the file (in order of first appearance);
+    a column's type fits all its values: int and float widen to float, other mixes (and
+    objects, lists, ints beyond int64) are JSON text, where a string is kept as it is."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self._num_rows: int | None = None
-        kinds: dict[str, str | None] = {}
-        for record in self.sample():
-            for name, value in record.items():
-                kinds[name] = _merge_kinds(kinds.get(name), _kind(value))
-        self.kinds = {name: kind or "string" for name, kind in kinds.items()}
+        self.num_rows, self.kinds = self._scan()
         self.columns = list(self.kinds)
         self.schema = pa.schema([(name, _KIND_TYPES[k]) for name, k in self.kinds.items()])
+
+    def _scan(self) -> tuple[int, dict[str, str]]:
+        """One streaming pass: the number of records and each column's kind (only the
+        kinds are kept, never the rows, so memory does not grow with the file)."""
+        num_rows = 0
+        kinds: dict[str, str | None] = {}
+        has_big_int: set[str] = set()
+        with self._open() as f:
+            for index, raw in enumerate(f):
+                num_rows = index + 1
+                row = parse_jsonl_line(index, raw)
+                for name, value in row.fields.items():
+                    kind = _kind(value)
+                    if kind == "int" and abs(value) > _MAX_EXACT_FLOAT_INT:
+                        has_big_int.add(name)
+                    old = kinds.get(name, _ABSENT)
+                    if old == kind:
+                        continue
+                    if old is _ABSENT and len(kinds) >= MAX_COLUMNS:
+                        raise JobConfigError(
+                            f"{self.path}: more than {MAX_COLUMNS} distinct keys (line "
+                            f"{index + 1} adds {name!r}); keys that vary per record belong "
+                            "in a value, not a column")
+                    kinds[name] = _merge_kinds(None if old is _ABSENT else old, kind)
+        return num_rows, {name: "json" if kind == "float" and name in has_big_int
+                          else kind or "string" for name, kind in kinds.items()}
 
     def _open(self):
         if self.path.name.lower().endswith(".gz"):
             return gzip.open(self.path, "rb")
         return open(self.path, "rb")
 
-    @property
-    def num_rows(self) -> int:
-        if self._num_rows is None:
-            self._num_rows = count_lines(self._open)
-        return self._num_rows
-
     def identity(self) -> dict[str, Any]:
+        # The schema depends on the whole file, which size and head hash cover only in part:
+        # it is in the fingerprint so that every part of one job has the same columns.
         st = self.path.stat()
+        schema = json.dumps(list(self.kinds.items())).encode()
         return {"kind": "jsonl", "path": str(self.path.resolve()), "size": st.st_size,
-                "head_sha256": _head_hash(self.path)}
+                "head_sha256": _head_hash(self.path),
+                "schema_sha256": hashlib.sha256(schema).hexdigest()[:16]}
 
     def sample(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -100,7 +126,7 @@ class JsonlReader(Reader):
         if kind == "json":
             return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         if _merge_kinds(kind, _kind(value)) != kind:
-            return None
+            return None  # only when the file changed after the scan
         return float(value) if kind == "float" else value
 
 
@@ -123,17 +149,6 @@ def parse_jsonl_line(index: int, raw: bytes) -> Row:
     return Row(index, record)
 
 
-def count_lines(open_binary) -> int:
-    """Records in a JSONL stream: newlines, plus one for a last line without one."""
-    num, last = 0, b"\n"
-    with open_binary() as f:
-        while chunk := f.read(1 << 20):
-            num += chunk.count(b"\n")
-            last = chunk[-1:]
-    return num + (last != b"\n")
-
-
 def _head_hash(path: Path, num_bytes: int = 1 << 20) -> str:
-    import hashlib
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(num_bytes)).hexdigest()[:16]

@@ -61,12 +61,7 @@ def parse_request(fields: dict[str, Any]) -> BatchRequest:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RowError("body.messages must be a non-empty list")
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise RowError("each message needs a role")
-            if not isinstance(message.get("content"), str):
-                raise RowError("each message's content must be a string")
-        request.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        request.messages = [_message(i, m) for i, m in enumerate(messages)]
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
@@ -74,12 +69,36 @@ def parse_request(fields: dict[str, Any]) -> BatchRequest:
         if not prompt.strip():
             raise RowError("empty prompt")
         request.prompt = prompt
-    if body.get("n", 1) != 1:
+    # The API takes null for any optional field as "not given" (n, stop, temperature, ...).
+    if body.get("n") not in (None, 1):
         raise RowError(f"n={body.get('n')!r} is not supported (only n=1)")
     for key, name in _SAMPLING_KEYS.items():
         if body.get(key) is not None:
             request.sampling[name] = body[key]
     return request
+
+
+def _message(index: int, message: Any) -> dict[str, str]:
+    """A chat message with its content as one string; the API also takes a list of content
+    parts, whose text parts are joined by newlines (as vLLM does)."""
+    where = f"body.messages[{index}]"
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise RowError(f"{where} needs a role")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise RowError(f"{where}.content: a part of type {kind!r} is not supported "
+                               "(only text parts)")
+            if not isinstance(part.get("text"), str):
+                raise RowError(f"{where}.content: a text part's `text` must be a string")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise RowError(f"{where}.content must be a string or a list of text parts")
+    return {"role": message["role"], "content": content}
 
 
 def response_line(*, row: int, job_tag: str, request: BatchRequest | None, custom_id: str | None,

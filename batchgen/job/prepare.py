@@ -54,7 +54,7 @@ def prepare_job(job: JobConfig) -> PreparedJob:
 
 
 def _check_prompt_columns(job: JobConfig, reader: Reader) -> None:
-    where = "the first 100 records" if isinstance(reader, JsonlReader) else "the schema"
+    where = "the records" if isinstance(reader, JsonlReader) else "the schema"
     columns = ", ".join(reader.columns) or "none"
     if job.template is not None:
         missing = sorted(template_variables(job.template) - set(reader.columns))

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from batchgen.job.row_selection import RowSelection
 
-NUM_SAMPLE_RECORDS = 100  # records the column checks and JSONL type inference look at
+NUM_SAMPLE_RECORDS = 100  # records Reader.sample returns
 BATCH_ROWS = 1024
 
 
