@@ -192,15 +192,22 @@ def _run_with(opts: dict[str, Any], make_engine: Optional[Callable], stop) -> in
 
 
 def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
-    from batchgen.job.checkpoint import open_job
+    from batchgen.job import checkpoint as ckpt
     from batchgen.job.parallel import run_data_parallel
     from batchgen.job.runner import prepare_job
+    from batchgen.job.slurm import LOG_DIR_NAME
 
     if opts.get("shard") is not None:
         raise ConfigError("--data-parallel and --shard do not mix")
-    # Checked (and --overwrite applied) once here, before the workers start.
+    # Checked (and --overwrite applied, unless another run holds a lock in the folder) once
+    # here, before the workers start; the first worker whose engine starts writes _job.json.
     prepared = prepare_job(job)
-    open_job(job.output_dir, prepared.record, overwrite=job.overwrite)
+    if job.overwrite:
+        ckpt.clear_for_overwrite(job.output_dir, prepared.record)
+    else:
+        ckpt.existing_job(job.output_dir, prepared.record)
+    with ckpt.writing_to(job.output_dir):
+        (job.output_dir / LOG_DIR_NAME).mkdir(parents=True, exist_ok=True)
     # The memory share goes to each worker as its own flag, split from the resolved value
     # (flag, recipe, --set or default alike), so the user's flag is not passed on as well.
     argv = run_argv_from(opts, drop=("overwrite", "shard", "gpu_memory_utilization"))
@@ -209,6 +216,7 @@ def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
 
 
 def _slurm(opts: dict[str, Any]) -> int:
+    from batchgen.job.checkpoint import writing_to
     from batchgen.job.slurm import LOG_DIR_NAME, render_sbatch_script
     try:
         if opts.get("shard") is not None:
@@ -220,10 +228,11 @@ def _slurm(opts: dict[str, Any]) -> int:
             partition=opts.get("partition"), account=opts.get("account"),
             cpus_per_task=opts.get("cpus_per_task"), mem=opts.get("mem"),
             job_name=opts["job_name"], output_dir=job.output_dir)
+        with writing_to(job.output_dir):
+            (job.output_dir / LOG_DIR_NAME).mkdir(parents=True, exist_ok=True)
     except (ValueError, *_config_errors()) as e:
         typer.echo(f"batchgen: error: {e}", err=True)
         return EXIT_CONFIG
-    (job.output_dir / LOG_DIR_NAME).mkdir(parents=True, exist_ok=True)
     if opts.get("script_out"):
         Path(opts["script_out"]).write_text(script, encoding="utf-8")
         typer.echo(f"wrote {opts['script_out']}; submit it with: sbatch {opts['script_out']}",

@@ -21,6 +21,7 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, meta
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from batchgen.job.config import field_type_error
 from batchgen.sampling_params import SamplingParams
 
 # dotted recipe key -> JobConfig field
@@ -102,6 +103,9 @@ def flatten_recipe(data: dict[str, Any], source: str = "recipe") -> dict[str, An
 def set_recipe_key(fields: dict[str, Any], key: str, value: Any, source: str = "--set") -> None:
     """Set dotted recipe `key` in the JobConfig `fields` (in place)."""
     if key in RECIPE_KEYS:
+        problem = field_type_error(RECIPE_KEYS[key], value)
+        if problem is not None:  # named here, by its recipe key
+            raise RecipeError(f"{source}: {key} {problem}")
         fields[RECIPE_KEYS[key]] = value
         return
     section, _, name = key.partition(".")

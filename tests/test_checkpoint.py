@@ -49,9 +49,33 @@ def test_job_file_is_written_once_and_compared(tmp_path):
     with pytest.raises(ckpt.JobMismatchError, match="changed: x"):
         ckpt.open_job(tmp_path, ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10))
     (tmp_path / "part-00000.parquet").write_bytes(b"old")
-    ckpt.open_job(tmp_path, ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10), overwrite=True)
+    other = ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10)
+    ckpt.clear_for_overwrite(tmp_path, other)
     assert not (tmp_path / "part-00000.parquet").exists()
+    assert not (tmp_path / "_job.json").exists()  # the new record waits for its engine
+    ckpt.open_job(tmp_path, other)
     assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "bbbb"
+
+
+def test_overwrite_deletes_nothing_while_another_run_holds_any_shard(tmp_path):
+    from batchgen.job.lock import ShardLock
+    ckpt.open_job(tmp_path, ckpt.JobRecord("aaaa", {"x": 1}, 3, "parquet", 10))
+    (tmp_path / "part-00000.parquet").write_bytes(b"old")
+    other = ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10)
+    with ShardLock(tmp_path, 1, 2):  # a live run of another shard, of another split
+        with pytest.raises(ckpt.JobConfigError, match="in use by another run .shard 1/2 held"):
+            ckpt.clear_for_overwrite(tmp_path, other, own_lock=tmp_path / "_lock-0-of-1.json")
+    assert (tmp_path / "part-00000.parquet").exists()
+    assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "aaaa"
+    ckpt.clear_for_overwrite(tmp_path, other)  # released: now it may
+    assert not (tmp_path / "part-00000.parquet").exists()
+
+
+def test_an_unwritable_output_folder_is_a_config_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ckpt.JobConfigError,
+                       match="^cannot write to output .*afile/sub: Not a directory$"):
+        ckpt.open_job(tmp_path / "afile" / "sub", ckpt.JobRecord("aaaa", {}, 3, "parquet", 10))
 
 
 def test_status_and_verify_on_a_complete_job(tmp_path, capsys):
@@ -91,6 +115,19 @@ def test_verify_finds_tampered_parts(tmp_path):
     # a resumed run redoes the missing part and the unreadable short one
     assert run(make_job(tmp_path, format="jsonl")).num_rows == 4
     assert verify_job(out).problems == ["part-00001.jsonl: duplicate rows"]
+
+
+def test_a_damaged_jsonl_line_gets_its_part_redone(tmp_path):
+    """The part keeps its line count, so counting lines would take it for done while verify
+    calls it unreadable."""
+    run(make_job(tmp_path, format="jsonl"))
+    part = tmp_path / "out" / "part-00001.jsonl"
+    lines = part.read_text().splitlines()
+    part.write_text("\n".join([lines[0], lines[1][:15], lines[2]]) + "\n")
+    assert verify_job(tmp_path / "out").problems
+    again = run(make_job(tmp_path, format="jsonl"))
+    assert again.exit_code == 0 and again.num_rows == 3
+    assert verify_job(tmp_path / "out").is_ok
 
 
 def test_plan_selection_resumes_a_short_part(tmp_path):

@@ -62,6 +62,10 @@ def test_run_then_status_verify_export(tmp_path, src):
     (["--tensor-parallel-size", "2"], "not supported"),
     (["--shard", "3/3"], "--shard must be I/N"),
     (["--template", "{{ broken"], "prompt template"),
+    (["--dtype", "float8"], "dtype must be one of auto, float32"),
+    (["--set", "engine.dtype=16"], "engine.dtype must be a string, got int 16"),
+    (["--set", "prompt.chat='false'"], "prompt.chat must be true or false, got str 'false'"),
+    (["--set", "output.keep=id"], "output.keep must be a list of column names"),
 ])
 def test_configuration_errors_exit_2_with_one_line(tmp_path, src, args, message):
     base = ["run", "-o", tmp_path / "out", "-q"]
@@ -155,3 +159,43 @@ def test_a_sigterm_after_the_command_is_over_keeps_its_exit_status():
               "cli.main()\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_an_engine_that_refuses_the_settings_exits_2_and_leaves_no_record(tmp_path, src):
+    def refusing_engine(job):
+        raise FileNotFoundError(f"{job.model} has no *.safetensors weights")
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # and no weights
+    app = build_app(make_engine=refusing_engine)
+    out = tmp_path / "out"
+    result = CLI.invoke(app, ["run", "-i", str(src), "-o", str(out), "-q", "--model", str(model)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"batchgen: error: cannot start the engine: {model} has no *.safetensors weights"]
+    assert not (out / "_job.json").exists()
+    assert invoke("run", "-i", src, "-o", out, "-q").exit_code == 0  # the corrected command
+
+
+@pytest.mark.parametrize("extra", [[], ["--data-parallel", "2"]])
+def test_an_output_folder_that_cannot_be_written_exits_2(tmp_path, src, extra):
+    (tmp_path / "afile").write_text("")
+    result = invoke("run", "-i", src, "-o", tmp_path / "afile" / "sub", "-q", *extra)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"batchgen: error: cannot write to output {tmp_path / 'afile' / 'sub'}: Not a directory"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--data-parallel", "2"]])
+def test_overwrite_is_refused_while_another_run_holds_the_folder(tmp_path, src, extra):
+    from batchgen.job.lock import ShardLock
+    out = tmp_path / "out"
+    assert invoke("run", "-i", src, "-o", out, "-q", "--max-tokens", "8").exit_code == 0
+    job_file = (out / "_job.json").read_text()
+    with ShardLock(out, 0, 1):  # job A, still running
+        result = invoke("run", "-i", src, "-o", out, "-q", "--max-tokens", "3", "--overwrite",
+                        *extra)
+    assert result.exit_code == 2, result.output
+    assert "--overwrite:" in result.output and "in use by another run" in result.output
+    assert (out / "_job.json").read_text() == job_file and len(list_parts(out)) == 1

@@ -73,3 +73,42 @@ def test_renderer_row_errors_and_chat():
     with pytest.raises(RowError, match="empty prompt"):
         plain.encode_row({"p": "  "})
     assert plain.encode_row({"p": "a"})[0] == 1  # plain prompts keep the tokenizer's BOS
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"output": {"parse_json": ["sentiment"]}},
+     "output.parse_json must be a mapping of column name to type, got list"),
+    ({"output": {"parse_json": {"sentiment": ["string"]}}}, "output.parse_json must be a mapping"),
+    ({"prompt": {"template": 123}}, "prompt.template must be a string, got int 123"),
+    ({"model": 5}, "model must be a string, got int 5"),
+    ({"engine": {"device": 0}}, "engine.device must be a string, got int 0"),
+    ({"output": {"keep": "id"}}, "output.keep must be a list of column names, got str 'id'"),
+    ({"prompt": {"chat": "false"}}, "prompt.chat must be true or false, got str 'false'"),
+    ({"engine": {"gpu_memory_utilization": True}},
+     "engine.gpu_memory_utilization must be a number, got bool True"),
+])
+def test_values_of_the_wrong_type_are_named_with_the_type_expected(data, message):
+    with pytest.raises(RecipeError, match=f"^r.yaml: {message}"):
+        flatten_recipe(data, source="r.yaml")
+
+
+def test_set_with_a_quoted_boolean_is_refused():
+    with pytest.raises(RecipeError, match="prompt.chat must be true or false"):
+        apply_overrides({}, ["prompt.chat='false'"])
+    fields: dict = {}
+    apply_overrides(fields, ["prompt.chat=false"])
+    assert fields == {"chat": False}
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"template": 123}, "template must be a string, got int"),
+    ({"keep": "id"}, "keep must be a list of column names"),
+    ({"dtype": "float8"}, "dtype must be one of"),
+    ({"sampling": {"temperature": "hot"}}, "temperature"),
+])
+def test_job_config_checks_types_too(tmp_path, kw, message):
+    from batchgen.job.config import JobConfigError
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "x"}\n')
+    with pytest.raises(JobConfigError, match=message):
+        JobConfig(input=str(src), output_dir=tmp_path / "out", **kw)

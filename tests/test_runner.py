@@ -386,3 +386,90 @@ def test_a_stopped_run_returns_with_its_tokenizer_thread_ended(tmp_path, monkeyp
                       make_engine=make_engine, reporter=QUIET)
     assert metrics.exit_code == EXIT_INTERRUPTED
     assert not [t for t in threading.enumerate() if t.name == "batchgen-tokenizer"]
+
+
+def test_overwrite_refuses_while_another_run_holds_the_lock(tmp_path):
+    """--overwrite must not delete or relabel a folder another live run is writing into
+    (it would go on committing its parts under the new job's record)."""
+    from batchgen.job.lock import ShardLock
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(6)])
+    kw = dict(input=str(src), output_dir=tmp_path / "out", rows_per_part=2, format="jsonl")
+    run(JobConfig(**kw, sampling={"max_tokens": 8}))
+    job_file = (tmp_path / "out" / "_job.json").read_text()
+    parts = sorted(list_parts(tmp_path / "out"))
+    new_job = JobConfig(**kw, sampling={"max_tokens": 3}, overwrite=True)
+    for shard in [(0, 1), (1, 2)]:  # the same shard's lock, or any other's
+        with ShardLock(tmp_path / "out", *shard):
+            with pytest.raises(JobConfigError, match="--overwrite: .* in use by another run"):
+                run(new_job)
+        assert (tmp_path / "out" / "_job.json").read_text() == job_file
+        assert sorted(list_parts(tmp_path / "out")) == parts
+    metrics = run(new_job)  # nobody holds it now
+    assert metrics.exit_code == 0 and metrics.num_rows == 6
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["fields"]["sampling"] == {
+        "max_tokens": 3}
+
+
+def test_an_engine_that_refuses_the_settings_is_a_config_error_leaving_no_record(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(4)])
+    kw = dict(input=str(src), output_dir=tmp_path / "out", rows_per_part=2)
+
+    def refusing_engine(job):
+        raise ValueError("max_model_len=100000000 is longer than\nthe model's (8192)")
+
+    with pytest.raises(JobConfigError, match="^cannot start the engine: max_model_len=100000000 "
+                                             "is longer than the model's .8192.$"):
+        run_job(JobConfig(**kw, max_model_len=100_000_000), make_engine=refusing_engine,
+                reporter=QUIET)
+    assert sorted(os.listdir(tmp_path / "out")) == []  # no record, no shard state, no lock
+    # so the corrected command (a different job: max_model_len is not in its identity, but
+    # the sampling here is) is not refused as "holds a different job"
+    assert run(JobConfig(**kw, sampling={"max_tokens": 4})).exit_code == 0
+
+
+@pytest.mark.parametrize("same_job", [True, False])
+def test_shards_starting_together_agree_on_the_record(tmp_path, same_job):
+    """The record is written once an engine has started: shards (Slurm array tasks) that
+    start together all find no record, load, and the first to start writes it; a different
+    job that started meanwhile is refused before it writes any part."""
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(8)])
+    kw = dict(input=str(src), output_dir=tmp_path / "out", rows_per_part=2, num_shards=2,
+              format="jsonl")
+
+    def engine_loaded_after_shard_1(job):  # shard 1 runs whole while shard 0 loads
+        sampling = {} if same_job else {"max_tokens": 3}
+        assert run(JobConfig(**kw, shard_index=1, sampling=sampling)).exit_code == 0
+        return FakeLLM()
+
+    job = JobConfig(**kw, shard_index=0)
+    if same_job:
+        metrics = run_job(job, make_engine=engine_loaded_after_shard_1, reporter=QUIET)
+        assert metrics.exit_code == 0
+        assert [r["row"] for r in rows_of(tmp_path / "out")] == list(range(8))
+    else:
+        with pytest.raises(JobConfigError, match="holds a different job"):
+            run_job(job, make_engine=engine_loaded_after_shard_1, reporter=QUIET)
+        assert sorted(list_parts(tmp_path / "out")) == [1, 3]  # shard 1's only
+
+
+def test_a_stop_whose_grace_finishes_the_job_exits_0(tmp_path):
+    """All rows in flight when the signal comes and all done within the grace: the job is
+    done, not interrupted (a Slurm task would otherwise be requeued for nothing)."""
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(30)])
+
+    def make_engine(job):
+        llm = FakeLLM(max_num_seqs=32)
+        step = llm.engine.step
+
+        def signal_then_step():
+            if llm.engine.num_steps == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+            return step()
+        llm.engine.step = signal_then_step
+        return llm
+
+    job = JobConfig(input=str(src), output_dir=tmp_path / "out", rows_per_part=5, limit=20,
+                    format="jsonl")
+    metrics = run_job(job, make_engine=make_engine, reporter=QUIET)
+    assert (metrics.exit_code, metrics.status, metrics.num_parts_committed) == (0, "done", 4)
+    assert [r["row"] for r in rows_of(tmp_path / "out")] == list(range(20))

@@ -2,23 +2,29 @@
 fingerprint), committed parts, what is left to do, per-shard counters (`_shard-I-of-N.json`).
 The fingerprint itself is in `fingerprint`; `status` and `verification` read what is here.
 
-`_job.json` is written once, atomically and exclusively, by whichever run or shard comes
-first; later runs only read and compare it. Nothing here takes a lock.
+`_job.json` is written once, atomically and exclusively, by whichever run or shard first
+has its engine started (so a job whose engine never starts leaves no record of its settings
+behind); until then runs only read and compare it. Nothing here takes a lock, but
+`clear_for_overwrite` deletes nothing while another run holds one on any shard.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchgen.job.config import JobConfigError
+from batchgen.job.lock import live_lock_holders
 from batchgen.job.row_selection import RowSelection
-from batchgen.job.writer import (TMP_PREFIX, count_part_rows, list_parts, write_json_atomic)
+from batchgen.job.writer import (TMP_PREFIX, count_part_rows, list_parts, read_part,
+                                 write_json_atomic)
 
 JOB_FILE = "_job.json"
 FORMAT_VERSION = 1
@@ -63,17 +69,27 @@ class JobRecord:
         return self.fingerprint[:8]
 
 
-def open_job(out_dir: Path, record: JobRecord, *, overwrite: bool = False) -> JobRecord:
-    """Create `_job.json` or check that the folder holds the same job; returns the record
-    in force. `overwrite` removes the old parts and bookkeeping first."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def writing_to(out_dir: Path) -> Iterator[None]:
+    """An output folder that cannot be made or written (a file in its path, read-only, full)
+    is the user's to fix: one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise JobConfigError(f"cannot write to output {out_dir}: {e.strerror or e}") from None
+
+
+def make_output_dir(out_dir: Path) -> None:
+    with writing_to(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def existing_job(out_dir: Path, record: JobRecord) -> JobRecord | None:
+    """The folder's job record if it holds this same job; None if it holds none yet.
+    Raises JobMismatchError for a different job. Reads only."""
     path = out_dir / JOB_FILE
-    if overwrite:
-        old = read_json(path)
-        if old is not None and old.get("fingerprint") != record.fingerprint:
-            remove_job_files(out_dir)
-    if write_json_atomic(path, record.__dict__, exclusive=True):
-        return record
+    if not path.exists():
+        return None
     old = read_json(path)
     if old is None:
         raise JobConfigError(f"{path} is unreadable; remove it or pass --overwrite")
@@ -85,6 +101,42 @@ def open_job(out_dir: Path, record: JobRecord, *, overwrite: bool = False) -> Jo
             f"{out_dir} holds a different job (changed: {', '.join(changed) or 'format'}); "
             "use another --output, or --overwrite to delete its parts and start again")
     return JobRecord.from_dict(old)
+
+
+def open_job(out_dir: Path, record: JobRecord) -> JobRecord:
+    """Create `_job.json` or check that the folder holds the same job; returns the record
+    in force. Called once the engine has started (see the module docstring)."""
+    make_output_dir(out_dir)
+    with writing_to(out_dir):
+        if write_json_atomic(out_dir / JOB_FILE, record.__dict__, exclusive=True):
+            return record
+    found = existing_job(out_dir, record)
+    if found is None:  # removed between our create and our read: only --overwrite does that
+        raise JobConfigError(f"{out_dir / JOB_FILE} was removed while this run started")
+    return found
+
+
+def holds_other_job(out_dir: Path, record: JobRecord) -> bool:
+    """Whether the folder's record is unreadable or of another job (what --overwrite deletes)."""
+    path = out_dir / JOB_FILE
+    if not path.exists():
+        return False
+    old = read_json(path)
+    return old is None or old.get("fingerprint") != record.fingerprint
+
+
+def clear_for_overwrite(out_dir: Path, record: JobRecord, *, own_lock: Path | None = None) -> None:
+    """--overwrite: delete another job's parts and bookkeeping, unless a live run (other than
+    ours, holding `own_lock`) has a lock on any shard of the folder: deleting under it would
+    leave it committing its parts into a folder labelled as our job."""
+    if not holds_other_job(out_dir, record):
+        return
+    holders = live_lock_holders(out_dir, exclude=own_lock)
+    if holders:
+        raise JobConfigError(f"--overwrite: {out_dir} is in use by another run ({holders[0]}); "
+                             "stop it first, or use another --output")
+    with writing_to(out_dir):
+        remove_job_files(out_dir)
 
 
 def remove_job_files(out_dir: Path) -> None:
@@ -137,7 +189,7 @@ def plan_selection(out_dir: Path, record: JobRecord, *, shard_index: int, num_sh
         if part % num_shards != shard_index:
             continue
         try:
-            num = count_part_rows(path)
+            num = _count_rows(path)
         except Exception:
             continue  # damaged: redo it (verify reports it)
         num_committed += num
@@ -149,6 +201,15 @@ def plan_selection(out_dir: Path, record: JobRecord, *, shard_index: int, num_sh
             resume_from[part] = first + num
     return ShardPlan(rpp, shard_index, num_shards, frozenset(done), resume_from, target,
                      num_rows_committed=num_committed, num_input_rows=total)
+
+
+def _count_rows(path: Path) -> int:
+    """A committed part's rows; raises on a damaged part. A JSONL part is parsed, line by
+    line, as `verify` reads it: a damaged line keeps the line count, so counting lines would
+    take a part verify calls unreadable for done."""
+    if path.suffix == ".parquet":
+        return count_part_rows(path)
+    return len(read_part(path))
 
 
 def load_shard_state(out_dir: Path, shard_index: int, num_shards: int) -> dict[str, Any]:

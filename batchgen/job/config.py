@@ -16,6 +16,8 @@ INPUT_FORMATS = ("auto", "jsonl", "parquet", "hf", "openai")
 OUTPUT_FORMATS = ("parquet", "jsonl")
 PARSE_JSON_TYPES = ("string", "integer", "number", "boolean", "json")
 DEVICES = ("cpu", "cuda")
+# What EngineConfig accepts (batchgen.config, which imports torch: not needed to check this).
+DTYPES = ("auto", "float32", "fp32", "float", "float16", "fp16", "half", "bfloat16", "bf16")
 LOAD_FORMATS = ("auto", "dummy")
 REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://")
 # Columns every part has; an input column with one of these names is written as input_<name>.
@@ -65,6 +67,10 @@ class JobConfig:
     stop_grace_s: float = 20.0
 
     def __post_init__(self) -> None:
+        for name in _FIELD_TYPES:  # first: the checks below assume the types
+            problem = field_type_error(name, getattr(self, name))
+            if problem is not None:
+                raise JobConfigError(f"{name} {problem}")
         self.output_dir = Path(self.output_dir)
         if self.metrics_json is not None:
             self.metrics_json = Path(self.metrics_json)
@@ -74,7 +80,7 @@ class JobConfig:
         self._validate_prompt()
         try:
             self.sampling_params()
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: e.g. a temperature given as text
             raise JobConfigError(str(e)) from None
 
     def _validate_paths(self) -> None:
@@ -97,6 +103,8 @@ class JobConfig:
                                      f"got {getattr(self, name)!r}")
         if self.device is not None and self.device.split(":")[0] not in DEVICES:
             raise JobConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise JobConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.tensor_parallel_size != 1:
             raise JobConfigError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported: batchgen runs "
@@ -155,6 +163,46 @@ class JobConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+_TEXT, _FLAG, _INT, _NUMBER, _PATH = "a string", "true or false", "an integer", "a number", "a path"
+# field -> (what it must be, whether None is allowed); recipes and --set give any YAML value.
+_FIELD_TYPES: dict[str, tuple[str, bool]] = {
+    "input": (_TEXT, False), "output_dir": (_PATH, False), "model": (_TEXT, True),
+    "input_format": (_TEXT, False), "split": (_TEXT, False), "prompt_column": (_TEXT, True),
+    "template": (_TEXT, True), "system": (_TEXT, True), "chat": (_FLAG, True),
+    "sampling": ("a mapping", False), "seed": (_INT, False), "rows_per_part": (_INT, False),
+    "format": (_TEXT, False), "keep": ("a list of column names", True),
+    "parse_json": ("a mapping of column name to type", True), "limit": (_INT, True),
+    "shard_index": (_INT, False), "num_shards": (_INT, False), "overwrite": (_FLAG, False),
+    "metrics_json": (_PATH, True), "device": (_TEXT, True), "dtype": (_TEXT, False),
+    "max_model_len": (_INT, True), "max_num_seqs": (_INT, True),
+    "max_num_batched_tokens": (_INT, True), "gpu_memory_utilization": (_NUMBER, False),
+    "tokenizer": (_TEXT, True), "load_format": (_TEXT, False),
+    "tensor_parallel_size": (_INT, False), "stop_grace_s": (_NUMBER, False),
+}
+
+
+def field_type_error(name: str, value: Any) -> str | None:
+    """'must be <kind>, got <value>' when `value` is of the wrong type for JobConfig field
+    `name` (recipes name the key their own way); None when it is fine."""
+    kind, is_optional = _FIELD_TYPES[name]
+    if (value is None and is_optional) or _IS_KIND[kind](value):
+        return None
+    return f"must be {kind}, got {type(value).__name__} {value!r}"
+
+
+_IS_KIND = {
+    _TEXT: lambda v: isinstance(v, str),
+    _FLAG: lambda v: isinstance(v, bool),
+    _INT: lambda v: _is_int(v),
+    _NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    _PATH: lambda v: isinstance(v, (str, os.PathLike)),
+    "a mapping": lambda v: isinstance(v, dict),
+    "a list of column names": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+    "a mapping of column name to type": lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(t, str) for k, t in v.items()),
+}
 
 
 def _is_int(x: Any) -> bool:

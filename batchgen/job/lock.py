@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ _SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
                "SLURM_CLUSTER_NAME")
 # A claim file older than this is left over from a taker that died mid-takeover.
 _CLAIM_STALE_AFTER = 60.0
+_LOCK_NAME = re.compile(r"^_lock-(\d+)-of-(\d+)\.json$")
 
 
 class LockHeldError(RuntimeError):
@@ -249,6 +251,27 @@ class ShardLock:
                 tmp = self._tmp_path()
                 tmp.write_bytes(self._content(time.time()))
                 os.replace(tmp, self.path)
+
+
+def live_lock_holders(out_dir: Path, *, exclude: Path | None = None) -> list[str]:
+    """Who holds a live lock on any shard (of any split) of `out_dir`, `exclude` (our own
+    lock) aside, judged by the same staleness rules as a taker's."""
+    holders = []
+    for path in sorted(Path(out_dir).glob("_lock-*-of-*.json")):
+        match = _LOCK_NAME.match(path.name)
+        if match is None or (exclude is not None and path == Path(exclude)):
+            continue
+        try:
+            probe = ShardLock(out_dir, int(match[1]), int(match[2]))
+        except ValueError:  # a name no batchgen run writes (I >= N)
+            continue
+        info = probe._read()
+        if info is None or probe._is_stale(info):
+            continue
+        probe._holder = info
+        holders.append(f"shard {probe.shard_index}/{probe.num_shards} held by "
+                       f"{probe.holder_description()}")
+    return holders
 
 
 # ---- file and process helpers ----------------------------------------------------------

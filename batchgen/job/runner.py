@@ -50,24 +50,39 @@ def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default
             reporter: ProgressReporter | None = None,
             stop: StopSignals | None = None) -> JobMetrics:
     """Run (or resume) the job; returns its metrics, `exit_code` included. Configuration
-    mistakes raise JobConfigError before the engine is made. `stop`: signals the caller
-    installed earlier (the CLI, from before its heavy imports); a stop already requested
-    there ends the run before the model is loaded."""
+    mistakes raise JobConfigError before any part is written (the engine's own included:
+    see JobRun._start_engine). `stop`: signals the caller installed earlier (the CLI, from
+    before its heavy imports); a stop already requested there ends the run before the model
+    is loaded."""
     prepared = prepare_job(job)
     job = prepared.job
     reporter = reporter or ProgressReporter()
-    record = ckpt.open_job(job.output_dir, prepared.record, overwrite=job.overwrite)
+    out_dir = job.output_dir
+    if not job.overwrite:
+        ckpt.existing_job(out_dir, prepared.record)  # another job's folder: refused at once
+    ckpt.make_output_dir(out_dir)
     from batchgen.job.lock import ShardLock
-    lock = ShardLock(job.output_dir, job.shard_index, job.num_shards)
+    lock = ShardLock(out_dir, job.shard_index, job.num_shards)
     # Stop signals are caught from before the lock is taken until after it is released: a
     # stop in between is a stop request, never a process killed with the lock left behind.
     with contextlib.nullcontext(stop) if stop is not None else StopSignals() as stop:
-        if not lock.acquire():
+        with ckpt.writing_to(out_dir):
+            is_locked = lock.acquire()
+        if not is_locked:
+            if job.overwrite and ckpt.holds_other_job(out_dir, prepared.record):
+                raise JobConfigError(
+                    f"--overwrite: {out_dir} is in use by another run (shard {job.shard_index}/"
+                    f"{job.num_shards} held by {lock.holder_description()}); stop it first, "
+                    "or use another --output")
             reporter.log(f"batchgen: shard {job.shard_index}/{job.num_shards} is already running: "
                          f"{lock.holder_description()}")
-            return JobMetrics(output_dir=str(job.output_dir), status="already running")
+            return JobMetrics(output_dir=str(out_dir), status="already running")
         try:
-            return JobRun(prepared, record, make_engine, reporter, lock, stop).run()
+            # Only under our lock, and only with no other run's lock live in the folder.
+            if job.overwrite:
+                ckpt.clear_for_overwrite(out_dir, prepared.record, own_lock=lock.path)
+            existing = ckpt.existing_job(out_dir, prepared.record)
+            return JobRun(prepared, existing, make_engine, reporter, lock, stop).run()
         finally:
             lock.release()
 
@@ -75,9 +90,13 @@ def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default
 class JobRun:
     """One run of one shard: owns the engine, the feeder and the part collector."""
 
-    def __init__(self, prepared: PreparedJob, record: ckpt.JobRecord, make_engine, reporter,
-                 lock, stop: StopSignals) -> None:
+    def __init__(self, prepared: PreparedJob, existing: ckpt.JobRecord | None, make_engine,
+                 reporter, lock, stop: StopSignals) -> None:
+        """`existing`: the folder's record of this job, None while no run has written it
+        (this run writes it once its engine has started)."""
         self.job, self.reader, self.schema = prepared.job, prepared.reader, prepared.schema
+        record = existing or prepared.record  # equal fingerprints: equal parts and tag
+        self.new_record = None if existing is not None else prepared.record
         self.record, self.make_engine, self.reporter, self.lock = record, make_engine, reporter, lock
         self.stop = stop  # installed by run_job until the lock is released
         self.rpp = record.rows_per_part
@@ -93,6 +112,7 @@ class JobRun:
         self.feeder: Feeder | None = None
         self.in_flight: dict[str, WorkItem] = {}
         self.in_flight_per_part: dict[int, int] = {}
+        self.committed_parts: set[int] = set()  # by this run
 
     # ---- setup ----------------------------------------------------------------------
 
@@ -120,7 +140,15 @@ class JobRun:
             self.collector.prefill(part, records, rows)
 
     def _start_engine(self) -> None:
-        llm = self.make_engine(self.job)
+        try:
+            llm = self.make_engine(self.job)
+        except JobConfigError:
+            raise
+        except (ValueError, OSError) as e:
+            # What the engine refuses at start is the user's settings or files (a dtype, a
+            # max_model_len beyond the model's, no GPU for device cuda, a folder without
+            # weights or tokenizer): a configuration error, on one line.
+            raise JobConfigError(f"cannot start the engine: {' '.join(str(e).split())}") from None
         try:
             renderer = PromptRenderer(llm.tokenizer, prompt_column=self.job.prompt_column,
                                       template=self.job.template, system=self.job.system,
@@ -132,12 +160,20 @@ class JobRun:
         self.feeder = Feeder(self.job, self.reader, self.schema, self.selection, renderer,
                              base_params(self.job, llm), self.engine, self.window)
 
+    def _record_job(self) -> None:
+        """Write `_job.json` unless the folder has it: only once the job can run, so a bad
+        setting found by the engine leaves no record that would refuse the corrected command."""
+        if self.new_record is not None:
+            ckpt.open_job(self.out_dir, self.new_record)  # another job won the race: refused
+            self.new_record = None
+
     # ---- the run --------------------------------------------------------------------
 
     def run(self) -> JobMetrics:
         m = self.metrics
         if self._is_nothing_to_do():
             m.status = "nothing to do"
+            self._record_job()
             self.tally.save_state(is_finished=True)
             self.reporter.log(f"batchgen: {self.out_dir} shard {m.shard}: nothing left to do")
             return self._done(EXIT_OK)
@@ -148,6 +184,7 @@ class JobRun:
             is_done = False
             if self.stop.reason is None:  # a stop while starting: no model to load
                 self._start_engine()
+                self._record_job()
                 self.reporter.start(m)
                 self.feeder.start()
                 is_done = self._loop()
@@ -156,7 +193,8 @@ class JobRun:
                 self.feeder.stop()
             self.reporter.stop()
         m.elapsed_s = self.tally.elapsed_s
-        self.tally.save_state(is_finished=is_done)
+        if self.new_record is None:  # no shard state for a job the folder does not record
+            self.tally.save_state(is_finished=is_done)
         if is_done:
             m.status = "done"
             return self._done(EXIT_OK)
@@ -184,7 +222,9 @@ class JobRun:
                 self._abort(lambda item: not self._is_completable(item.row // self.rpp))
             if deadline is not None and (not self.in_flight or time.monotonic() > deadline):
                 self._abort(lambda item: True)
-                return False
+                # The grace may have finished the whole shard: then it is done, not "resume me"
+                # (a Slurm task would be requeued for nothing).
+                return self._is_shard_complete()
             if not window and not is_eof and deadline is None:
                 is_eof = self._refill(window)
             while window and len(self.in_flight) < self.window:
@@ -201,6 +241,15 @@ class JobRun:
             if now - last_stats >= _STATS_EVERY_S:
                 last_stats = now
                 self._update_progress()
+
+    def _is_shard_complete(self) -> bool:
+        """Every part of this shard below the known end of the job is committed."""
+        stop = self.collector.stop
+        if stop is None or self.collector.pending:
+            return False
+        done = self.selection.done_parts | self.committed_parts
+        return all(p in done for p in range(self.job.shard_index, -(-stop // self.rpp),
+                                            self.job.num_shards))
 
     def _refill(self, window: deque[WorkItem]) -> bool:
         """Queue the feeder's next chunk (finishing its bad rows). Returns True at the end."""
@@ -264,6 +313,7 @@ class JobRun:
     def _committed(self, parts: list) -> None:
         if not parts:
             return
+        self.committed_parts.update(part for part, _path in parts)
         self.tally.parts_committed(parts)
         self._update_progress(force=True)
 
