@@ -144,7 +144,7 @@ def build_app(make_engine: Optional[Callable] = None) -> typer.Typer:
                file: Annotated[Path, typer.Argument(help="The file to write.")],
                partial: Annotated[bool, typer.Option(
                    "--partial", help="Export even if the job is not complete.")] = False) -> None:
-        from batchgen.job.writer import export_job
+        from batchgen.job.export import export_job
         raise typer.Exit(_guard(lambda: export_job(output_dir, file, allow_partial=partial)))
 
     return app

@@ -1,4 +1,4 @@
-"""Parts: atomic commit, one schema for all parts, input order restored, parsed JSON, export."""
+"""Parts: atomic commit, one schema for all parts, input order restored, parsed JSON; export."""
 import json
 import os
 
@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen.job.writer import (OutputSchema, PartCollector, PartWriter, export_job, list_parts,
+from batchgen.job.export import export_job
+from batchgen.job.writer import (OutputSchema, PartCollector, PartWriter, list_parts,
                                  parse_json_columns, read_part)
 
 

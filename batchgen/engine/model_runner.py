@@ -129,7 +129,7 @@ class ModelRunner:
         free_for_kv = int(total * self.config.gpu_memory_utilization) - peak
         num = free_for_kv // self.kv_bytes_per_block
         if num < 2:
-            raise RuntimeError(
+            raise ValueError(  # the settings' to fix, as vLLM's own check
                 f"no memory left for the KV cache: the model and a {self.config.max_num_batched_tokens}"
                 f"-token step take {peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; lower "
                 "max_num_batched_tokens or raise gpu_memory_utilization")
