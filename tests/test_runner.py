@@ -55,6 +55,22 @@ BAD_LINES = [
 ]
 
 
+def signalling_engine(signum: int, *, at_step: int, max_num_seqs: int):
+    """make_engine for run_job: a FakeLLM whose engine sends this process `signum` as it
+    starts step `at_step`."""
+    def make_engine(job):
+        llm = FakeLLM(max_num_seqs=max_num_seqs)
+        step = llm.engine.step
+
+        def signal_then_step():
+            if llm.engine.num_steps == at_step:
+                os.kill(os.getpid(), signum)
+            return step()
+        llm.engine.step = signal_then_step
+        return llm
+    return make_engine
+
+
 def test_bad_rows_never_stop_the_job(tmp_path):
     lines = []
     for i, bad in enumerate(BAD_LINES):
@@ -370,17 +386,7 @@ def test_a_stopped_run_returns_with_its_tokenizer_thread_ended(tmp_path, monkeyp
     monkeypatch.setattr(FakeTokenizer, "__call__", slow_encode)
     src = write_jsonl(tmp_path / "in.jsonl", [f"row {i}" for i in range(3000)])
 
-    def make_engine(job):
-        llm = FakeLLM(max_num_seqs=4)
-        step = llm.engine.step
-
-        def step_then_signal():
-            if llm.engine.num_steps == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return step()
-        llm.engine.step = step_then_signal
-        return llm
-
+    make_engine = signalling_engine(signal.SIGUSR1, at_step=2, max_num_seqs=4)
     metrics = run_job(JobConfig(input=str(src), output_dir=tmp_path / "out", chat=False,
                                 rows_per_part=50, sampling={"temperature": 0}),
                       make_engine=make_engine, reporter=QUIET)
@@ -457,17 +463,7 @@ def test_a_stop_whose_grace_finishes_the_job_exits_0(tmp_path):
     done, not interrupted (a Slurm task would otherwise be requeued for nothing)."""
     src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(30)])
 
-    def make_engine(job):
-        llm = FakeLLM(max_num_seqs=32)
-        step = llm.engine.step
-
-        def signal_then_step():
-            if llm.engine.num_steps == 0:
-                os.kill(os.getpid(), signal.SIGINT)
-            return step()
-        llm.engine.step = signal_then_step
-        return llm
-
+    make_engine = signalling_engine(signal.SIGINT, at_step=0, max_num_seqs=32)
     job = JobConfig(input=str(src), output_dir=tmp_path / "out", rows_per_part=5, limit=20,
                     format="jsonl")
     metrics = run_job(job, make_engine=make_engine, reporter=QUIET)
