@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_timing import in_graph  # noqa: E402
+from gpu_timing import time_graph_ms  # noqa: E402
 from op_sweeps import GEMM_SHAPES  # noqa: E402
 from run_info import describe_environment  # noqa: E402
 
@@ -36,25 +36,6 @@ def kernels_of(fn) -> list[str]:
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return [e.name[:90] for e in sorted(events, key=lambda e: e.time_range.start)]
-
-
-def graph_us(fn, calls: int, rounds: int = 7) -> float:
-    """us a call: `calls` calls in one graph, replayed back to back; the median round."""
-    fn()
-    torch.cuda.synchronize()
-    replay = in_graph(fn, calls)
-    for _ in range(5):
-        replay()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (10 * calls))
-    return sorted(times)[len(times) // 2]
 
 
 def variants(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> dict:
@@ -95,7 +76,7 @@ def main() -> None:
             out = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
             row = {}
             for label, fn in variants(x, w, out).items():
-                us = graph_us(fn, args.calls)
+                us = time_graph_ms(fn, reps=10, calls=args.calls) * 1e3
                 row[label] = {"us": us, "tflops": 2 * m * n * k / us / 1e6,
                               "kernels": kernels_of(fn)}
             results["shapes"][f"{name} M={m}"] = row

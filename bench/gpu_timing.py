@@ -23,12 +23,13 @@ def time_ms(fn, reps: int = 15) -> float:
     return statistics.median(times)
 
 
-def time_graph_ms(fn, reps: int = 20) -> float:
-    """fn captured in a CUDA graph (as the engine replays decode steps), then `reps` replays
-    back to back between two events: no host launch time in the figure."""
+def time_graph_ms(fn, reps: int = 20, calls: int = 1) -> float:
+    """ms a call of fn: `calls` calls captured in a CUDA graph (as the engine replays decode
+    steps), then `reps` replays back to back between two events: no host launch time in the
+    figure, and with calls > 1 the gaps between consecutive calls are in it."""
     fn()  # compile outside the capture
     torch.cuda.synchronize()
-    replay = in_graph(fn, 1)
+    replay = in_graph(fn, calls)
     for _ in range(3):
         replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -37,7 +38,7 @@ def time_graph_ms(fn, reps: int = 20) -> float:
         replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end) / (reps * calls)
 
 
 def in_graph(fn, calls: int):

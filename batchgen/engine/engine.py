@@ -50,7 +50,8 @@ class Engine:
         self.graph_seconds = self.runner.capture_cuda_graphs(config.max_num_seqs)
         self._rng = random.Random(config.seed)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._pending: list[RequestOutput] = []  # finished without running (errors)
+        # Finished without running (errors), by id: add_request checks ids against it.
+        self._pending: dict[str, RequestOutput] = {}
         self._fanout: dict[str, list] = {}  # parent id -> [n, outputs so far]
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
@@ -119,7 +120,7 @@ class Engine:
         """request_id names a request added and not yet emitted (or aborted)."""
         unemitted = self._inflight.finished if self._inflight is not None else []
         return (request_id in self._fanout or self.scheduler.get_request(request_id) is not None
-                or any(o.request_id == request_id for o in self._pending)
+                or request_id in self._pending
                 or any(r.request_id == request_id for r in unemitted))
 
     def _add_one(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -163,7 +164,7 @@ class Engine:
         for rid in ids:
             self._detokenizers.pop(rid, None)
         self._fanout.pop(request_id, None)
-        self._pending = [o for o in self._pending if o.request_id != request_id]
+        self._pending.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self._pending) or self._inflight is not None \
@@ -174,7 +175,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the requests that finished (with overlapped steps, those whose
         last token became known during this call)."""
-        outputs, self._pending = self._pending, []
+        outputs, self._pending = list(self._pending.values()), {}
         timer = self.runner.timer
         timer.start()
         prev, self._inflight = self._inflight, None
@@ -315,7 +316,7 @@ class Engine:
             del self._fanout[parent]
             out = merge_fanout(parent, entry[1])
         if emit:
-            self._pending.append(out)
+            self._pending[out.request_id] = out
             return None
         return out
 
