@@ -24,7 +24,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(p)) for
     ("norm", r"rms_norm"),
     ("gemm_swiglu", r"gate_up_silu"),  # the fused MLP: gate/up GEMM with SwiGLU
     ("activation", r"silu"),
-    ("sampling", r"gumbel|argmax|softmax|topk|sort|multinomial"),
+    ("sampling", r"split_mass|pick_token|argmax|softmax|topk|sort|multinomial"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|aten::(mm|addmm|bmm)$"),
     ("copy", r"memcpy|memset|copy|fill|cat|index"),
 ))

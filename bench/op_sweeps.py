@@ -15,28 +15,27 @@ GEMM_TOKENS = (64, 512, 1024, 8192, 16384)
 
 
 def sweep_sample() -> dict:
-    """The fused sampler on a step's bf16 logits (llama3-8b's vocabulary), ms by (BLOCK,
-    num_warps, splits): one program per row, or the vocabulary split across several."""
-    from batchgen.kernels.gumbel_sample import gumbel_sample
+    """The sampler on a step's bf16 logits (llama3-8b's vocabulary), ms by blocks per split,
+    graph-timed; the tokens checked against the reference. (The exponential race it replaced,
+    one kernel with a hash and two logs a token, is in git history: session 18.)"""
+    from batchgen.kernels.cdf_sample import cdf_sample, cdf_sample_ref
 
-    configs = [(1024, 4, 1), (1024, 8, 1), (2048, 8, 1), (1024, 4, 2), (1024, 4, 4),
-               (1024, 4, 8), (2048, 8, 2), (2048, 8, 4), (1024, 4, None), (2048, 8, None)]
     results = {}
     for rows in (64, 500, 1024):
         x = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16)
         keys = torch.randint(0, 2**32, (rows,), device="cuda")
         for label, temperature in (("t=1", torch.ones(rows, device="cuda")),
                                    ("t=0.7", torch.full((rows,), 0.7, device="cuda"))):
-            expected = gumbel_sample(x, keys, temperature)
+            expected = cdf_sample_ref(x, keys, temperature)
             row = {}
-            for config in configs:
-                out = gumbel_sample(x, keys, temperature, tuning=config)
-                assert torch.equal(out, expected), config
-                row[str(config)] = time_graph_ms(
-                    lambda: gumbel_sample(x, keys, temperature, tuning=config))
+            for blocks in (1, 2, 4, 8):
+                same = (cdf_sample(x, keys, temperature, blocks) == expected).float().mean()
+                assert same.item() > 0.95, (blocks, same.item())  # rounding at CDF steps
+                row[f"cdf {blocks}"] = time_graph_ms(
+                    lambda: cdf_sample(x, keys, temperature, blocks))
             best = min(row, key=row.get)
-            print(f"sample {rows} x 128256 {label}: (1024, 4, 1) {row['(1024, 4, 1)']:.3f} ms, "
-                  f"chosen {row['(1024, 4, None)']:.3f} ms, best {best} {row[best]:.3f} ms")
+            print(f"sample {rows} x 128256 {label}: cdf 4 (the engine's) {row['cdf 4']:.3f} ms, "
+                  f"best {best} {row[best]:.3f} ms")
             results[f"{rows} {label}"] = row
     return results
 

@@ -279,7 +279,7 @@ def test_kernel_profile_categories():
     assert cat("_silu_and_mul_kernel") == "activation"
     assert cat("aten::addmm") == "gemm" and cat("aten::addmm_backward") != "gemm"
     assert cat("Memcpy HtoD (Pinned -> Device)") == "copy"
-    assert cat("_gumbel_sample_kernel") == "sampling"
+    assert cat("_split_mass_kernel") == "sampling" and cat("_pick_token_kernel") == "sampling"
     assert cat("_rotary_kv_write_kernel") == "rotary_kv_write"
     assert cat("void at::native::vectorized_elementwise_kernel<4, add>") == "other"
     prof = kernel_profile.summarize(
@@ -300,7 +300,7 @@ def test_kernel_profile_gaps_follow_the_kernel_that_ends_last():
     iv = kernel_profile.Interval
     # a long GEMM overlaps a short norm; the idle after both belongs to the GEMM
     by_length, by_transition = kernel_profile.idle_gaps(
-        [("nvjet", iv(0, 100)), ("_rms_norm_kernel", iv(10, 20)), ("_gumbel", iv(110, 115)),
+        [("nvjet", iv(0, 100)), ("_rms_norm_kernel", iv(10, 20)), ("_pick_token_kernel", iv(110, 115)),
          ("nvjet", iv(130, 140))])
     assert by_transition == [("sampling>gemm", 15e-6, 1), ("gemm>sampling", 10e-6, 1)]
     assert by_length["<20us"] == [25e-6, 2]

@@ -121,7 +121,7 @@ def test_programmatic_dependent_launch_changes_no_output():
     # A decode step's chain of our kernels (norm, rotary + KV write, attention, SiLU, sampling)
     # replayed from a CUDA graph with each kernel launched by PDL, then plainly: same bits.
     from batchgen.kernels import _triton
-    from batchgen.kernels.gumbel_sample import gumbel_sample
+    from batchgen.kernels.cdf_sample import cdf_sample
 
     if not _triton.pdl_enabled():
         pytest.skip("programmatic dependent launch needs sm_90+")
@@ -143,7 +143,7 @@ def test_programmatic_dependent_launch_changes_no_output():
                         is_neox=True)
         attended = decode_attention(q, *args[1:])
         act = silu_and_mul(torch.cat((attended.reshape(48, -1),) * 2, dim=1))
-        return normed, attended, act, gumbel_sample(act, keys)
+        return normed, attended, act, cdf_sample(act, keys)
 
     outputs = []
     try:

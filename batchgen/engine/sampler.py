@@ -3,16 +3,15 @@
 Order: logprobs (log_softmax of the raw logits, vLLM's default) -> penalties -> min_tokens
 mask -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> sample.
 
-Randomness is counter-based, so a request's draws depend on its (seed, position) only, never
-on the batch around it: the uniform noise of row b and token v is
+Randomness is counter-based, so a request's draw depends on its (seed, position) only, never
+on the batch around it: row b draws one uniform
 
-    u[b, v] = hash(key_b, v),   key_b = hash(seed_b, position_b)
+    u_b = (top 24 bits of key_b, centred) in (0, 1),   key_b = hash(seed_b, position_b)
 
-computed with vectorised 32-bit integer mixing (xor-shift / multiply rounds in the style of
-murmur3's finaliser) held in int64 with every product below 2^63. The token is then drawn by
-an exponential race: argmax_v probs[v] / E[v] with E = -log(u) ~ Exp(1), which picks v with
-probability probs[v] (Gumbel-max in another guise). u lies in (0, 1) (23-bit, centred), so E
-is finite and > 0 and a token of probability 0 can never win.
+(vectorised 32-bit integer mixing, xor-shift / multiply rounds in the style of murmur3's
+finaliser, held in int64 with every product below 2^63), and takes the first token whose
+cumulative probability passes it: the inverse of the softmax's CDF, which picks v with
+probability probs[v]. A token of probability 0 can never be drawn.
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from batchgen.engine.sampling_metadata import PenaltyMetadata, SamplingMetadata
-from batchgen.kernels.gumbel_sample import gumbel_sample, gumbel_sample_ref, row_keys, token_noise_ref
+from batchgen.kernels.cdf_sample import cdf_sample, cdf_sample_ref, row_keys, row_uniforms
 
 
 
@@ -38,9 +37,9 @@ class Sampler:
         # logits: [B, V] in the model's dtype; not modified in place.
         assert logits.dim() == 2 and logits.shape[0] == meta.num_reqs, logits.shape
         if logits.is_cuda and _is_plain_random(meta):
-            # One kernel reads the model's logits, divides by the temperature and draws:
-            # no fp32 copy, no divided copy (each [B, V] fp32, twice a step's logits).
-            return SamplerOutput(gumbel_sample(logits, meta.keys, meta.temperature))
+            # The kernels read the model's logits and divide by the temperature as they
+            # draw: no fp32 copy, no divided copy (each [B, V] fp32, twice a step's logits).
+            return SamplerOutput(cdf_sample(logits, meta.keys, meta.temperature))
         logits = logits.float()
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
@@ -79,18 +78,16 @@ class Sampler:
             x = apply_top_k_top_p(x, pick(meta.top_k), pick(meta.top_p))
         if meta.min_p is not None:
             x = apply_min_p(x, pick(meta.min_p))
-        # argmax softmax(x) / E = argmax x - log E: one fused pass on CUDA.
         keys = pick(meta.keys)
-        sampled = gumbel_sample(x, keys) if x.is_cuda else gumbel_sample_ref(x, keys)
+        sampled = cdf_sample(x, keys) if x.is_cuda else cdf_sample_ref(x, keys)
         if rows is None:
             return sampled
         return logits.argmax(dim=-1).index_copy_(0, rows, sampled)
 
-    def exponential_noise(self, seeds: torch.Tensor, positions: torch.Tensor,
-                          vocab_size: int) -> torch.Tensor:
-        """E[r, v] = -log(u(seeds[r], positions[r], v)) ~ Exp(1), i.i.d. across (seed,
-        position, v): [R, V] fp32 (the noise the fused sampling kernel draws)."""
-        return token_noise_ref(row_keys(seeds, positions), vocab_size)
+    def uniforms(self, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """u[r] = u(seeds[r], positions[r]) in (0, 1), i.i.d. across (seed, position): [R]
+        fp32 (the draws the sampling kernels invert the CDF at)."""
+        return row_uniforms(row_keys(seeds, positions))
 
 
 def _is_plain_random(meta: SamplingMetadata) -> bool:

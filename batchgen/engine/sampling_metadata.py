@@ -13,7 +13,7 @@ import torch
 
 from batchgen.engine.host_packer import HostPacker
 from batchgen.engine.request import Request
-from batchgen.kernels.gumbel_sample import row_keys
+from batchgen.kernels.cdf_sample import row_keys
 
 # Below this temperature a request is sampled greedily (dividing by it would overflow).
 MIN_TEMPERATURE = 1e-5
