@@ -7,6 +7,7 @@ from typing import Any
 from batchgen.config import EngineConfig
 from batchgen.engine.admission import admission_order
 from batchgen.engine.engine import Engine
+from batchgen.engine.request import as_token_ids
 from batchgen.outputs import RequestOutput
 from batchgen.sampling_params import SamplingParams
 
@@ -70,16 +71,24 @@ class LLM:
     def chat(self, conversations: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template: str | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """As vLLM's LLM.chat: message content is a string or a list of OpenAI content parts
+        (text only); chat_template_kwargs go to the template (e.g. enable_thinking)."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                             "True: pass add_generation_prompt=False to continue the last message")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
+        kwargs = {"add_generation_prompt": add_generation_prompt,
+                  "continue_final_message": continue_final_message,
+                  "chat_template": chat_template, **(chat_template_kwargs or {})}
         texts, token_ids = [], []
         for messages in conversations:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template)
+                [_text_message(m) for m in messages], tokenize=False, **kwargs)
             texts.append(text)
             # The template already holds the special tokens (BOS, role markers).
             token_ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -108,14 +117,14 @@ class LLM:
                 to_encode.append(i)
             elif isinstance(p, dict) and "prompt_token_ids" in p:
                 texts.append(p.get("prompt"))
-                token_ids.append(list(p["prompt_token_ids"]))
+                token_ids.append(self._check_ids(i, p["prompt_token_ids"]))
             elif isinstance(p, dict) and "prompt" in p:
                 texts.append(p["prompt"])
                 token_ids.append(None)
                 to_encode.append(i)
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+            elif isinstance(p, (list, tuple)):
                 texts.append(None)
-                token_ids.append(list(p))
+                token_ids.append(self._check_ids(i, p))
             else:
                 raise ValueError(f"prompt {i} must be a string, a list of token ids or a dict "
                                  f"with 'prompt' or 'prompt_token_ids', got {type(p).__name__}")
@@ -127,21 +136,36 @@ class LLM:
                 token_ids[i] = list(ids)
         return texts, token_ids
 
+    def _check_ids(self, index: int, ids) -> list[int]:
+        """A token-id prompt as ints in the vocabulary; checked before any request of the
+        call is added, so a bad prompt raises with nothing left in the engine."""
+        try:
+            return as_token_ids(ids, self.engine.model.vocab_size)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"prompt {index}: {e}") from None
+
     def _run(self, texts, token_ids, params, use_tqdm: bool) -> list[RequestOutput]:
         ids = [str(self._counter + i) for i in range(len(token_ids))]
         self._counter += len(ids)
-        # All requests are known now: admit the longest outputs first (engine/admission.py).
-        for i in admission_order(token_ids, [p.max_tokens for p in params]):
-            self.engine.add_request(ids[i], token_ids[i], params[i], prompt=texts[i])
-        results: dict[str, RequestOutput] = {}
         bar = _progress(len(ids)) if use_tqdm else None
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                results[out.request_id] = out
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            # All requests are known now: admit the longest outputs first (admission.py).
+            for i in admission_order(token_ids, [p.max_tokens for p in params]):
+                self.engine.add_request(ids[i], token_ids[i], params[i], prompt=texts[i])
+            results: dict[str, RequestOutput] = {}
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            # An error or Ctrl-C: this call's requests must not run on in the next call.
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [results[rid] for rid in ids]
 
 
@@ -152,6 +176,22 @@ def _as_prompt_list(prompts) -> list[PromptType]:
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _text_message(message: dict) -> dict:
+    """A message whose content is a list of OpenAI content parts, with the text parts joined
+    by newlines (as vLLM does for templates that take string content)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"unsupported content part {kind!r} in a {message.get('role')!r} "
+                             f"message: only text parts ({{'type': 'text', 'text': ...}}) are")
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
 
 
 def _progress(total: int):

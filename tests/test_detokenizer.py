@@ -148,3 +148,53 @@ def test_output_after_prompt_keeps_its_leading_space(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=["NEVER"]), prompt)
     detok.update(ids)
     assert detok.output_text == " world there" == decode_output(tokenizer, ids)
+
+
+def _both_paths(tokenizer, prompt, ids) -> tuple[str, str]:
+    """(incremental text, text decoded at once) of output `ids` after `prompt`."""
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=["NEVER"]), prompt)
+    for token_id in ids:
+        detok.update([token_id])
+    return detok.output_text, decode_output(tokenizer, ids, prompt_token_ids=prompt)
+
+
+def test_sentencepiece_output_keeps_its_leading_space(sp_model_dir):
+    # A Llama-2 decoder strips the first token's space: decoded alone, " Paris" loses it.
+    from transformers import AutoTokenizer
+    sp = AutoTokenizer.from_pretrained(sp_model_dir)
+    prompt = sp.encode("The capital of France is", add_special_tokens=False)
+    ids = sp.encode("The capital of France is Paris. It", add_special_tokens=False)
+    assert ids[:len(prompt)] == prompt
+    assert _both_paths(sp, prompt, ids[len(prompt):]) == (" Paris. It", " Paris. It")
+
+
+def _split_character(tokenizer, text: str) -> tuple[list[int], int]:
+    """`text`'s ids and an index that falls inside its last character's tokens."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    last = tokenizer.encode(text[-1], add_special_tokens=False)
+    assert len(last) > 1 and ids[-len(last):] == last
+    return ids, len(ids) - len(last) + 1
+
+
+def test_a_character_cut_at_either_end_is_whole_or_left_out(tokenizer):
+    ids, cut = _split_character(tokenizer, "Party:🎉")
+    prompt = tokenizer.encode("Say:", add_special_tokens=False)
+    # the output ends inside 🎉: its bytes are left out both ways, not turned into U+FFFD
+    assert _both_paths(tokenizer, prompt, ids[:cut]) == ("Party:", "Party:")
+    # a token-id prompt ending inside 🎉: the output's tokens complete it
+    assert _both_paths(tokenizer, ids[:cut], ids[cut:]) == ("🎉", "🎉")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_both_paths_give_the_same_text(tokenizer, sp_model_dir, seed):
+    import random
+
+    from transformers import AutoTokenizer
+    rng = random.Random(seed)
+    for tok in (tokenizer, AutoTokenizer.from_pretrained(sp_model_dir)):
+        for _ in range(25):
+            ids = tok.encode(rng.choice(TEXTS) + rng.choice(TEXTS), add_special_tokens=False)
+            cut = rng.randrange(len(ids))
+            end = rng.randrange(cut + 1, len(ids) + 1)
+            incremental, at_once = _both_paths(tok, ids[:cut], ids[cut:end])
+            assert incremental == at_once and not at_once.endswith("\ufffd")

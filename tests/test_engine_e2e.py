@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from batchgen import LLM, SamplingParams
+from batchgen.engine.request import child_seed
 
 MAX_TOKENS = 20
 SYSTEM = ("You are a meticulous support assistant for an online shop. Answer in one short "
@@ -45,6 +46,12 @@ def reference(smol_model_dir):
             expected.append(out[0, len(ids):].tolist())
     assert any(len(p) > 250 for p in prompts)
     return prompts, expected
+
+
+@pytest.fixture(scope="module")
+def llm(smol_model_dir):
+    """One default engine for the API tests below that need no special configuration."""
+    return LLM(str(smol_model_dir), device="cpu")
 
 
 CONFIGS = {
@@ -108,12 +115,16 @@ def test_text_prompts_and_chat(smol_model_dir):
 def test_bad_requests_do_not_break_the_batch(smol_model_dir):
     llm = LLM(str(smol_model_dir), device="cpu", max_model_len=128)
     outs = llm.generate(
-        [[], list(range(5, 200)), "The capital of France is", {"prompt_token_ids": [10**7]}],
+        [[], list(range(5, 200)), "The capital of France is"],
         SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert outs[0].outputs[0].finish_reason == "error" and "empty" in outs[0].error
     assert outs[1].outputs[0].finish_reason == "error" and "max_model_len" in outs[1].error
-    assert outs[3].outputs[0].finish_reason == "error" and "vocabulary" in outs[3].error
     assert outs[2].error is None and len(outs[2].outputs[0].token_ids) == 4
+    # LLM.generate refuses ids outside the vocabulary (see test_a_bad_prompt_...); the engine
+    # (the job runner's path) turns them into an error row
+    llm.engine.add_request("oov", [10**7], SamplingParams(max_tokens=4))
+    out = llm.engine.step()[0]
+    assert out.outputs[0].finish_reason == "error" and "vocabulary" in out.error
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
 
@@ -188,3 +199,91 @@ def test_stop_strings(smol_model_dir, overlap):
                        use_tqdm=False)[0].outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == word
     assert cut.text == base[:base.index(word)]
+
+
+def test_n_samples_of_nearby_seeds_do_not_repeat(llm):
+    # child i used seed + i: sample 1 of seed 7 was sample 0 of seed 8
+    params = [SamplingParams(temperature=1.0, max_tokens=6, n=3, seed=s) for s in (7, 8, 9)]
+    outs = llm.generate(["Once upon a time"] * 3, params, use_tqdm=False)
+    samples = [tuple(c.token_ids) for o in outs for c in o.outputs]
+    assert len(set(samples)) == len(samples) == 9
+    # sample 0 keeps the seed: a seeded n=1 request draws what it always drew
+    one = llm.generate("Once upon a time", SamplingParams(temperature=1.0, max_tokens=6, seed=7),
+                       use_tqdm=False)[0].outputs[0]
+    assert tuple(one.token_ids) == samples[0]
+    assert child_seed(7, 0) == 7
+    assert len({child_seed(s, i) for s in range(50) for i in range(4)}) == 200
+
+
+def _with_and_without_stop(llm, prompt, **kwargs):
+    return [llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, stop=stop, **kwargs),
+                         use_tqdm=False)[0].outputs[0] for stop in (None, ["NEVER"])]
+
+
+def test_text_does_not_depend_on_stop_strings(llm, sp_model_dir):
+    # a character cut by max_tokens: no U+FFFD, as on the stop-string path
+    plain, stop = _with_and_without_stop(llm, "Write three emoji: 😀", ignore_eos=True)
+    assert plain.token_ids == stop.token_ids
+    assert plain.text == stop.text and not plain.text.endswith("\ufffd")
+    # a token-id prompt that ends inside a character: the output completes it both ways
+    tok = llm.tokenizer
+    ids = tok.encode("Say:🎉", add_special_tokens=False)  # 🎉: 3 tokens
+    plain, stop = _with_and_without_stop(llm, {"prompt_token_ids": ids[:-1]})
+    assert plain.text == stop.text == tok.decode(ids[-3:-1] + plain.token_ids)
+    # SentencePiece (Llama-2 / Mistral): the first output token keeps its leading space
+    sp = LLM(str(sp_model_dir), device="cpu")
+    plain, stop = _with_and_without_stop(sp, "The capital of France is")
+    assert plain.text == stop.text and plain.text.startswith(" ")
+
+
+def test_extra_eos_ids_stop_with_their_id(two_eos_model_dir):
+    llm = LLM(str(two_eos_model_dir), device="cpu")
+    assert llm.engine.eos_token_ids == (2, 30)
+    plain, stop = _with_and_without_stop(llm, "The capital of France is")
+    for out in (plain, stop):
+        assert out.token_ids[-1] == 30 and out.finish_reason == "stop"
+        # vLLM folds generation_config's other EOS ids into stop_token_ids: reported by id
+        assert out.stop_reason == 30 and not out.text.endswith(".")
+    # the tokenizer's EOS (2, after "2 + 2 = 4"): stop_reason None, as in vLLM
+    chat = llm.chat([{"role": "user", "content": "What is 2+2? Answer with a number only."}],
+                    SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert chat.token_ids[-1] == 2 and chat.finish_reason == "stop"
+    assert chat.stop_reason is None and chat.text == "2 + 2 = 4"
+
+
+@pytest.mark.parametrize("bad", [[5, "x"], [504.0, 3575.0], [5, 10**7], [-1], [True]])
+def test_a_bad_prompt_raises_before_anything_runs(llm, bad):
+    engine = llm.engine
+    before = engine.stats().num_generated_tokens
+    good = SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="prompt 1"):
+        llm.generate(["The capital of France is", {"prompt_token_ids": bad}, [1, 2]],
+                     [good, good, good], use_tqdm=False)
+    assert not engine.has_unfinished() and engine._num_penalized == 0
+    llm.generate("Hello", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert engine.stats().num_generated_tokens == before + 2  # no orphan ran
+
+
+def test_chat_content_parts_and_template_arguments(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    parts = [{"type": "text", "text": "What is the capital"},
+             {"type": "text", "text": "of France?"}]  # joined by a newline, as in vLLM
+    as_parts = llm.chat([{"role": "user", "content": parts}], greedy, use_tqdm=False)[0]
+    as_text = llm.chat([{"role": "user", "content": "What is the capital\nof France?"}], greedy,
+                       use_tqdm=False)[0]
+    assert as_parts.prompt == as_text.prompt
+    assert as_parts.outputs[0].token_ids == as_text.outputs[0].token_ids
+    with pytest.raises(ValueError, match="image_url"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                 greedy, use_tqdm=False)
+    partial = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]
+    out = llm.chat(partial, greedy, use_tqdm=False, add_generation_prompt=False,
+                   continue_final_message=True)[0]
+    assert out.prompt.endswith("Hello, I")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(partial, greedy, use_tqdm=False, continue_final_message=True)
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if shout %}!{% endif %}"
+    out = llm.chat([{"role": "user", "content": "Hi"}], greedy, use_tqdm=False,
+                   chat_template=template, chat_template_kwargs={"shout": True})[0]
+    assert out.prompt == "Hi!"
+    assert not llm.engine.has_unfinished()

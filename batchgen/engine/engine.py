@@ -9,12 +9,12 @@ import time
 import torch
 
 from batchgen.config import EngineConfig
-from batchgen.engine.detokenizer import IncrementalDetokenizer, decode_output
+from batchgen.engine.detokenizer import IncrementalDetokenizer
 from batchgen.engine.model_runner import ModelRunner
-from batchgen.engine.output_processor import build_request_output, merge_fanout
+from batchgen.engine.output_processor import build_request_output, merge_fanout, output_text
 from batchgen.engine.overlap import (PendingStep, fill_placeholders, is_stop_token,
                                      placeholder_tokens, record_placeholders, stop_after)
-from batchgen.engine.request import Request, RequestStatus, prompt_error
+from batchgen.engine.request import Request, RequestStatus, child_seed, prompt_error
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig
 from batchgen.engine.stats import EngineStats, PeakTracker
 from batchgen.models import loader
@@ -34,6 +34,8 @@ class Engine:
         self.tokenizer = None if config.skip_tokenizer_init else loader.load_tokenizer(
             config.tokenizer or self.model_path)
         self.eos_token_ids = loader.load_eos_token_ids(self.model_path, self.hf_config)
+        # The EOS that vLLM reports as stop_reason None; the other EOS ids stop by id.
+        self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
         self.generation_defaults = loader.load_generation_defaults(self.model_path)
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype(getattr(self.hf_config, "dtype", None))
@@ -107,14 +109,18 @@ class Engine:
         params = params or SamplingParams()
         if self._is_live(request_id):
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        if params.n > 1:
-            self._fanout[request_id] = [params.n, []]
-            base = params.seed if params.seed is not None else self._rng.getrandbits(62)
-            for i in range(params.n):
-                self._add_one(f"{request_id}#{i}", prompt_token_ids, params, base + i, prompt)
-            return
+        prompt_token_ids = list(prompt_token_ids)
+        # Before anything is registered: a prompt that raises here leaves no trace.
+        error = prompt_error(prompt_token_ids, params, self.model.vocab_size,
+                             self.max_model_len, has_tokenizer=self.tokenizer is not None)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        self._add_one(request_id, prompt_token_ids, params, seed, prompt)
+        if params.n == 1:
+            self._add_one(request_id, prompt_token_ids, params, seed, prompt, error)
+            return
+        self._fanout[request_id] = [params.n, []]
+        for i in range(params.n):
+            self._add_one(f"{request_id}#{i}", prompt_token_ids, params, child_seed(seed, i),
+                          prompt, error)
 
     def _is_live(self, request_id: str) -> bool:
         """request_id names a request added and not yet emitted (or aborted)."""
@@ -124,16 +130,13 @@ class Engine:
                 or any(r.request_id == request_id for r in unemitted))
 
     def _add_one(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 seed: int, prompt: str | None) -> None:
-        prompt_token_ids = list(prompt_token_ids)
+                 seed: int, prompt: str | None, error: str | None) -> None:
         req = Request(request_id=request_id, prompt_token_ids=prompt_token_ids,
                       sampling_params=params, eos_token_ids=self.eos_token_ids, seed=seed,
                       prompt_text=prompt)
         # Counted for every request, uncounted once when its output is built or it is aborted
         # (also a request the scheduler fails later, e.g. one that can never fit).
         self._num_penalized += params.has_penalties
-        error = prompt_error(prompt_token_ids, params, self.model.vocab_size,
-                             self.max_model_len, has_tokenizer=self.tokenizer is not None)
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
             req.error = error
@@ -142,7 +145,7 @@ class Engine:
         req.max_tokens = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
         if params.stop and self.tokenizer is not None:
             self._detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, params, prompt_token_ids)
+                self.tokenizer, params, prompt_token_ids, eos_token_ids=self.eos_token_ids)
         self.scheduler.add_request(req)
 
     def abort(self, request_id: str) -> None:
@@ -298,15 +301,9 @@ class Engine:
 
     def _finish_output(self, req: Request, prompt: str | None, emit: bool = True):
         self._num_penalized -= req.sampling_params.has_penalties
-        detok = self._detokenizers.pop(req.request_id, None)
-        if detok is not None:
-            text = detok.output_text
-        elif self.tokenizer is not None and req.output_token_ids:
-            text = decode_output(self.tokenizer, self._text_token_ids(req),
-                                 req.sampling_params.skip_special_tokens)
-        else:
-            text = ""
-        out = build_request_output(req, prompt, text, self.tokenizer)
+        text = output_text(req, self._detokenizers.pop(req.request_id, None), self.tokenizer)
+        out = build_request_output(req, prompt, text, self.tokenizer,
+                                   eos_token_id=self.eos_token_id)
         parent = req.request_id.rsplit("#", 1)[0] if "#" in req.request_id else None
         if parent in self._fanout:
             entry = self._fanout[parent]
@@ -319,14 +316,6 @@ class Engine:
             self._pending[out.request_id] = out
             return None
         return out
-
-    def _text_token_ids(self, req: Request) -> list[int]:
-        ids = req.output_token_ids
-        stop = req.stop_reason
-        if isinstance(stop, int) and ids and ids[-1] == stop \
-                and not req.sampling_params.include_stop_str_in_output:
-            return ids[:-1]
-        return ids
 
     # ---- stats ---------------------------------------------------------------------------
 

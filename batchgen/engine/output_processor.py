@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import time
 
+from batchgen.engine.detokenizer import IncrementalDetokenizer, decode_output
 from batchgen.engine.request import Request
 from batchgen.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
-def build_request_output(req: Request, prompt: str | None, text: str, tokenizer) -> RequestOutput:
+def build_request_output(req: Request, prompt: str | None, text: str, tokenizer, *,
+                         eos_token_id: int | None = None) -> RequestOutput:
+    """eos_token_id: the tokenizer's (see _stop_reason)."""
     if req.finished_time is None:
         req.finished_time = time.monotonic()
     completion = CompletionOutput(
         index=0, text=text, token_ids=list(req.output_token_ids),
-        finish_reason=req.status.finish_reason, stop_reason=_stop_reason(req),
+        finish_reason=req.status.finish_reason, stop_reason=_stop_reason(req, eos_token_id),
         logprobs=_logprobs(req, tokenizer))
     if completion.logprobs is not None:
         completion.cumulative_logprob = sum(entry[0] for entry in req.logprobs)
@@ -26,12 +29,35 @@ def build_request_output(req: Request, prompt: str | None, text: str, tokenizer)
         num_cached_tokens=req.num_cached_tokens)
 
 
-def _stop_reason(req: Request) -> int | str | None:
-    """As vLLM reports it: the stop token id or stop string, None when EOS ended the request
-    (req.stop_reason holds the EOS id too: the engine drops that token from the text)."""
+def output_text(req: Request, detok: IncrementalDetokenizer | None, tokenizer) -> str:
+    """The finished request's text: its incremental detokenizer's, else decoded at once (the
+    same text for the same ids: see detokenizer.py)."""
+    if detok is not None:
+        return detok.output_text
+    if tokenizer is None or not req.output_token_ids:
+        return ""
+    return decode_output(tokenizer, _text_token_ids(req), req.sampling_params.skip_special_tokens,
+                         prompt_token_ids=req.prompt_token_ids)
+
+
+def _text_token_ids(req: Request) -> list[int]:
+    """The output ids that make the text: a final stop token is left out, as in vLLM, unless
+    include_stop_str_in_output."""
+    ids = req.output_token_ids
+    stop = req.stop_reason
+    if isinstance(stop, int) and ids and ids[-1] == stop \
+            and not req.sampling_params.include_stop_str_in_output:
+        return ids[:-1]
+    return ids
+
+
+def _stop_reason(req: Request, eos_token_id: int | None) -> int | str | None:
+    """As vLLM reports it: None when the tokenizer's EOS ended the request, else the stop
+    string or stop token id. vLLM folds the other EOS ids (generation_config.json's) into
+    stop_token_ids, so they are reported by id. req.stop_reason holds the EOS id too: the
+    engine drops that token from the text."""
     reason = req.stop_reason
-    if isinstance(reason, int) and reason in req.eos_token_ids \
-            and not req.sampling_params.ignore_eos:
+    if reason is not None and reason == eos_token_id and not req.sampling_params.ignore_eos:
         return None
     return reason
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import enum
+import operator
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from batchgen.sampling_params import SamplingParams
@@ -112,3 +114,40 @@ def prompt_error(ids: list[int], params: SamplingParams, vocab_size: int, max_mo
     if params.stop and not has_tokenizer:
         return "stop strings need a tokenizer (skip_tokenizer_init is set)"
     return None
+
+
+def as_token_ids(ids: Iterable, vocab_size: int | None = None) -> list[int]:
+    """ids as a list of ints; ValueError naming the first id that is not an integer (a float,
+    a bool, a string) or, given vocab_size, not in [0, vocab_size)."""
+    out = []
+    for i, t in enumerate(ids):
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            out.append(operator.index(t))
+        except TypeError:
+            raise ValueError(f"prompt_token_ids[{i}] is {t!r}: token ids must be "
+                             f"integers") from None
+    if vocab_size is not None and out and (min(out) < 0 or max(out) >= vocab_size):
+        bad = next(t for t in out if not 0 <= t < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return out
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def child_seed(seed: int, index: int) -> int:
+    """Seed of sample `index` of an n > 1 request: a hash of (seed, index), so the samples of
+    seed s never repeat those of seed s + 1 (as seed + index would). Sample 0 keeps the seed:
+    it draws what the same request with n = 1 draws."""
+    if index == 0:
+        return seed
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ index) >> 1
