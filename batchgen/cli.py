@@ -46,21 +46,33 @@ def parse_shard(value: Optional[str], env=os.environ) -> tuple[int, int]:
 
 
 def build_job(opts: dict[str, Any], *, need_output: bool = True):
-    """Recipe, then --set, then the other flags -> JobConfig (raises on a mistake)."""
+    """Recipe, then --set, then the other flags -> JobConfig (raises on a mistake). Each
+    layer overrides the one before, the prompt's source included: a prompt column given
+    later replaces an earlier template, and the other way round."""
     from batchgen.job.config import JobConfig
     from batchgen.recipe import apply_overrides, load_recipe
 
-    fields: dict[str, Any] = load_recipe(opts["recipe"]) if opts.get("recipe") else {}
-    apply_overrides(fields, opts.get("set_") or [])
+    recipe = opts.get("recipe")
+    fields: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    if "keep" in fields:
+        fields["keep_source"] = f"recipe {recipe}: output.keep"
+    overrides: dict[str, Any] = {}
+    apply_overrides(overrides, opts.get("set_") or [])
+    if "keep" in overrides:
+        overrides["keep_source"] = "--set output.keep"
+    _override(fields, overrides)
+    flags: dict[str, Any] = {"sampling": {}}
     for name, field in FLAG_FIELDS.items():
         if opts.get(name) is not None and not (name == "overwrite" and not opts[name]):
-            fields[field] = opts[name]
-    sampling = dict(fields.pop("sampling", None) or {})
+            flags[field] = opts[name]
     for name in SAMPLING_FLAGS:
         if opts.get(name) is not None:
-            sampling[name] = opts[name]
+            flags["sampling"][name] = opts[name]
     if opts.get("keep") is not None:
-        fields["keep"] = [c.strip() for c in opts["keep"].split(",") if c.strip()]
+        flags["keep"] = [c.strip() for c in opts["keep"].split(",") if c.strip()]
+        flags["keep_source"] = "--keep"
+    _override(fields, flags)
+    sampling = dict(fields.pop("sampling", None) or {})
     if not opts.get("input"):
         raise ConfigError("--input is required")
     if need_output and not opts.get("output"):
@@ -68,6 +80,22 @@ def build_job(opts: dict[str, Any], *, need_output: bool = True):
     fields["shard_index"], fields["num_shards"] = parse_shard(opts.get("shard"))
     return JobConfig(input=opts["input"], output_dir=opts.get("output") or Path("."),
                      sampling=sampling, **fields)
+
+
+_PROMPT_SOURCES = ("prompt_column", "template")
+
+
+def _override(fields: dict[str, Any], layer: dict[str, Any]) -> None:
+    """`layer` over `fields` in place: sampling key by key; a prompt column or template in
+    `layer` replaces both of `fields`' (giving both in one layer is still refused)."""
+    if any(layer.get(name) is not None for name in _PROMPT_SOURCES):
+        for name in _PROMPT_SOURCES:
+            fields.pop(name, None)
+    for key, value in layer.items():
+        if key == "sampling":
+            fields["sampling"] = {**(fields.get("sampling") or {}), **value}
+        else:
+            fields[key] = value
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:
@@ -174,6 +202,8 @@ def _run_with(opts: dict[str, Any], make_engine: Optional[Callable], stop) -> in
 
         job = build_job(opts)
         workers = opts.get("data_parallel")
+        if workers is not None and workers < 1:
+            raise ConfigError(f"--data-parallel must be at least 1, got {workers}")
         if workers is not None and workers > 1:
             if stop.reason is not None:
                 return EXIT_INTERRUPTED
@@ -202,17 +232,24 @@ def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
     # Checked (and --overwrite applied, unless another run holds a lock in the folder) once
     # here, before the workers start; the first worker whose engine starts writes _job.json.
     prepared = prepare_job(job)
-    if job.overwrite:
+    if job.overwrite:  # the old job is set aside; put back below if no worker's engine starts
         ckpt.clear_for_overwrite(job.output_dir, prepared.record)
     else:
         ckpt.existing_job(job.output_dir, prepared.record)
-    with ckpt.writing_to(job.output_dir):
-        (job.output_dir / LOG_DIR_NAME).mkdir(parents=True, exist_ok=True)
-    # The memory share goes to each worker as its own flag, split from the resolved value
-    # (flag, recipe, --set or default alike), so the user's flag is not passed on as well.
-    argv = run_argv_from(opts, drop=("overwrite", "shard", "gpu_memory_utilization"))
-    return run_data_parallel(argv, workers, job.output_dir,
-                             gpu_memory_utilization=job.gpu_memory_utilization)
+    try:
+        with ckpt.writing_to(job.output_dir):
+            (job.output_dir / LOG_DIR_NAME).mkdir(parents=True, exist_ok=True)
+        # The memory share goes to each worker as its own flag, split from the resolved value
+        # (flag, recipe, --set or default alike), so the user's flag is not passed on as well.
+        # Each worker writes its own metrics file; the launcher writes the job's total.
+        argv = run_argv_from(opts, drop=("overwrite", "shard", "gpu_memory_utilization",
+                                         "metrics_json"))
+        return run_data_parallel(argv, workers, job.output_dir,
+                                 gpu_memory_utilization=job.gpu_memory_utilization,
+                                 metrics_json=job.metrics_json)
+    finally:
+        if job.overwrite:
+            ckpt.finish_overwrite(job.output_dir)
 
 
 def _slurm(opts: dict[str, Any]) -> int:
@@ -222,8 +259,11 @@ def _slurm(opts: dict[str, Any]) -> int:
         if opts.get("shard") is not None:
             raise ConfigError("slurm: each array task picks its shard; drop --shard")
         job = build_job(dict(opts, shard="0/1"))
+        if job.overwrite:
+            _set_aside_for_overwrite(job)
+        # Never --overwrite in a task: tasks that start together would refuse each other.
         script = render_sbatch_script(
-            run_argv_from(opts, drop=("shard",)), array=opts["array"],
+            run_argv_from(opts, drop=("shard", "overwrite")), array=opts["array"],
             gpus_per_task=opts["gpus_per_task"], time=opts.get("time"),
             partition=opts.get("partition"), account=opts.get("account"),
             cpus_per_task=opts.get("cpus_per_task"), mem=opts.get("mem"),
@@ -240,6 +280,18 @@ def _slurm(opts: dict[str, Any]) -> int:
     else:
         sys.stdout.write(script)
     return EXIT_OK
+
+
+def _set_aside_for_overwrite(job) -> None:
+    """`slurm --overwrite`: done once, here, as --data-parallel does. The old job waits in
+    _overwritten/ until the first task's engine starts (then it is deleted), so tasks that
+    refuse the settings lose nothing."""
+    from batchgen.job import checkpoint as ckpt
+    from batchgen.job.runner import prepare_job
+    ckpt.clear_for_overwrite(job.output_dir, prepare_job(job).record)
+    if (job.output_dir / ckpt.OVERWRITTEN_DIR).is_dir():
+        typer.echo(f"batchgen: the old job in {job.output_dir} is set aside in "
+                   f"{ckpt.OVERWRITTEN_DIR}/ until the first task starts its engine", err=True)
 
 
 app = build_app()

@@ -75,14 +75,31 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise RecipeError(f"recipe {path}: not valid YAML: {_describe_yaml_error(e)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path}: must be a mapping of sections, got {type(data).__name__}")
     return flatten_recipe(data, source=str(path))
+
+
+def _describe_yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: what (context: problem) and where (the problem's mark)."""
+    what = ": ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None))
+                     if p) or str(e)
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        what += f" (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(what.split())
 
 
 def flatten_recipe(data: dict[str, Any], source: str = "recipe") -> dict[str, Any]:

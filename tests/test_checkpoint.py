@@ -151,3 +151,37 @@ def test_a_resumed_run_scans_its_parts_and_the_shard_files_once(tmp_path, monkey
     metrics = run(make_job(tmp_path))
     assert sorted(counted) == ["part-00000.parquet", "part-00001.parquet"] and len(scans) == 1
     assert metrics.num_rows_done_before == 4 and metrics.num_rows == 6
+
+
+def test_int_and_float_sampling_values_are_one_job(tmp_path):
+    model, ident = {"m": 1}, {"path": "x"}
+    as_int = make_job(tmp_path, sampling={"temperature": 0, "top_p": 1, "max_tokens": 3})
+    as_float = make_job(tmp_path, sampling={"temperature": 0.0, "top_p": 1.0, "max_tokens": 3})
+    fields = fingerprint_fields(as_int, model, ident)
+    assert fingerprint(fields) == fingerprint(fingerprint_fields(as_float, model, ident))
+    # a folder written before numbers were normalised is still the same job...
+    legacy = dict(fields, sampling={"temperature": 0, "top_p": 1, "max_tokens": 3})
+    ckpt.open_job(tmp_path, ckpt.JobRecord(fingerprint(legacy), legacy, 3, "parquet", 10))
+    new = ckpt.JobRecord(fingerprint(fields), fields, 3, "parquet", 10)
+    assert ckpt.existing_job(tmp_path, new) is not None and not ckpt.holds_other_job(tmp_path, new)
+    # ...and a real change is named, not reported as "format"
+    changed = dict(fields, seed=7)
+    with pytest.raises(ckpt.JobMismatchError, match=r"changed: seed\)"):
+        ckpt.existing_job(tmp_path, ckpt.JobRecord(fingerprint(changed), changed, 3, "parquet", 10))
+
+
+def test_overwrite_puts_the_old_job_back_unless_the_new_one_starts(tmp_path):
+    ckpt.open_job(tmp_path, ckpt.JobRecord("aaaa", {"x": 1}, 3, "parquet", 10))
+    (tmp_path / "part-00000.parquet").write_bytes(b"old")
+    other = ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10)
+    ckpt.clear_for_overwrite(tmp_path, other)
+    assert not (tmp_path / "part-00000.parquet").exists()
+    ckpt.finish_overwrite(tmp_path)  # the new job never started (e.g. its engine refused)
+    assert (tmp_path / "part-00000.parquet").read_bytes() == b"old"
+    assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "aaaa"
+    assert not (tmp_path / ckpt.OVERWRITTEN_DIR).exists()
+    ckpt.clear_for_overwrite(tmp_path, other)
+    ckpt.open_job(tmp_path, other)  # the new job started: the old one is gone for good
+    assert not (tmp_path / ckpt.OVERWRITTEN_DIR).exists()
+    ckpt.finish_overwrite(tmp_path)
+    assert not (tmp_path / "part-00000.parquet").exists()

@@ -66,6 +66,13 @@ def test_run_then_status_verify_export(tmp_path, src):
     (["--set", "engine.dtype=16"], "engine.dtype must be a string, got int 16"),
     (["--set", "prompt.chat='false'"], "prompt.chat must be true or false, got str 'false'"),
     (["--set", "output.keep=id"], "output.keep must be a list of column names"),
+    (["--set", "sampling.n=2"], "sampling.n=2 is not supported"),
+    (["--set", "sampling.logprobs=1"], "sampling.logprobs is not supported"),
+    (["--metrics-json", "."], "--metrics-json . is a folder"),
+    (["--data-parallel", "0"], "--data-parallel must be at least 1, got 0"),
+    (["--data-parallel", "-1"], "--data-parallel must be at least 1, got -1"),
+    (["--keep", "nope"], "--keep: no input column(s) nope"),
+    (["--set", "output.keep=[nope]"], "--set output.keep: no input column(s) nope"),
 ])
 def test_configuration_errors_exit_2_with_one_line(tmp_path, src, args, message):
     base = ["run", "-o", tmp_path / "out", "-q"]
@@ -199,3 +206,157 @@ def test_overwrite_is_refused_while_another_run_holds_the_folder(tmp_path, src, 
     assert result.exit_code == 2, result.output
     assert "--overwrite:" in result.output and "in use by another run" in result.output
     assert (out / "_job.json").read_text() == job_file and len(list_parts(out)) == 1
+
+
+# ---- regressions: every bad input is one line, exit 2, and loses nothing ---------------
+
+
+def one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batchgen: error: "), result.output
+    assert message in lines[0], lines[0]
+
+
+def test_n_above_one_in_a_recipe_is_refused_not_reduced(tmp_path, src):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sampling: {n: 2, temperature: 0.8}\n")
+    one_line_error(invoke("run", "-i", src, "-o", tmp_path / "out", "-r", recipe, "-q"),
+                   "sampling.n=2 is not supported")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_inputs_are_one_line_errors(tmp_path, src, monkeypatch):
+    import gzip
+    whole = gzip.compress(src.read_bytes())
+    (tmp_path / "trunc.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "notgz.jsonl.gz").write_bytes(src.read_bytes())
+    (tmp_path / "dir.jsonl").mkdir()
+    out = tmp_path / "out"
+    for path, extra, message in [
+            ("trunc.jsonl.gz", [], "Compressed file ended"),
+            ("notgz.jsonl.gz", [], "Not a gzipped file"),
+            ("dir.jsonl", ["--input-format", "jsonl"], "dir.jsonl: Is a directory"),
+            ("w/prompts", ["--input-format", "jsonl"], "input not found: w/prompts"),
+            ("w/prompts", ["--input-format", "openai"], "input not found: w/prompts")]:
+        monkeypatch.chdir(tmp_path)
+        one_line_error(invoke("run", "-i", path, "-o", out, "-q", *extra), message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("path, extra", [("samples/reviewz", []), ("./reviewz", []),
+                                         ("./data/x", ["--input-format", "hf"])])
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, path, extra):
+    (tmp_path / "samples").mkdir()
+    monkeypatch.chdir(tmp_path)
+    import time
+    start = time.monotonic()
+    one_line_error(invoke("run", "-i", path, "-o", "out", "-q", *extra),
+                   f"input not found: {path}")
+    assert time.monotonic() - start < 10  # no network retries
+
+
+def test_overwrite_refused_by_the_engine_loses_nothing(tmp_path, src):
+    out = tmp_path / "out"
+    assert invoke("run", "-i", src, "-o", out, "-q", "--rows-per-part", "3").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def refusing_engine(job):
+        raise ValueError("max_model_len=999999 is longer than the model's")
+
+    result = CLI.invoke(build_app(make_engine=refusing_engine), [
+        "run", "-i", str(src), "-o", str(out), "-q", "--rows-per-part", "3", "--max-tokens",
+        "3", "--max-model-len", "999999", "--overwrite"])
+    one_line_error(result, "cannot start the engine: max_model_len=999999")
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if not k.startswith("_lock")} == \
+        {k: v for k, v in before.items() if not k.startswith("_lock")}
+    assert not (out / "_overwritten").exists()
+    # the accepted overwrite replaces the job and leaves nothing set aside
+    result = invoke("run", "-i", src, "-o", out, "-q", "--max-tokens", "3", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(list_parts(out)) == [0] and not (out / "_overwritten").exists()
+
+
+def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "pq" / "in.parquet")
+    one_line_error(invoke("run", "-i", tmp_path / "pq", "-o", tmp_path / "pq" / "out", "-q"),
+                   "is inside the input folder")
+    assert not (tmp_path / "pq" / "out").exists()
+    assert invoke("run", "-i", tmp_path / "pq", "-o", tmp_path / "out", "-q").exit_code == 0
+
+
+def test_a_bad_metrics_path_is_found_before_any_work(tmp_path, src):
+    (tmp_path / "afile").write_text("")
+    one_line_error(invoke("run", "-i", src, "-o", tmp_path / "out", "-q",
+                          "--metrics-json", tmp_path / "afile" / "m.json"), "is not a folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_slurm_overwrite_clears_once_and_tasks_do_not_overwrite(tmp_path, src):
+    out = tmp_path / "out"
+    assert invoke("run", "-i", src, "-o", out, "-q", "--max-tokens", "8").exit_code == 0
+    result = invoke("slurm", "-i", src, "-o", out, "--array", "2", "--max-tokens", "3",
+                    "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "--overwrite" not in result.stdout
+    assert not list_parts(out) and not (out / "_job.json").exists()
+    assert list_parts(out / "_overwritten")  # set aside until a task's engine starts
+    for shard in ("0/2", "1/2"):  # what each task runs (no --overwrite, no refusal)
+        task = invoke("run", "-i", src, "-o", out, "-q", "--max-tokens", "3", "--shard", shard)
+        assert task.exit_code == 0, task.output
+    assert not (out / "_overwritten").exists() and sorted(list_parts(out)) == [0]
+
+
+@pytest.mark.parametrize("recipe_text, flags", [
+    ("prompt: {template: 'Say {{ prompt }}'}\n", ["--prompt-column", "text"]),
+    ("prompt: {template: 'Say {{ prompt }}'}\n", ["--set", "input.prompt_column=text"]),
+    ("input: {prompt_column: text}\n", ["--template", "Say {{ prompt }}"]),
+    ("input: {prompt_column: text}\n", ["--set", "prompt.template=Say {{ prompt }}"]),
+])
+def test_a_prompt_source_from_flags_or_set_overrides_the_recipes(tmp_path, src, recipe_text,
+                                                                 flags):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / "out"
+    result = invoke("run", "-i", src, "-o", out, "-r", recipe, "-q", "--format", "jsonl",
+                    "--no-chat", *flags)
+    assert result.exit_code == 0, result.output
+    text = (out / "part-00000.jsonl").read_text()
+    assert ("echo[Say p0]" in text) == ("template" in " ".join(flags))
+    assert ("echo[t]" in text) == ("template" not in " ".join(flags))
+
+
+def test_int_and_float_settings_are_the_same_job_and_a_change_is_named(tmp_path, src):
+    out = tmp_path / "out"
+    assert invoke("run", "-i", src, "-o", out, "-q", "--temperature", "0").exit_code == 0
+    again = invoke("run", "-i", src, "-o", out, "-q", "--set", "sampling.temperature=0")
+    assert again.exit_code == 0, again.output
+    one_line_error(invoke("run", "-i", src, "-o", out, "-q", "--temperature", "0",
+                          "--max-tokens", "5"), "(changed: max_tokens, sampling)")
+
+
+def test_empty_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "empty.jsonl").write_text("")
+    one_line_error(invoke("run", "-i", tmp_path / "empty.jsonl", "-o", tmp_path / "o1", "-q"),
+                   "empty.jsonl has no rows")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    out = tmp_path / "o2"
+    assert invoke("run", "-i", tmp_path / "empty.parquet", "-o", out, "-q").exit_code == 0
+    for name in ("all.parquet", "all.jsonl"):
+        result = invoke("export", out, tmp_path / name)
+        assert result.exit_code == 0, result.output
+    assert pq.read_table(tmp_path / "all.parquet").num_rows == 0
+    assert (tmp_path / "all.jsonl").read_text() == ""
+
+
+def test_keep_from_the_recipe_is_named_as_such(tmp_path, src):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output: {keep: [id]}\n")
+    one_line_error(invoke("run", "-i", src, "-o", tmp_path / "out", "-r", recipe, "-q"),
+                   f"recipe {recipe}: output.keep: no input column(s) id")

@@ -34,6 +34,11 @@ FAKE_WORKER = textwrap.dedent("""
         json.dump({"argv": argv, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
                    "omp": os.environ.get("OMP_NUM_THREADS"), "pgid": os.getpgid(0)}, f)
     print(f"worker {index} of {num} says hello", flush=True)
+    if "--metrics-json" in argv:
+        with open(argv[argv.index("--metrics-json") + 1], "w") as f:
+            json.dump({"shard": f"{index}/{num}", "num_rows": 2 + int(index),
+                       "num_rows_total": 2 + int(index), "elapsed_s": 1.0 + int(index),
+                       "errors_by_kind": {"blank": 1}}, f)
     if act == "fail" and index == "1":
         sys.exit(3)
     if act == "wait":
@@ -300,3 +305,19 @@ def test_concurrent_runs_of_one_shard_and_a_killed_runs_lock(smol_model_dir, tin
     again = cli("run", *tiny_job_argv(smol_model_dir, data, out))  # a finished job: no-op
     assert again.returncode == 0
     assert output_rows(out) == tiny_reference
+
+
+def test_metrics_json_is_the_whole_jobs_not_one_workers(tmp_path, fake_launcher):
+    """Each worker writes its own file (no two writers of one path); the launcher writes
+    the job's total where --metrics-json said."""
+    out = tmp_path / "out"
+    code, _ = _run(out, "ok", 3, fake_launcher, metrics_json=tmp_path / "m.json")
+    assert code == 0
+    argvs = [json.loads((out / f"worker-{i}.json").read_text())["argv"] for i in range(3)]
+    paths = {a[a.index("--metrics-json") + 1] for a in argvs}
+    assert len(paths) == 3
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_rows"] == 2 + 3 + 4 and metrics["num_rows_total"] == 9
+    assert metrics["elapsed_s"] == 3.0 and metrics["errors_by_kind"] == {"blank": 3}
+    assert metrics["status"] == "done" and metrics["shard"] == "0-2/3"
+    assert [w["shard"] for w in metrics["workers"]] == ["0/3", "1/3", "2/3"]

@@ -226,3 +226,25 @@ def test_unknown_format_and_missing_input_are_config_errors(tmp_path):
 
 def test_parse_line_strips_crlf():
     assert parse_jsonl_line(0, b'{"a": 1}\r\n').fields == {"a": 1}
+
+
+def test_a_utf8_bom_starts_the_file_not_the_first_record(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a"}\n{"prompt": "b"}\n')
+    reader = JsonlReader(str(path))
+    assert reader.columns == ["prompt"]
+    rows = list(reader.iter_rows(RowSelection(rows_per_part=10)))
+    assert [(r.fields, r.error) for r in rows] == [({"prompt": "a"}, None), ({"prompt": "b"}, None)]
+    assert parse_jsonl_line(1, b"\xef\xbb\xbf{}").error is not None  # only at the start
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", None), (b"\x1f\x8b\x08\x00", "Compressed file ended"), (b'{"a": 1}', "Not a gzipped")])
+def test_unreadable_gzip_is_a_config_error(tmp_path, content, message):
+    path = tmp_path / "x.jsonl.gz"
+    path.write_bytes(content)
+    if message is None:
+        assert JsonlReader(str(path)).num_rows == 0
+        return
+    with pytest.raises(JobConfigError, match=f"^cannot read input .*x.jsonl.gz: {message}"):
+        JsonlReader(str(path))

@@ -112,3 +112,17 @@ def test_job_config_checks_types_too(tmp_path, kw, message):
     src.write_text('{"prompt": "x"}\n')
     with pytest.raises(JobConfigError, match=message):
         JobConfig(input=str(src), output_dir=tmp_path / "out", **kw)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe b\x00a\x00d\x00", r"not UTF-8 text \(byte 0xff at offset 0\); save it as UTF-8$"),
+    (b"prompt:\n\ttemplate: x\n",
+     r"not valid YAML: while scanning for the next token: found character '\\t' that cannot "
+     r"start any token \(line 2, column 1\)$"),
+])
+def test_recipe_read_errors_are_one_line_with_the_cause(tmp_path, content, message):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=message) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)

@@ -5,7 +5,9 @@ The fingerprint itself is in `fingerprint`; `status` and `verification` read wha
 `_job.json` is written once, atomically and exclusively, by whichever run or shard first
 has its engine started (so a job whose engine never starts leaves no record of its settings
 behind); until then runs only read and compare it. Nothing here takes a lock, but
-`clear_for_overwrite` deletes nothing while another run holds one on any shard.
+`clear_for_overwrite` touches nothing while another run holds one on any shard, and it only
+sets the old job aside (in `_overwritten/`): writing the new job's record deletes it, and
+`finish_overwrite` puts it back when the new job never started (a refused setting, a stop).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ from batchgen.job.writer import (TMP_PREFIX, count_part_rows, list_parts, read_p
 
 JOB_FILE = "_job.json"
 FORMAT_VERSION = 1
+# --overwrite moves the old job here until the new one has started (see finish_overwrite).
+OVERWRITTEN_DIR = "_overwritten"
 
 
 class JobMismatchError(JobConfigError):
@@ -93,14 +98,43 @@ def existing_job(out_dir: Path, record: JobRecord) -> JobRecord | None:
     old = read_json(path)
     if old is None:
         raise JobConfigError(f"{path} is unreadable; remove it or pass --overwrite")
-    if old.get("fingerprint") != record.fingerprint:
-        changed = sorted(k for k in record.fields
-                         if old.get("fields", {}).get(k) != json.loads(
-                             json.dumps(record.fields[k], default=str)))
+    if not is_same_job(old, record):
+        changed = changed_fields(old.get("fields") or {}, record.fields)
         raise JobMismatchError(
             f"{out_dir} holds a different job (changed: {', '.join(changed) or 'format'}); "
             "use another --output, or --overwrite to delete its parts and start again")
     return JobRecord.from_dict(old)
+
+
+def is_same_job(old: dict[str, Any], record: JobRecord) -> bool:
+    """Same fingerprint, or the same fields up to int vs float (`temperature: 0` in a recipe
+    against `--temperature 0`): a folder written before fingerprints normalised numbers."""
+    if old.get("fingerprint") == record.fingerprint:
+        return True
+    return _canonical(old.get("fields")) == _canonical(_as_json(record.fields))
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The top-level fields that differ (int vs float aside), for the mismatch message."""
+    new = _as_json(new)
+    return sorted(k for k in set(old) | set(new)
+                  if _canonical(old.get(k)) != _canonical(new.get(k)))
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _canonical(value: Any) -> Any:
+    """Numbers as floats (bools kept), recursively, so 0 and 0.0 compare equal but 0 and
+    False do not."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", float(value))
+    return value
 
 
 def open_job(out_dir: Path, record: JobRecord) -> JobRecord:
@@ -109,6 +143,8 @@ def open_job(out_dir: Path, record: JobRecord) -> JobRecord:
     make_output_dir(out_dir)
     with writing_to(out_dir):
         if write_json_atomic(out_dir / JOB_FILE, record.__dict__, exclusive=True):
+            # The new job has begun: an old one set aside by --overwrite is gone for good.
+            shutil.rmtree(out_dir / OVERWRITTEN_DIR, ignore_errors=True)
             return record
     found = existing_job(out_dir, record)
     if found is None:  # removed between our create and our read: only --overwrite does that
@@ -122,13 +158,14 @@ def holds_other_job(out_dir: Path, record: JobRecord) -> bool:
     if not path.exists():
         return False
     old = read_json(path)
-    return old is None or old.get("fingerprint") != record.fingerprint
+    return old is None or not is_same_job(old, record)
 
 
 def clear_for_overwrite(out_dir: Path, record: JobRecord, *, own_lock: Path | None = None) -> None:
-    """--overwrite: delete another job's parts and bookkeeping, unless a live run (other than
-    ours, holding `own_lock`) has a lock on any shard of the folder: deleting under it would
-    leave it committing its parts into a folder labelled as our job."""
+    """--overwrite: set another job's parts and bookkeeping aside (see finish_overwrite),
+    unless a live run (other than ours, holding `own_lock`) has a lock on any shard of the
+    folder: clearing under it would leave it committing its parts into a folder labelled as
+    our job."""
     if not holds_other_job(out_dir, record):
         return
     holders = live_lock_holders(out_dir, exclude=own_lock)
@@ -136,15 +173,35 @@ def clear_for_overwrite(out_dir: Path, record: JobRecord, *, own_lock: Path | No
         raise JobConfigError(f"--overwrite: {out_dir} is in use by another run ({holders[0]}); "
                              "stop it first, or use another --output")
     with writing_to(out_dir):
-        remove_job_files(out_dir)
+        aside = out_dir / OVERWRITTEN_DIR
+        if aside.exists():  # an earlier overwrite that never finished: this job replaces it
+            shutil.rmtree(aside)
+        aside.mkdir()
+        for path in job_files(out_dir):
+            os.replace(path, aside / path.name)
 
 
-def remove_job_files(out_dir: Path) -> None:
-    for path in list(list_parts(out_dir).values()) + [out_dir / JOB_FILE]:
-        path.unlink(missing_ok=True)
+def finish_overwrite(out_dir: Path) -> None:
+    """After an --overwrite run (or launch): if the new job never wrote its record (a setting
+    the engine refused, a stop before the start, a failure), the old job set aside is put
+    back, so a refused command loses nothing."""
+    aside = out_dir / OVERWRITTEN_DIR
+    if not aside.is_dir():
+        return
+    with writing_to(out_dir):
+        if not (out_dir / JOB_FILE).exists():
+            for path in aside.iterdir():
+                if not (out_dir / path.name).exists():
+                    os.replace(path, out_dir / path.name)
+        shutil.rmtree(aside)
+
+
+def job_files(out_dir: Path) -> list[Path]:
+    """A job's parts and bookkeeping (not the locks, nor the logs)."""
+    paths = list(list_parts(out_dir).values()) + [out_dir / JOB_FILE]
     for pattern in ("_shard-*.json", f"{TMP_PREFIX}*", "_metrics*.json"):
-        for name in glob.glob(str(out_dir / pattern)):
-            Path(name).unlink(missing_ok=True)
+        paths += [Path(name) for name in glob.glob(str(out_dir / pattern))]
+    return [p for p in paths if p.exists()]
 
 
 def known_num_input_rows(out_dir: Path, record: JobRecord) -> int | None:

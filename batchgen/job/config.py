@@ -47,6 +47,7 @@ class JobConfig:
     rows_per_part: int = 1000
     format: str = "parquet"
     keep: list[str] | None = None  # input columns to keep; None: all
+    keep_source: str = "--keep"  # where `keep` was given, for its error message
     parse_json: dict[str, str] | None = None  # generated JSON -> typed columns
     limit: int | None = None
     shard_index: int = 0
@@ -89,11 +90,26 @@ class JobConfig:
             if value.startswith(REMOTE_PREFIXES):
                 raise JobConfigError(
                     f"{what} {value!r}: remote paths are not supported; copy it to a local path")
-        if self.input_format != "hf" and not _looks_like_hub_id(self.input) \
-                and not os.path.exists(self.input):
+        if not os.path.exists(self.input) and not self._may_be_hub_id():
             raise JobConfigError(f"input not found: {self.input}")
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise JobConfigError(f"output {self.output_dir} exists and is not a folder")
+        if os.path.isdir(self.input) and _is_within(self.output_dir, Path(self.input)):
+            # A folder input is scanned for its files: it would read the job's own parts.
+            raise JobConfigError(f"output {self.output_dir} is inside the input folder "
+                                 f"{self.input}; put the output elsewhere")
+        if self.metrics_json is not None:
+            _check_metrics_path(self.metrics_json)
+
+    def _may_be_hub_id(self) -> bool:
+        """A missing input that may name a Hugging Face hub dataset: only where the format
+        allows one, and never a path that is plainly local (`./x`, `/x`, `~/x`, or `dir/x`
+        with `dir` here: a typo, to be reported at once rather than after network retries).
+        `--input-format hf` still takes `dir/x` as an id: the user said so."""
+        if self.input_format == "hf":
+            return not self.input.startswith(_LOCAL_PREFIXES)
+        return self.input_format == "auto" and _looks_like_hub_id(self.input) \
+            and not os.path.exists(self.input.split("/")[0])
 
     def _validate_choices(self) -> None:
         for name, allowed in (("input_format", INPUT_FORMATS), ("format", OUTPUT_FORMATS),
@@ -156,6 +172,13 @@ class JobConfig:
     def sampling_params(self) -> SamplingParams:
         """The user's sampling fields (max_tokens defaulted); seeds are set per row."""
         kwargs = dict(self.sampling)
+        # One output row per input row, with no logprobs column: refused, never dropped.
+        if kwargs.get("n", 1) != 1:
+            raise JobConfigError(f"sampling.n={kwargs['n']!r} is not supported: a job writes "
+                                 "one output per row (only n=1)")
+        if kwargs.get("logprobs") is not None:
+            raise JobConfigError("sampling.logprobs is not supported: the output parts have "
+                                 "no logprobs column")
         kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         kwargs.pop("seed", None)
         return SamplingParams(**kwargs)
@@ -207,6 +230,28 @@ _IS_KIND = {
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.expanduser().resolve(), folder.expanduser().resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_metrics_path(path: Path) -> None:
+    """--metrics-json is written at the end of the run: a path it cannot take is found now,
+    not after hours of work (where it would also hide an interrupted run's exit 75)."""
+    if path.is_dir():
+        raise JobConfigError(f"--metrics-json {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise JobConfigError(f"--metrics-json {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise JobConfigError(f"--metrics-json {path}: {parent} is not writable")
+
+
+_LOCAL_PREFIXES = ("./", "../", "/", "~")
 
 
 def _looks_like_hub_id(path: str) -> bool:

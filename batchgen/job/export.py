@@ -38,12 +38,16 @@ def export_job(out_dir: Path, file: Path, *, allow_partial: bool = False) -> int
               + ("" if report.problems else " or pass --partial"), file=sys.stderr)
         return 1
     parts = [path for _, path in sorted(list_parts(out_dir).items())]
-    if not parts:
+    if not parts and not report.is_ok:
         raise JobConfigError(f"{out_dir} has no committed parts to export yet")
+    # No parts and nothing missing: a finished job over an empty input; its export is an
+    # empty file (batchgen's own columns for Parquet), as `vllm run-batch` gives.
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        if file.suffix.lower() == ".parquet":
+        if not parts:
+            num_rows = _export_empty(tmp, known, as_parquet=file.suffix.lower() == ".parquet")
+        elif file.suffix.lower() == ".parquet":
             num_rows = _export_parquet(parts, tmp, known)
         else:
             num_rows = _export_jsonl(parts, tmp)
@@ -69,6 +73,14 @@ def _check_export_target(out_dir: Path, file: Path) -> None:
     if job_dir in file.resolve().parents:
         raise JobConfigError(f"{file} is inside the job folder {out_dir}, where it would be "
                              "read as more output; write it elsewhere")
+
+
+def _export_empty(tmp: Path, known: pa.Schema, *, as_parquet: bool) -> int:
+    if as_parquet:
+        pq.write_table(known.empty_table(), tmp, compression="zstd")
+    else:
+        tmp.write_bytes(b"")
+    return 0
 
 
 def _export_jsonl(parts: list[Path], tmp: Path) -> int:

@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.job.config import JobConfig, JobConfigError
+from batchgen.sampling_params import SamplingParams
+
+# SamplingParams fields that are numbers with a float default: `temperature: 0` (a YAML int)
+# and `--temperature 0` (a float) are one setting, so one fingerprint.
+_FLOAT_SAMPLING_FIELDS = frozenset(
+    name for name, f in SamplingParams.__dataclass_fields__.items() if isinstance(f.default, float))
 
 
 def model_identity(model: str | None) -> dict[str, Any]:
@@ -47,12 +53,19 @@ def fingerprint_fields(job: JobConfig, model: dict[str, Any],
         "model": model, "input": input_identity, "input_format": job.input_format,
         "split": job.split, "prompt_column": job.prompt_column, "template": job.template,
         "system": job.system, "chat": job.chat,
-        "sampling": {k: job.sampling[k] for k in sorted(job.sampling) if k != "seed"},
+        "sampling": {k: _normalised(k, job.sampling[k]) for k in sorted(job.sampling)
+                     if k != "seed"},
         "max_tokens": job.sampling_params().max_tokens, "seed": job.seed,
         "rows_per_part": job.rows_per_part, "format": job.output_format, "keep": job.keep,
         "parse_json": job.parse_json, "load_format": job.load_format,
         "dtype": job.dtype, "max_model_len": job.max_model_len, "tokenizer": job.tokenizer,
     }
+
+
+def _normalised(name: str, value: Any) -> Any:
+    if name in _FLOAT_SAMPLING_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def fingerprint(fields: dict[str, Any]) -> str:

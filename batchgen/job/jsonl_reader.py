@@ -3,9 +3,11 @@ with `error` set. Columns and their types are inferred over the whole file, so n
 lost to a type or a column first seen late."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,7 +58,8 @@ class JsonlReader(Reader):
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        self.num_rows, self.kinds = self._scan()
+        with self._reading():
+            self.num_rows, self.kinds = self._scan()
         self.columns = list(self.kinds)
         self.schema = pa.schema([(name, _KIND_TYPES[k]) for name, k in self.kinds.items()])
 
@@ -86,6 +89,16 @@ class JsonlReader(Reader):
         return num_rows, {name: "json" if kind == "float" and name in has_big_int
                           else kind or "string" for name, kind in kinds.items()}
 
+    @contextlib.contextmanager
+    def _reading(self):
+        """A file that cannot be read (a folder, no permission, a truncated or false .gz) is
+        the user's to fix: one line, exit 2. The scan reads it all, so later reads are safe."""
+        try:
+            yield
+        except (OSError, EOFError, zlib.error) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise JobConfigError(f"cannot read input {self.path}: {reason}") from None
+
     def _open(self):
         if self.path.name.lower().endswith(".gz"):
             return gzip.open(self.path, "rb")
@@ -102,7 +115,7 @@ class JsonlReader(Reader):
 
     def sample(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        with self._open() as f:
+        with self._reading(), self._open() as f:
             for index, raw in enumerate(f):
                 if len(out) >= NUM_SAMPLE_RECORDS or index >= 10 * NUM_SAMPLE_RECORDS:
                     break
@@ -133,7 +146,8 @@ class JsonlReader(Reader):
 def parse_jsonl_line(index: int, raw: bytes) -> Row:
     line = raw.rstrip(b"\r\n")
     try:
-        text = line.decode("utf-8")
+        # A byte-order mark (Windows editors write one) starts the file, not the record.
+        text = line.decode("utf-8-sig" if index == 0 else "utf-8")
     except UnicodeDecodeError as e:
         return Row(index, {}, f"line {index + 1}: undecodable bytes (not UTF-8) at byte {e.start}")
     if not text.strip():

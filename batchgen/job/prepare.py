@@ -44,7 +44,7 @@ def prepare_job(job: JobConfig) -> PreparedJob:
     else:
         _check_prompt_columns(job, reader)
         try:
-            schema = OutputSchema(reader.schema, job.keep, job.parse_json)
+            schema = OutputSchema(reader.schema, job.keep, job.parse_json, job.keep_source)
         except ValueError as e:
             raise JobConfigError(str(e)) from None
     fields = fingerprint_fields(job, model, reader.identity())
@@ -54,6 +54,11 @@ def prepare_job(job: JobConfig) -> PreparedJob:
 
 
 def _check_prompt_columns(job: JobConfig, reader: Reader) -> None:
+    if isinstance(reader, JsonlReader) and not reader.columns:
+        # No record to take the columns from (a Parquet file has its schema even when empty).
+        what = "no rows" if reader.num_rows == 0 else \
+            f"no record with any field ({reader.num_rows} lines, all blank, malformed or {{}})"
+        raise JobConfigError(f"input {job.input} has {what}")
     where = "the records" if isinstance(reader, JsonlReader) else "the schema"
     columns = ", ".join(reader.columns) or "none"
     if job.template is not None:

@@ -3,6 +3,7 @@ summary table, and the metrics JSON."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeRemainingColumn)
 from rich.table import Table
+
+from batchgen.job.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 
 
 @dataclass
@@ -148,12 +151,50 @@ def summary_rows(metrics: JobMetrics) -> list[tuple[str, str]]:
     return rows
 
 
-def write_metrics_json(path: Path, metrics: JobMetrics) -> None:
+def write_metrics_json(path: Path, metrics: JobMetrics | dict[str, Any]) -> None:
     path = Path(path)
+    data = metrics.to_dict() if isinstance(metrics, JobMetrics) else metrics
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # writers never share a temp file
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_SUMMED = ("num_rows_done_before", "num_rows", "num_rows_committed", "num_errors",
+           "num_parts_committed", "num_prompt_tokens", "num_output_tokens")
+
+
+def merge_metrics_files(paths: list[Path], dest: Path, *, output_dir: Path,
+                        exit_code: int) -> None:
+    """--data-parallel: the job's metrics, from its workers' files (counters summed, the
+    longest worker's time), each worker's own under "workers" (null: it wrote none)."""
+    workers = [_read_metrics(p) for p in paths]
+    found = [w for w in workers if w is not None]
+    total = JobMetrics(output_dir=str(output_dir), shard=f"0-{len(paths) - 1}/{len(paths)}",
+                       exit_code=exit_code, status=_STATUS_OF_EXIT.get(exit_code, "failed"))
+    for name in _SUMMED:
+        setattr(total, name, sum(int(w.get(name) or 0) for w in found))
+    totals = [w.get("num_rows_total") for w in workers]
+    total.num_rows_total = sum(totals) if all(isinstance(t, int) for t in totals) else None
+    total.elapsed_s = max((float(w.get("elapsed_s") or 0.0) for w in found), default=0.0)
+    for w in found:
+        for kind, n in (w.get("errors_by_kind") or {}).items():
+            total.errors_by_kind[kind] = total.errors_by_kind.get(kind, 0) + int(n)
+    write_metrics_json(dest, dict(total.to_dict(), workers=workers))
+
+
+_STATUS_OF_EXIT = {EXIT_OK: "done", EXIT_INTERRUPTED: "interrupted: re-run to resume"}
+
+
+def _read_metrics(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 # ---- status / verify output ---------------------------------------------------------

@@ -14,12 +14,14 @@ state file), signals.py (stop signals).
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections import deque
 from typing import Any, Callable
 
 from batchgen.job import checkpoint as ckpt
 from batchgen.job.config import JobConfig, JobConfigError
+from batchgen.job.engine_start import default_make_engine, start_engine
 from batchgen.job.exit_codes import EXIT_CONFIG, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 from batchgen.job.feeder import EndOfInput, Feeder, WorkItem, base_params, row_seed
 from batchgen.job.prepare import PreparedJob, is_openai_sample, prepare_job
@@ -28,22 +30,12 @@ from batchgen.job.records import RecordMaker, error_kind
 from batchgen.job.signals import StopSignals
 from batchgen.job.tally import RunTally
 from batchgen.job.writer import PartCollector, PartWriter, list_parts, read_part
-from batchgen.recipe import PromptRenderer, PromptTemplateError
 
 __all__ = ["EXIT_OK", "EXIT_INTERNAL", "EXIT_CONFIG", "EXIT_INTERRUPTED", "JobRun",
            "PreparedJob", "WorkItem", "EndOfInput", "default_make_engine", "error_kind",
            "is_openai_sample", "prepare_job", "row_seed", "run_job"]
 
 _STATS_EVERY_S = 0.5
-
-
-def default_make_engine(job: JobConfig):
-    from batchgen.llm import LLM
-    return LLM(model=job.model, device=job.device, dtype=job.dtype,
-               max_model_len=job.max_model_len, max_num_seqs=job.max_num_seqs,
-               max_num_batched_tokens=job.max_num_batched_tokens,
-               gpu_memory_utilization=job.gpu_memory_utilization, tokenizer=job.tokenizer,
-               seed=job.seed, load_format=job.load_format)
 
 
 def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default_make_engine,
@@ -78,13 +70,18 @@ def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default
                          f"{lock.holder_description()}")
             return JobMetrics(output_dir=str(out_dir), status="already running")
         try:
-            # Only under our lock, and only with no other run's lock live in the folder.
+            # Only under our lock, and only with no other run's lock live in the folder. The
+            # old job is only set aside: finish_overwrite puts it back unless our engine starts.
             if job.overwrite:
                 ckpt.clear_for_overwrite(out_dir, prepared.record, own_lock=lock.path)
             existing = ckpt.existing_job(out_dir, prepared.record)
             return JobRun(prepared, existing, make_engine, reporter, lock, stop).run()
         finally:
-            lock.release()
+            try:
+                if job.overwrite:
+                    ckpt.finish_overwrite(out_dir)
+            finally:
+                lock.release()
 
 
 class JobRun:
@@ -140,21 +137,7 @@ class JobRun:
             self.collector.prefill(part, records, rows)
 
     def _start_engine(self) -> None:
-        try:
-            llm = self.make_engine(self.job)
-        except JobConfigError:
-            raise
-        except (ValueError, OSError) as e:
-            # What the engine refuses at start is the user's settings or files (a dtype, a
-            # max_model_len beyond the model's, no GPU for device cuda, a folder without
-            # weights or tokenizer): a configuration error, on one line.
-            raise JobConfigError(f"cannot start the engine: {' '.join(str(e).split())}") from None
-        try:
-            renderer = PromptRenderer(llm.tokenizer, prompt_column=self.job.prompt_column,
-                                      template=self.job.template, system=self.job.system,
-                                      chat=self.job.chat)
-        except PromptTemplateError as e:
-            raise JobConfigError(str(e)) from None
+        llm, renderer = start_engine(self.make_engine, self.job)
         self.llm, self.engine = llm, llm.engine
         self.window = 2 * _max_num_seqs(self.engine, self.job)
         self.feeder = Feeder(self.job, self.reader, self.schema, self.selection, renderer,
@@ -205,7 +188,11 @@ class JobRun:
         self.metrics.exit_code = code
         self.reporter.summary(self.metrics)
         if self.job.metrics_json is not None:
-            write_metrics_json(self.job.metrics_json, self.metrics)
+            try:  # checked up front (JobConfig); a failure now must not turn 75 into 1
+                write_metrics_json(self.job.metrics_json, self.metrics)
+            except OSError as e:
+                print(f"batchgen: warning: cannot write --metrics-json {self.job.metrics_json}: "
+                      f"{e.strerror or e}", file=sys.stderr)
         return self.metrics
 
     def _loop(self) -> bool:

@@ -48,11 +48,11 @@ class OutputSchema:
     text, finish_reason, prompt_tokens, output_tokens, error, then parsed-JSON columns."""
 
     def __init__(self, input_schema: pa.Schema, keep: list[str] | None = None,
-                 parse_json: dict[str, str] | None = None) -> None:
+                 parse_json: dict[str, str] | None = None, keep_source: str = "--keep") -> None:
         keep = list(input_schema.names) if keep is None else keep
         missing = [c for c in keep if c not in input_schema.names]
         if missing:
-            raise ValueError(f"--keep: no input column(s) {', '.join(missing)} "
+            raise ValueError(f"{keep_source}: no input column(s) {', '.join(missing)} "
                              f"(columns: {', '.join(input_schema.names)})")
         self.parse_json = dict(parse_json or {})
         taken = set(OUTPUT_COLUMNS) | set(self.parse_json)
