@@ -23,7 +23,6 @@ from batchgen.engine.sampling_metadata import PenaltyMetadata, SamplingMetadata
 from batchgen.kernels.cdf_sample import cdf_sample, cdf_sample_ref, row_keys, row_uniforms
 
 
-
 @dataclass
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [B] int64, on device
