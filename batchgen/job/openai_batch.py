@@ -25,6 +25,18 @@ _SAMPLING_KEYS = {
     "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
     "min_tokens": "min_tokens", "ignore_eos": "ignore_eos",
 }
+# Body keys that change the answer and that batchgen does not honour, with the values that
+# leave the answer as it is. A request setting one gets a 400, as the API answers a parameter
+# it cannot serve, never an answer that silently ignores it (a `response_format` of JSON that
+# comes back as prose).
+_UNHONOURED = {
+    "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "logit_bias": (None, {}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "prediction": (None,),
+    "audio": (None,), "modalities": (None, ["text"]), "echo": (None, False),
+    "suffix": (None, ""), "best_of": (None, 1),
+}
 
 
 @dataclass
@@ -72,6 +84,10 @@ def parse_request(fields: dict[str, Any]) -> BatchRequest:
     # The API takes null for any optional field as "not given" (n, stop, temperature, ...).
     if body.get("n") not in (None, 1):
         raise RowError(f"n={body.get('n')!r} is not supported (only n=1)")
+    for key, keeps in _UNHONOURED.items():
+        if not any(body.get(key) == value for value in keeps):
+            raise RowError(f"body.{key} is not supported by batchgen (got {body[key]!r}); "
+                           "remove it to run this request")
     for key, name in _SAMPLING_KEYS.items():
         if body.get(key) is not None:
             request.sampling[name] = body[key]
