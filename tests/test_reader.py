@@ -104,16 +104,15 @@ def test_jsonl_type_widening_never_rounds_or_drops(tmp_path):
 
 
 def test_jsonl_identity_changes_when_a_late_record_changes_the_schema(tmp_path):
-    """Same path, size and first MiB: only the schema tells the two files apart, and a job
-    resumed on the changed file must not write parts of another schema."""
+    """Same path, size and first MiB: a job resumed on the changed file must not write parts
+    of another schema."""
     head = [json.dumps({"prompt": "x" * 60, "v": 1}).encode()] * 20_000  # > 1 MiB
     path = tmp_path / "in.jsonl"
     write_lines(path, head + [b'{"v":123}'])
     before = JsonlReader(str(path)).identity()
     write_lines(path, head + [b'{"v":"a"}'])
     after = JsonlReader(str(path)).identity()
-    assert before["size"] == after["size"] and before["head_sha256"] == after["head_sha256"]
-    assert before != after
+    assert before["size"] == after["size"] and before != after
 
 
 def test_jsonl_with_a_new_key_per_record_is_a_config_error(tmp_path):
@@ -169,6 +168,24 @@ def test_openai_request_null_optional_fields_mean_absent():
     assert request.sampling == {"max_tokens": 5}
     with pytest.raises(RowError, match="n=2 is not supported"):
         parse_request(_chat({"messages": [{"role": "user", "content": "hi"}], "n": 2}))
+
+
+def test_openai_request_refuses_parameters_it_would_silently_ignore():
+    hi = {"messages": [{"role": "user", "content": "hi"}]}
+    harmless = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+                "logprobs": False, "modalities": ["text"], "user": "u1", "metadata": {"k": "v"},
+                "store": False, "stream": False}
+    assert parse_request(_chat({**hi, **harmless})).messages == hi["messages"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for key, value in [("response_format", {"type": "json_object"}), ("tools", [tool]),
+                       ("tool_choice", "required"), ("logit_bias", {"50256": -100}),
+                       ("logprobs", True), ("top_logprobs", 3)]:
+        with pytest.raises(RowError, match=f"body.{key} is not supported"):
+            parse_request(_chat({**hi, key: value}))
+    completion = {"custom_id": "r2", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": "once", "echo": True}}
+    with pytest.raises(RowError, match="body.echo is not supported"):
+        parse_request(completion)
 
 
 def test_row_selection_shards_done_parts_and_resume_points():
@@ -248,3 +265,72 @@ def test_unreadable_gzip_is_a_config_error(tmp_path, content, message):
         return
     with pytest.raises(JobConfigError, match=f"^cannot read input .*x.jsonl.gz: {message}"):
         JsonlReader(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_half_a_surrogate_pair_is_a_bad_row_not_a_job_that_fails_every_run(tmp_path, fmt):
+    """`"\\ud83d"` (half an emoji, cut by an ASCII-escaping writer) is JSON Python reads but
+    no UTF-8 part can hold: the part's write failed, on every resume."""
+    from typer.testing import CliRunner
+
+    from batchgen.cli import build_app
+    from fake_engine import fake_engine_factory
+    path = tmp_path / "in.jsonl"
+    long_text = "é😀\u4e2d" * 100_000
+    path.write_text("\n".join([json.dumps({"prompt": "a", "note": "cut \ud83d"}),
+                               json.dumps({"prompt": "b", "note": "whole \ud83d\ude00"}),
+                               r'{"prompt": "c", "note": "\\ud83d is text"}',
+                               json.dumps({"prompt": "d", "note": long_text})]) + "\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(build_app(make_engine=fake_engine_factory()),
+                                ["run", "-i", str(path), "-o", str(out), "--no-chat", "-q",
+                                 "--format", fmt])
+    assert result.exit_code == 0, result.output
+    from batchgen.job.writer import list_parts, read_part
+    rows = read_part(list_parts(out)[0])
+    assert rows[0]["note"] is None and "surrogate" in rows[0]["error"]
+    assert [r["note"] for r in rows[1:]] == ["whole \U0001f600", "\\ud83d is text", long_text]
+    assert [r["error"] for r in rows[1:]] == [None] * 3
+
+
+def test_a_saved_single_split_refuses_another_split_by_name(tmp_path):
+    """`--split test` on a folder holding one saved Dataset (not a DatasetDict) read that
+    dataset whatever it was, silently."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"prompt": "q"}])
+    ds.save_to_disk(str(tmp_path / "plain"))
+    assert HFDatasetReader(str(tmp_path / "plain")).num_rows == 1  # the default split: it
+    with pytest.raises(JobConfigError, match=r"is one split \(unnamed\), not a DatasetDict: "
+                                             r"no split 'test'"):
+        HFDatasetReader(str(tmp_path / "plain"), split="test")
+    datasets.Dataset.from_list([{"prompt": "q"}], split="test").save_to_disk(str(tmp_path / "t"))
+    assert HFDatasetReader(str(tmp_path / "t"), split="test").num_rows == 1
+
+
+def test_a_stream_without_declared_features_takes_its_types_from_its_first_records(
+        tmp_path, monkeypatch):
+    """A hub stream of JSON files declares no features: typed from its first record alone, a
+    null there (or an int where 2.5 follows) failed the part's write, on every run."""
+    datasets = pytest.importorskip("datasets")
+    from typer.testing import CliRunner
+
+    from batchgen.cli import build_app
+    from fake_engine import fake_engine_factory
+
+    def records():
+        yield {"prompt": "a", "meta": None, "n": 1, "id": "x"}
+        for i in range(4):
+            yield {"prompt": f"p{i}", "meta": {"k": i}, "n": 2.5, "id": 7 if i == 3 else "y"}
+    stream = datasets.IterableDataset.from_generator(records)
+    assert stream.features is None
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: stream)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(build_app(make_engine=fake_engine_factory()),
+                                ["run", "-i", "someorg/data", "--input-format", "hf",
+                                 "-o", str(out), "--no-chat", "-q", "--rows-per-part", "2"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.select(["meta", "n", "id"]).to_pylist() == [
+        {"meta": None, "n": 1.0, "id": "x"}, {"meta": '{"k": 0}', "n": 2.5, "id": "y"},
+        {"meta": '{"k": 1}', "n": 2.5, "id": "y"}, {"meta": '{"k": 2}', "n": 2.5, "id": "y"},
+        {"meta": '{"k": 3}', "n": 2.5, "id": "7"}]

@@ -45,6 +45,26 @@ def test_part_is_committed_by_rename_and_leaves_no_temp_file(tmp_path):
     assert list_parts(tmp_path) == {7: path}
 
 
+def test_a_part_being_written_or_left_by_a_killed_run_is_not_in_a_parquet_glob(tmp_path,
+                                                                               monkeypatch):
+    """DuckDB's `select * from 'out/*.parquet'` read a half-written `_tmp-part-*.parquet`
+    (and failed) until the next run; a killed run's temp file of part 100000 or later was
+    never removed (its number was cut to five digits)."""
+    schema = OutputSchema(pa.schema([("prompt", pa.string())])).arrow
+    writer = PartWriter(tmp_path, "parquet", schema)
+    globbed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (globbed.append(
+        sorted(p.name for p in tmp_path.glob("*.parquet"))), real_fsync(fd)))
+    writer.write(0, [_record(0, schema, prompt="p")])
+    assert globbed[0] == []  # the temp file is there, just not a *.parquet
+    monkeypatch.undo()
+    (tmp_path / "_tmp-part-123456-9.parquet.tmp").write_bytes(b"killed")
+    (tmp_path / "_tmp-part-12345-9.parquet.tmp").write_bytes(b"another part")
+    writer.remove_stale_tmp([123456])
+    assert sorted(os.listdir(tmp_path)) == ["_tmp-part-12345-9.parquet.tmp", "part-00000.parquet"]
+
+
 def test_collector_restores_input_order_and_commits_whole_parts_only(tmp_path):
     writer = PartWriter(tmp_path, "jsonl", None)
     collector = PartCollector(writer, rows_per_part=3, stop=8)
@@ -159,3 +179,23 @@ def test_export_of_an_openai_batch_job_is_jsonl_only(tmp_path):
     assert result.exit_code == 2 and "export it as .jsonl" in result.output
     assert cli("export", out, tmp_path / "all.jsonl").exit_code == 0
     assert json.loads((tmp_path / "all.jsonl").read_text())["custom_id"] == "r1"
+
+
+def test_an_input_with_text_and_input_text_keeps_both_in_readable_parts(tmp_path):
+    """An earlier job's output as input: `text` is renamed past `input_text`, not onto it
+    (a duplicate column: parts pyarrow and pandas cannot read, one value lost)."""
+    from batchgen.job.config import JobConfig
+    from batchgen.job.progress import ProgressReporter
+    from batchgen.job.runner import run_job
+    from fake_engine import fake_engine_factory
+    schema = OutputSchema(pa.schema([("text", pa.string()), ("input_text", pa.string()),
+                                     ("input_input_text", pa.string())]))
+    assert schema.input_names == {"text": "input_input_input_text", "input_text": "input_text",
+                                  "input_input_text": "input_input_text"}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "text": "earlier", "input_text": "first"}) + "\n")
+    metrics = run_job(JobConfig(input=str(path), output_dir=tmp_path / "out", chat=False),
+                      make_engine=fake_engine_factory(), reporter=ProgressReporter(enabled=False))
+    assert metrics.exit_code == 0
+    row = pq.read_table(tmp_path / "out").to_pylist()[0]
+    assert (row["input_input_text"], row["input_text"]) == ("earlier", "first")

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow as pa
-
 from batchgen.job.config import JobConfigError
+from batchgen.job.jsonl_reader import fit_value, kinds_schema, record_kinds
 from batchgen.job.reader import BATCH_ROWS, NUM_SAMPLE_RECORDS, Reader, Row
 from batchgen.job.row_selection import RowSelection
 
@@ -29,6 +28,10 @@ class HFDatasetReader(Reader):
                         raise JobConfigError(f"dataset {path} has no split {split!r} "
                                              f"(splits: {', '.join(ds)})")
                     ds = ds[split]
+                elif split != "train" and str(ds.split) != split:
+                    # One saved split: a split asked for (not the default) must be this one.
+                    raise JobConfigError(f"dataset {path} is one split ({ds.split or 'unnamed'}), "
+                                         f"not a DatasetDict: no split {split!r}")
             else:
                 ds = datasets.load_dataset(path, split=split, streaming=True)
         except JobConfigError:
@@ -38,12 +41,10 @@ class HFDatasetReader(Reader):
                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
         self.dataset = ds
         self.is_streaming = isinstance(ds, datasets.IterableDataset)
-        features = ds.features
-        if features is None:  # a stream without declared features: infer from the start
-            first = next(iter(ds.take(1)), {})
-            features = datasets.Features.from_arrow_schema(
-                pa.Table.from_pylist([first]).schema) if first else datasets.Features()
-        self.schema = features.arrow_schema
+        # A stream without declared features: column kinds from its first records, as a
+        # JSONL file's (a null or an int there must not fix a column's type for good).
+        self.kinds = record_kinds(self.sample()) if ds.features is None else None
+        self.schema = ds.features.arrow_schema if self.kinds is None else kinds_schema(self.kinds)
         self.columns = list(self.schema.names)
         self.num_rows = None if self.is_streaming else len(ds)
         if self.is_streaming:
@@ -65,6 +66,9 @@ class HFDatasetReader(Reader):
             return list(self.dataset.take(NUM_SAMPLE_RECORDS))
         view = self.dataset.with_format("arrow")  # respects select()/shuffle() indices
         return view[:NUM_SAMPLE_RECORDS].to_pylist()
+
+    def output_value(self, name: str, value: Any) -> Any:
+        return value if self.kinds is None else fit_value(self.kinds.get(name), value)
 
     def iter_rows(self, selection: RowSelection) -> Iterator[Row]:
         if self.is_streaming:

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import re
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +28,10 @@ _MAX_EXACT_FLOAT_INT = 2**53
 # so keys that differ per record (ids as keys) stop here rather than exhaust memory.
 MAX_COLUMNS = 10_000
 _ABSENT = object()
+# A \u escape of half a surrogate pair, as written (only lines with one are checked further:
+# an escaped backslash before it makes it plain text).
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                                    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]")
 
 
 # exact type -> kind (a dict look-up: the scan calls this for every value of the file)
@@ -59,19 +64,22 @@ class JsonlReader(Reader):
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         with self._reading():
-            self.num_rows, self.kinds = self._scan()
+            self.num_rows, self.kinds, self.sha256 = self._scan()
         self.columns = list(self.kinds)
-        self.schema = pa.schema([(name, _KIND_TYPES[k]) for name, k in self.kinds.items()])
+        self.schema = kinds_schema(self.kinds)
 
-    def _scan(self) -> tuple[int, dict[str, str]]:
-        """One streaming pass: the number of records and each column's kind (only the
-        kinds are kept, never the rows, so memory does not grow with the file)."""
+    def _scan(self) -> tuple[int, dict[str, str], str]:
+        """One streaming pass: the number of records, each column's kind (only the kinds
+        are kept, never the rows, so memory does not grow with the file) and the content's
+        hash."""
         num_rows = 0
+        content = hashlib.sha256()
         kinds: dict[str, str | None] = {}
         has_big_int: set[str] = set()
         with self._open() as f:
             for index, raw in enumerate(f):
                 num_rows = index + 1
+                content.update(raw)
                 row = parse_jsonl_line(index, raw)
                 for name, value in row.fields.items():
                     kind = _kind(value)
@@ -86,8 +94,9 @@ class JsonlReader(Reader):
                             f"{index + 1} adds {name!r}); keys that vary per record belong "
                             "in a value, not a column")
                     kinds[name] = _merge_kinds(None if old is _ABSENT else old, kind)
-        return num_rows, {name: "json" if kind == "float" and name in has_big_int
-                          else kind or "string" for name, kind in kinds.items()}
+        final = {name: "json" if kind == "float" and name in has_big_int else kind or "string"
+                 for name, kind in kinds.items()}
+        return num_rows, final, content.hexdigest()[:16]
 
     @contextlib.contextmanager
     def _reading(self):
@@ -105,13 +114,11 @@ class JsonlReader(Reader):
         return open(self.path, "rb")
 
     def identity(self) -> dict[str, Any]:
-        # The schema depends on the whole file, which size and head hash cover only in part:
-        # it is in the fingerprint so that every part of one job has the same columns.
-        st = self.path.stat()
-        schema = json.dumps(list(self.kinds.items())).encode()
-        return {"kind": "jsonl", "path": str(self.path.resolve()), "size": st.st_size,
-                "head_sha256": _head_hash(self.path),
-                "schema_sha256": hashlib.sha256(schema).hexdigest()[:16]}
+        # The whole content (the scan reads it anyway): a resumed job whose file was edited
+        # anywhere, even keeping its size, is refused rather than mixing two inputs' rows
+        # (and two schemas) in one output.
+        return {"kind": "jsonl", "path": str(self.path.resolve()),
+                "size": self.path.stat().st_size, "sha256": self.sha256}
 
     def sample(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -133,14 +140,35 @@ class JsonlReader(Reader):
                     yield parse_jsonl_line(index, raw)
 
     def output_value(self, name: str, value: Any) -> Any:
-        kind = self.kinds.get(name)
-        if value is None or kind is None:
-            return None
-        if kind == "json":
-            return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        if _merge_kinds(kind, _kind(value)) != kind:
-            return None  # only when the file changed after the scan
-        return float(value) if kind == "float" else value
+        return fit_value(self.kinds.get(name), value)
+
+
+def record_kinds(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Each column's kind over `records` (the start of a stream that declares no types),
+    by the rules of a JSONL file's scan."""
+    kinds: dict[str, str | None] = {}
+    for record in records:
+        for name, value in record.items():
+            kinds[name] = _merge_kinds(kinds.get(name), _kind(value))
+    return {name: kind or "string" for name, kind in kinds.items()}
+
+
+def kinds_schema(kinds: dict[str, str]) -> pa.Schema:
+    return pa.schema([(name, _KIND_TYPES[kind]) for name, kind in kinds.items()])
+
+
+def fit_value(kind: str | None, value: Any) -> Any:
+    """`value` as stored in a column of `kind`. A value the kind does not cover (a JSONL file
+    changed after its scan; a stream's record past the sample its kinds came from) is JSON
+    text in a text column, else None: one lost value rather than a part that cannot be written."""
+    if value is None or kind is None:
+        return None
+    if kind in ("json", "string"):
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                                default=str)
+    if _merge_kinds(kind, _kind(value)) != kind:
+        return None
+    return float(value) if kind == "float" else value
 
 
 def parse_jsonl_line(index: int, raw: bytes) -> Row:
@@ -160,9 +188,17 @@ def parse_jsonl_line(index: int, raw: bytes) -> Row:
         return Row(index, {}, f"line {index + 1}: malformed JSON: nested too deeply")
     if not isinstance(record, dict):
         return Row(index, {}, f"line {index + 1}: a JSON {type(record).__name__}, not an object")
+    if _LONE_SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(record):
+        return Row(index, {}, f"line {index + 1}: undecodable bytes (a \\u escape of half a "
+                              "surrogate pair, not Unicode)")
     return Row(index, record)
 
 
-def _head_hash(path: Path, num_bytes: int = 1 << 20) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(num_bytes)).hexdigest()[:16]
+def _has_lone_surrogate(record: dict[str, Any]) -> bool:
+    """Whether a string of `record` holds half a surrogate pair (`"\\ud83d"`, JSON that
+    Python reads but no UTF-8 file can hold): it would fail the part's write, every run."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -2,6 +2,8 @@
 row groups outside the selection are never read."""
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,9 +40,11 @@ class ParquetReader(Reader):
         self.num_rows = sum(m.metadata.num_rows for m in metas)
 
     def identity(self) -> dict[str, Any]:
+        # Each file's footer too: a file written again with other rows of the same count and
+        # byte size has other statistics and offsets, and a resumed job must not mix the two.
         return {"kind": "parquet", "path": str(self.path.resolve()), "num_rows": self.num_rows,
                 "files": [[str(f.relative_to(self.path)) if self.path.is_dir() else f.name,
-                           f.stat().st_size] for f in self.files]}
+                           f.stat().st_size, _footer_hash(f)] for f in self.files]}
 
     def sample(self) -> list[dict[str, Any]]:
         pf = pq.ParquetFile(self.files[0])
@@ -69,3 +73,13 @@ class ParquetReader(Reader):
                         if selection.contains(index):
                             yield Row(index, record)
                         index += 1
+
+
+def _footer_hash(path: Path) -> str:
+    """The hash of a Parquet file's footer (schema, row groups, offsets, statistics), read
+    from its last bytes: `<footer><footer length: 4 bytes LE>PAR1`."""
+    with open(path, "rb") as f:
+        f.seek(-8, os.SEEK_END)
+        size = int.from_bytes(f.read(4), "little")
+        f.seek(-8 - size, os.SEEK_END)
+        return hashlib.sha256(f.read(size)).hexdigest()[:16]

@@ -1,9 +1,11 @@
 """Output parts: one file per range of `rows_per_part` input rows, committed atomically.
 
-A part is written to `_tmp-part-00007-<pid>.<fmt>` in the output folder, fsynced, renamed to
-`part-00007.<fmt>`, and the folder fsynced: the rename is the commit, so a reader (or a
-resumed run) sees a part whole or not at all. Every part has the same schema (`OutputSchema`),
-and every other file starts with `_`, so pandas / polars / DuckDB read the folder as one table.
+A part is written to `_tmp-part-00007-<pid>.<fmt>.tmp` in the output folder, fsynced, renamed
+to `part-00007.<fmt>`, and the folder fsynced: the rename is the commit, so a reader (or a
+resumed run) sees a part whole or not at all; the `.tmp` keeps a file being written (or left
+by a killed run) out of `out/*.parquet` globs, which skip no `_` names. Every part has the same
+schema (`OutputSchema`), and every other file starts with `_`, so pandas / polars / DuckDB read
+the folder as one table.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from batchgen.job.config import OUTPUT_COLUMNS
 
 PART_PATTERN = re.compile(r"^part-(\d{5,})\.(parquet|jsonl)$")
 TMP_PREFIX = "_tmp-part-"
+TMP_PATTERN = re.compile(r"^_tmp-part-(\d{5,})-")
 _PARSED_TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
                  "boolean": pa.bool_(), "json": pa.string()}
 
@@ -55,9 +58,7 @@ class OutputSchema:
             raise ValueError(f"{keep_source}: no input column(s) {', '.join(missing)} "
                              f"(columns: {', '.join(input_schema.names)})")
         self.parse_json = dict(parse_json or {})
-        taken = set(OUTPUT_COLUMNS) | set(self.parse_json)
-        # input column name -> output column name
-        self.input_names = {c: f"input_{c}" if c in taken else c for c in keep}
+        self.input_names = _input_names(keep, set(OUTPUT_COLUMNS) | set(self.parse_json))
         fields = [pa.field("row", pa.int64())]
         fields += [pa.field(out, input_schema.field(c).type) for c, out in self.input_names.items()]
         fields += [pa.field("text", pa.string()), pa.field("finish_reason", pa.string()),
@@ -68,6 +69,23 @@ class OutputSchema:
 
     def describe(self) -> list[list[str]]:
         return [[f.name, str(f.type)] for f in self.arrow]
+
+
+def _input_names(keep: list[str], reserved: set[str]) -> dict[str, str]:
+    """Input column name -> output column name: `input_<name>` where it clashes with a
+    reserved name, prefixed again while that is another input column too (an input with
+    `text` and `input_text`, such as an earlier job's output), so no two columns share a name."""
+    taken = reserved | set(keep)
+    names = {}
+    for column in keep:
+        name = column
+        if column in reserved:
+            name = f"input_{column}"
+            while name in taken:
+                name = f"input_{name}"
+            taken.add(name)
+        names[column] = name
+    return names
 
 
 class PartWriter:
@@ -87,7 +105,7 @@ class PartWriter:
     def write(self, part: int, records: list[dict[str, Any]]) -> Path:
         """Commit `records` (in row order) as part `part`; returns the final path."""
         final = self.path(part)
-        tmp = self.out_dir / f"{TMP_PREFIX}{part:05d}-{os.getpid()}.{self.fmt}"
+        tmp = self.out_dir / f"{TMP_PREFIX}{part:05d}-{os.getpid()}.{self.fmt}.tmp"
         try:
             if self.fmt == "parquet":
                 table = pa.Table.from_pylist(records, schema=self.schema)
@@ -111,9 +129,10 @@ class PartWriter:
 
     def remove_stale_tmp(self, parts: Iterable[int]) -> None:
         """Temp files a killed run of these parts left behind."""
-        wanted = {f"{TMP_PREFIX}{p:05d}-" for p in parts}
+        wanted = set(parts)
         for entry in os.scandir(self.out_dir):
-            if entry.name.startswith(TMP_PREFIX) and entry.name[:len(TMP_PREFIX) + 6] in wanted:
+            m = TMP_PATTERN.match(entry.name)
+            if m and int(m.group(1)) in wanted:
                 try:
                     os.unlink(entry.path)
                 except FileNotFoundError:
