@@ -223,18 +223,23 @@ def _run_with(opts: dict[str, Any], make_engine: Optional[Callable], stop) -> in
 
 def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
     from batchgen.job import checkpoint as ckpt
+    from batchgen.job import overwrite
     from batchgen.job.parallel import run_data_parallel
     from batchgen.job.runner import prepare_job
     from batchgen.job.slurm import LOG_DIR_NAME
 
     if opts.get("shard") is not None:
         raise ConfigError("--data-parallel and --shard do not mix")
-    # Checked (and --overwrite applied, unless another run holds a lock in the folder) once
-    # here, before the workers start; the first worker whose engine starts writes _job.json.
+    # Checked (and --overwrite applied, or a killed one's leftovers settled, unless another
+    # run holds a lock in the folder) once here, before the workers start, whose locks would
+    # stop it; the first worker whose engine starts writes _job.json.
     prepared = prepare_job(job)
     if job.overwrite:  # the old job is set aside; put back below if no worker's engine starts
-        ckpt.clear_for_overwrite(job.output_dir, prepared.record)
+        overwrite.clear_for_overwrite(job.output_dir, prepared.record)
     else:
+        note = overwrite.recover(job.output_dir, prepared.record)
+        if note is not None:
+            typer.echo(note, err=True)
         ckpt.existing_job(job.output_dir, prepared.record)
     try:
         with ckpt.writing_to(job.output_dir):
@@ -249,7 +254,7 @@ def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
                                  metrics_json=job.metrics_json)
     finally:
         if job.overwrite:
-            ckpt.finish_overwrite(job.output_dir)
+            overwrite.finish_overwrite(job.output_dir)
 
 
 def _slurm(opts: dict[str, Any]) -> int:
@@ -286,12 +291,12 @@ def _set_aside_for_overwrite(job) -> None:
     """`slurm --overwrite`: done once, here, as --data-parallel does. The old job waits in
     _overwritten/ until the first task's engine starts (then it is deleted), so tasks that
     refuse the settings lose nothing."""
-    from batchgen.job import checkpoint as ckpt
+    from batchgen.job import overwrite
     from batchgen.job.runner import prepare_job
-    ckpt.clear_for_overwrite(job.output_dir, prepare_job(job).record)
-    if (job.output_dir / ckpt.OVERWRITTEN_DIR).is_dir():
+    overwrite.clear_for_overwrite(job.output_dir, prepare_job(job).record)
+    if (job.output_dir / overwrite.OVERWRITTEN_DIR).is_dir():
         typer.echo(f"batchgen: the old job in {job.output_dir} is set aside in "
-                   f"{ckpt.OVERWRITTEN_DIR}/ until the first task starts its engine", err=True)
+                   f"{overwrite.OVERWRITTEN_DIR}/ until the first task starts its engine", err=True)
 
 
 app = build_app()

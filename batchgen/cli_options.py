@@ -83,7 +83,10 @@ JOB_OPTIONS = [
     opt("shard", Optional[str], ("--shard",),
         "Run shard I/N (0-based): parts p with p % N == I. Default: from "
         "SLURM_ARRAY_TASK_ID inside a Slurm array, else 0/1."),
-    opt("metrics_json", Optional[Path], ("--metrics-json",), "Write the run's metrics here as JSON."),
+    opt("metrics_json", Optional[Path], ("--metrics-json",),
+        "Write the run's metrics here as JSON. A run of shard I/N, N > 1 (a Slurm array task), "
+        "writes its own file: the shard before the suffix, metrics.json -> "
+        "metrics.shard-3-of-8.json."),
     opt("overwrite", bool, ("--overwrite",),
         "If the output folder holds a different job, delete its parts and start again.",
         default=False),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
+from batchgen.engine.request import as_token_ids
 from batchgen.outputs import CompletionOutput, RequestOutput
 from batchgen.sampling_params import SamplingParams
 
@@ -55,8 +56,9 @@ class FakeEngine:
     def __init__(self, tokenizer: FakeTokenizer, *, max_num_seqs: int = 8, max_model_len: int = 512,
                  responder: Callable[[str, SamplingParams], str] = default_responder,
                  step_delay_s: float = 0.0, num_visible_tokens: int = 64,
-                 record_admissions: bool = False) -> None:
+                 record_admissions: bool = False, vocab_size: int = 259) -> None:
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size  # FakeTokenizer's ids: a byte + 3
         self.config = SimpleNamespace(max_num_seqs=max_num_seqs)
         self.max_model_len = max_model_len
         self.responder = responder
@@ -71,7 +73,8 @@ class FakeEngine:
         self.num_generated = 0
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.waiting.append((request_id, list(prompt_token_ids), params))
+        # as the real engine: ids that are not integers, or outside the vocabulary, raise
+        self.waiting.append((request_id, as_token_ids(prompt_token_ids, self.vocab_size), params))
         self.num_added += 1
         if self.admission_order is not None:
             self.admission_order.append(request_id)

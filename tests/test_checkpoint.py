@@ -1,12 +1,15 @@
 """Fingerprints, resume planning, and status / verify on complete, partial, tampered folders."""
+import dataclasses
 import json
 import os
 
 import pytest
 
 from batchgen.job import checkpoint as ckpt
+from batchgen.job import overwrite
 from batchgen.job.config import JobConfig
 from batchgen.job.fingerprint import fingerprint, fingerprint_fields
+from batchgen.job.prepare import prepare_job
 from batchgen.job.progress import ProgressReporter, print_verify
 from batchgen.job.runner import run_job
 from batchgen.job.status import job_status
@@ -50,7 +53,7 @@ def test_job_file_is_written_once_and_compared(tmp_path):
         ckpt.open_job(tmp_path, ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10))
     (tmp_path / "part-00000.parquet").write_bytes(b"old")
     other = ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10)
-    ckpt.clear_for_overwrite(tmp_path, other)
+    overwrite.clear_for_overwrite(tmp_path, other)
     assert not (tmp_path / "part-00000.parquet").exists()
     assert not (tmp_path / "_job.json").exists()  # the new record waits for its engine
     ckpt.open_job(tmp_path, other)
@@ -64,10 +67,10 @@ def test_overwrite_deletes_nothing_while_another_run_holds_any_shard(tmp_path):
     other = ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10)
     with ShardLock(tmp_path, 1, 2):  # a live run of another shard, of another split
         with pytest.raises(ckpt.JobConfigError, match="in use by another run .shard 1/2 held"):
-            ckpt.clear_for_overwrite(tmp_path, other, own_lock=tmp_path / "_lock-0-of-1.json")
+            overwrite.clear_for_overwrite(tmp_path, other, own_lock=tmp_path / "_lock-0-of-1.json")
     assert (tmp_path / "part-00000.parquet").exists()
     assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "aaaa"
-    ckpt.clear_for_overwrite(tmp_path, other)  # released: now it may
+    overwrite.clear_for_overwrite(tmp_path, other)  # released: now it may
     assert not (tmp_path / "part-00000.parquet").exists()
 
 
@@ -174,14 +177,43 @@ def test_overwrite_puts_the_old_job_back_unless_the_new_one_starts(tmp_path):
     ckpt.open_job(tmp_path, ckpt.JobRecord("aaaa", {"x": 1}, 3, "parquet", 10))
     (tmp_path / "part-00000.parquet").write_bytes(b"old")
     other = ckpt.JobRecord("bbbb", {"x": 2}, 3, "parquet", 10)
-    ckpt.clear_for_overwrite(tmp_path, other)
+    overwrite.clear_for_overwrite(tmp_path, other)
     assert not (tmp_path / "part-00000.parquet").exists()
-    ckpt.finish_overwrite(tmp_path)  # the new job never started (e.g. its engine refused)
+    overwrite.finish_overwrite(tmp_path)  # the new job never started (e.g. its engine refused)
     assert (tmp_path / "part-00000.parquet").read_bytes() == b"old"
     assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "aaaa"
-    assert not (tmp_path / ckpt.OVERWRITTEN_DIR).exists()
-    ckpt.clear_for_overwrite(tmp_path, other)
+    assert not (tmp_path / overwrite.OVERWRITTEN_DIR).exists()
+    overwrite.clear_for_overwrite(tmp_path, other)
     ckpt.open_job(tmp_path, other)  # the new job started: the old one is gone for good
-    assert not (tmp_path / ckpt.OVERWRITTEN_DIR).exists()
-    ckpt.finish_overwrite(tmp_path)
+    overwrite.finish_overwrite(tmp_path)
+    assert not (tmp_path / overwrite.OVERWRITTEN_DIR).exists()
     assert not (tmp_path / "part-00000.parquet").exists()
+
+
+def _write_input(path, prompts):
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        # uncompressed, plain: the same size after a same-length edit
+        pq.write_table(pa.table({"prompt": prompts}), path, compression="none",
+                       use_dictionary=False)
+    else:
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.parquet"])
+def test_resume_on_an_input_changed_in_place_to_the_same_size_is_refused(tmp_path, name):
+    """Rows rewritten past the first MiB, keeping the file's size and row count (a relabelled
+    dataset written again): resuming would mix the old file's parts with the new file's."""
+    src = tmp_path / name
+    prompts = [f"p{i:07d}-" + "x" * 100 for i in range(12_000)]  # > 1 MiB of JSONL
+    _write_input(src, prompts)
+    job = JobConfig(input=str(src), output_dir=tmp_path / "out", rows_per_part=5000, limit=5000)
+    assert run(job).exit_code == 0
+    _write_input(src, prompts)  # the same rows again: the same job, resumed
+    assert ckpt.existing_job(job.output_dir, prepare_job(job).record) is not None
+    size = src.stat().st_size
+    _write_input(src, prompts[:11_000] + [p.replace("p", "q") for p in prompts[11_000:]])
+    assert src.stat().st_size == size
+    with pytest.raises(ckpt.JobMismatchError, match="changed: input"):
+        run(dataclasses.replace(job, limit=None))

@@ -51,6 +51,25 @@ def test_run_then_status_verify_export(tmp_path, src):
     assert again.exit_code == 0
 
 
+@pytest.mark.parametrize("shard_from", ["array", "flag"])
+def test_array_tasks_given_one_metrics_json_write_one_file_each(tmp_path, src, monkeypatch,
+                                                                shard_from):
+    """Every task of a Slurm array gets the same --metrics-json: none overwrites another's.
+    The shard comes from the array (a plain `run` in each task) or from --shard (the scripts
+    of `batchgen slurm`)."""
+    out, metrics = tmp_path / "out", tmp_path / "m.json"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    for task in ("0", "1"):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        shard = ["--shard", f"{task}/2"] if shard_from == "flag" else []
+        result = invoke("run", "-i", src, "-o", out, "--rows-per-part", "3", "-q",
+                        "--metrics-json", metrics, *shard)
+        assert result.exit_code == 0, result.output
+    tasks = [json.loads((tmp_path / f"m.shard-{i}-of-2.json").read_text()) for i in range(2)]
+    assert [(m["shard"], m["num_rows"]) for m in tasks] == [("0/2", 4), ("1/2", 3)]
+    assert not metrics.exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--input", "missing.jsonl"], "input not found"),
     (["--prompt-column", "nope"], "prompt column 'nope'"),

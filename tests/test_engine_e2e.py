@@ -2,6 +2,7 @@
 (SmolLM2-135M-Instruct, fp32, CPU), in every engine configuration that changes the schedule."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,11 +121,7 @@ def test_bad_requests_do_not_break_the_batch(smol_model_dir):
     assert outs[0].outputs[0].finish_reason == "error" and "empty" in outs[0].error
     assert outs[1].outputs[0].finish_reason == "error" and "max_model_len" in outs[1].error
     assert outs[2].error is None and len(outs[2].outputs[0].token_ids) == 4
-    # LLM.generate refuses ids outside the vocabulary (see test_a_bad_prompt_...); the engine
-    # (the job runner's path) turns them into an error row
-    llm.engine.add_request("oov", [10**7], SamplingParams(max_tokens=4))
-    out = llm.engine.step()[0]
-    assert out.outputs[0].finish_reason == "error" and "vocabulary" in out.error
+    # ids outside the vocabulary are refused, not run: test_add_request_checks_token_ids
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
 
@@ -262,6 +259,30 @@ def test_a_bad_prompt_raises_before_anything_runs(llm, bad):
     assert not engine.has_unfinished() and engine._num_penalized == 0
     llm.generate("Hello", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     assert engine.stats().num_generated_tokens == before + 2  # no orphan ran
+
+
+@pytest.mark.parametrize("bad", [[5, 504.0], [5, True], [5, "7"], [5, np.float64(5)],
+                                 [np.bool_(True)], [5, -1], [5, 10**7], "vocab"])
+def test_add_request_checks_token_ids(llm, bad):
+    """The engine's own check (the job runner calls it directly): a bad id raises before
+    anything is added, so the request id stays free; numpy integers are ids like any other."""
+    engine = llm.engine
+    if bad == "vocab":
+        bad = [5, engine.model.vocab_size]
+    greedy = SamplingParams(temperature=0, max_tokens=3, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match=r"must be integers|outside the vocabulary"):
+        engine.add_request("r", bad, greedy)
+    assert not engine.has_unfinished() and engine._num_penalized == 0
+    ids = llm.tokenizer("The capital of France is")["input_ids"]
+    outs = {}
+    for rid, prompt in (("r", ids), ("array", np.array(ids)), ("list", [np.int32(t) for t in ids])):
+        engine.add_request(rid, prompt, greedy)
+    while engine.has_unfinished():
+        outs.update((o.request_id, o) for o in engine.step())
+    for rid in ("array", "list"):
+        assert outs[rid].prompt_token_ids == ids
+        assert all(type(t) is int for t in outs[rid].prompt_token_ids)
+        assert outs[rid].outputs[0].token_ids == outs["r"].outputs[0].token_ids
 
 
 def test_chat_content_parts_and_template_arguments(llm):

@@ -34,8 +34,10 @@ FAKE_WORKER = textwrap.dedent("""
         json.dump({"argv": argv, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
                    "omp": os.environ.get("OMP_NUM_THREADS"), "pgid": os.getpgid(0)}, f)
     print(f"worker {index} of {num} says hello", flush=True)
-    if "--metrics-json" in argv:
-        with open(argv[argv.index("--metrics-json") + 1], "w") as f:
+    if "--metrics-json" in argv:  # where a real run of shard index/num writes it
+        from batchgen.job.progress import shard_metrics_path
+        path = shard_metrics_path(argv[argv.index("--metrics-json") + 1], int(index), int(num))
+        with open(path, "w") as f:
             json.dump({"shard": f"{index}/{num}", "num_rows": 2 + int(index),
                        "num_rows_total": 2 + int(index), "elapsed_s": 1.0 + int(index),
                        "errors_by_kind": {"blank": 1}}, f)
@@ -315,7 +317,9 @@ def test_metrics_json_is_the_whole_jobs_not_one_workers(tmp_path, fake_launcher)
     assert code == 0
     argvs = [json.loads((out / f"worker-{i}.json").read_text())["argv"] for i in range(3)]
     paths = {a[a.index("--metrics-json") + 1] for a in argvs}
-    assert len(paths) == 3
+    assert len(paths) == 1  # one path: each worker, as shard i of 3, writes its own file
+    assert sorted(p.name for p in (out / "_logs").glob("*.json")) == [
+        f"data-parallel.metrics.shard-{i}-of-3.json" for i in range(3)]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_rows"] == 2 + 3 + 4 and metrics["num_rows_total"] == 9
     assert metrics["elapsed_s"] == 3.0 and metrics["errors_by_kind"] == {"blank": 3}

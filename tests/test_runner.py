@@ -92,6 +92,16 @@ def test_bad_rows_never_stop_the_job(tmp_path):
     assert "prompt too long" in rows[-1]["error"]
 
 
+def test_token_ids_the_model_lacks_are_error_rows(tmp_path):
+    """A tokenizer larger than the model's vocabulary (a --tokenizer of another model): the
+    engine refuses such a prompt's ids; that row gets the error and the job goes on."""
+    src = write_jsonl(tmp_path / "in.jsonl", ["ABC", "abc", "XYZ"])
+    job = JobConfig(input=str(src), output_dir=tmp_path / "out", chat=False, format="jsonl")
+    metrics = run(job, vocab_size=100)  # FakeTokenizer's ids are a byte + 3: "a" is id 100
+    assert metrics.exit_code == 0 and metrics.errors_by_kind == {"outside the vocabulary": 1}
+    assert [r["error"] is None for r in rows_of(tmp_path / "out")] == [True, False, True]
+
+
 def test_resume_after_a_stop_signal_equals_an_uninterrupted_run(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [f"prompt number {i}" for i in range(40)])
     kw = dict(input=str(src), rows_per_part=3, format="jsonl", sampling={"temperature": 0.8},

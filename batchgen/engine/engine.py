@@ -14,7 +14,8 @@ from batchgen.engine.model_runner import ModelRunner
 from batchgen.engine.output_processor import build_request_output, merge_fanout, output_text
 from batchgen.engine.overlap import (PendingStep, fill_placeholders, is_stop_token,
                                      placeholder_tokens, record_placeholders, stop_after)
-from batchgen.engine.request import Request, RequestStatus, child_seed, prompt_error
+from batchgen.engine.request import (Request, RequestStatus, as_token_ids, child_seed,
+                                     prompt_error)
 from batchgen.engine.scheduler import Scheduler, SchedulerConfig
 from batchgen.engine.stats import EngineStats, PeakTracker
 from batchgen.models import loader
@@ -106,11 +107,14 @@ class Engine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams | None = None, prompt: str | None = None) -> None:
+        """Queue a request. Token ids that are not integers (numpy's are) or not in the
+        vocabulary raise ValueError with nothing added: a wrong id is the caller's mistake,
+        where an unrunnable prompt (empty, too long) finishes as an error output."""
         params = params or SamplingParams()
         if self._is_live(request_id):
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        prompt_token_ids = list(prompt_token_ids)
         # Before anything is registered: a prompt that raises here leaves no trace.
+        prompt_token_ids = as_token_ids(prompt_token_ids, self.model.vocab_size)
         error = prompt_error(prompt_token_ids, params, self.model.vocab_size,
                              self.max_model_len, has_tokenizer=self.tokenizer is not None)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)

@@ -103,8 +103,6 @@ def prompt_error(ids: list[int], params: SamplingParams, vocab_size: int, max_mo
     """Why this prompt cannot run (the request then finishes with this error), or None."""
     if not ids:
         return "empty prompt: nothing to generate from"
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        return f"prompt has token ids outside the vocabulary [0, {vocab_size})"
     if len(ids) >= max_model_len:
         return (f"prompt is {len(ids)} tokens; the model allows at most "
                 f"{max_model_len - 1} prompt tokens (max_model_len {max_model_len})")
@@ -116,18 +114,22 @@ def prompt_error(ids: list[int], params: SamplingParams, vocab_size: int, max_mo
     return None
 
 
+_PLAIN_INT = {int}
+
+
 def as_token_ids(ids: Iterable, vocab_size: int | None = None) -> list[int]:
     """ids as a list of ints; ValueError naming the first id that is not an integer (a float,
     a bool, a string) or, given vocab_size, not in [0, vocab_size)."""
-    out = []
-    for i, t in enumerate(ids):
-        try:
-            if isinstance(t, bool):
-                raise TypeError
-            out.append(operator.index(t))
-        except TypeError:
-            raise ValueError(f"prompt_token_ids[{i}] is {t!r}: token ids must be "
-                             f"integers") from None
+    out = list(ids)
+    if not set(map(type, out)) <= _PLAIN_INT:  # a 1,000-token list of ints: ~10 us, not ~70
+        for i, t in enumerate(out):
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                out[i] = operator.index(t)
+            except TypeError:
+                raise ValueError(f"prompt_token_ids[{i}] is {t!r}: token ids must be "
+                                 f"integers") from None
     if vocab_size is not None and out and (min(out) < 0 or max(out) >= vocab_size):
         bad = next(t for t in out if not 0 <= t < vocab_size)
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")

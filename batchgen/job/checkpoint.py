@@ -4,10 +4,8 @@ The fingerprint itself is in `fingerprint`; `status` and `verification` read wha
 
 `_job.json` is written once, atomically and exclusively, by whichever run or shard first
 has its engine started (so a job whose engine never starts leaves no record of its settings
-behind); until then runs only read and compare it. Nothing here takes a lock, but
-`clear_for_overwrite` touches nothing while another run holds one on any shard, and it only
-sets the old job aside (in `_overwritten/`): writing the new job's record deletes it, and
-`finish_overwrite` puts it back when the new job never started (a refused setting, a stop).
+behind); until then runs only read and compare it. Nothing here takes a lock. --overwrite
+(setting the old job aside until the new one starts) is in `overwrite`.
 """
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,15 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.job.config import JobConfigError
-from batchgen.job.lock import live_lock_holders
 from batchgen.job.row_selection import RowSelection
 from batchgen.job.writer import (TMP_PREFIX, count_part_rows, list_parts, read_part,
                                  write_json_atomic)
 
 JOB_FILE = "_job.json"
 FORMAT_VERSION = 1
-# --overwrite moves the old job here until the new one has started (see finish_overwrite).
-OVERWRITTEN_DIR = "_overwritten"
 
 
 class JobMismatchError(JobConfigError):
@@ -143,8 +137,6 @@ def open_job(out_dir: Path, record: JobRecord) -> JobRecord:
     make_output_dir(out_dir)
     with writing_to(out_dir):
         if write_json_atomic(out_dir / JOB_FILE, record.__dict__, exclusive=True):
-            # The new job has begun: an old one set aside by --overwrite is gone for good.
-            shutil.rmtree(out_dir / OVERWRITTEN_DIR, ignore_errors=True)
             return record
     found = existing_job(out_dir, record)
     if found is None:  # removed between our create and our read: only --overwrite does that
@@ -159,41 +151,6 @@ def holds_other_job(out_dir: Path, record: JobRecord) -> bool:
         return False
     old = read_json(path)
     return old is None or not is_same_job(old, record)
-
-
-def clear_for_overwrite(out_dir: Path, record: JobRecord, *, own_lock: Path | None = None) -> None:
-    """--overwrite: set another job's parts and bookkeeping aside (see finish_overwrite),
-    unless a live run (other than ours, holding `own_lock`) has a lock on any shard of the
-    folder: clearing under it would leave it committing its parts into a folder labelled as
-    our job."""
-    if not holds_other_job(out_dir, record):
-        return
-    holders = live_lock_holders(out_dir, exclude=own_lock)
-    if holders:
-        raise JobConfigError(f"--overwrite: {out_dir} is in use by another run ({holders[0]}); "
-                             "stop it first, or use another --output")
-    with writing_to(out_dir):
-        aside = out_dir / OVERWRITTEN_DIR
-        if aside.exists():  # an earlier overwrite that never finished: this job replaces it
-            shutil.rmtree(aside)
-        aside.mkdir()
-        for path in job_files(out_dir):
-            os.replace(path, aside / path.name)
-
-
-def finish_overwrite(out_dir: Path) -> None:
-    """After an --overwrite run (or launch): if the new job never wrote its record (a setting
-    the engine refused, a stop before the start, a failure), the old job set aside is put
-    back, so a refused command loses nothing."""
-    aside = out_dir / OVERWRITTEN_DIR
-    if not aside.is_dir():
-        return
-    with writing_to(out_dir):
-        if not (out_dir / JOB_FILE).exists():
-            for path in aside.iterdir():
-                if not (out_dir / path.name).exists():
-                    os.replace(path, out_dir / path.name)
-        shutil.rmtree(aside)
 
 
 def job_files(out_dir: Path) -> list[Path]:

@@ -27,7 +27,7 @@ from typing import IO, Mapping, TextIO
 
 from batchgen.job.exit_codes import EXIT_CONFIG, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 from batchgen.job.parallel_progress import DataParallelProgress
-from batchgen.job.progress import merge_metrics_files
+from batchgen.job.progress import merge_metrics_files, shard_metrics_path
 from batchgen.job.slurm import LOG_DIR_NAME
 
 _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -107,8 +107,9 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     """Run the job as `num_workers` shard processes; see the module docstring.
     gpu_memory_utilization: the job's resolved value, split among workers sharing a GPU.
     launcher: how a worker starts batchgen (default: this Python, `-m batchgen.cli`).
-    metrics_json: each worker writes its own metrics beside its log; this launcher writes
-    their sum here (one file for the job, not whichever worker finished last)."""
+    metrics_json: each worker writes its own metrics beside its log (as shard i of K:
+    progress.shard_metrics_path); this launcher writes their sum here (one file for the job,
+    not whichever worker finished last)."""
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"--data-parallel must be a positive number of workers, "
                          f"got {num_workers!r}")
@@ -120,12 +121,13 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     shares = gpu_memory_shares(assigned, gpu_memory_utilization)
     argvs = [worker_argv(run_argv, i, num_workers, launcher, shares[i])
              for i in range(num_workers)]
-    worker_metrics = [log_dir / f"data-parallel-{i}-of-{num_workers}.metrics.json"
-                      for i in range(num_workers)]
+    # Every worker is given one path and, as shard i of K, writes its own file from it.
+    worker_base = log_dir / "data-parallel.metrics.json"
+    worker_metrics = [shard_metrics_path(worker_base, i, num_workers) for i in range(num_workers)]
     if metrics_json is not None:
         for i, path in enumerate(worker_metrics):
             path.unlink(missing_ok=True)  # an earlier launch's: not this run's counters
-            argvs[i] += ["--metrics-json", str(path)]
+            argvs[i] += ["--metrics-json", str(worker_base)]
     progress = DataParallelProgress(output_dir, stream or sys.stderr)
 
     workers: list[Worker] = []

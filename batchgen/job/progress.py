@@ -151,6 +151,16 @@ def summary_rows(metrics: JobMetrics) -> list[tuple[str, str]]:
     return rows
 
 
+def shard_metrics_path(path: Path, shard_index: int, num_shards: int) -> Path:
+    """Where a run of shard I/N writes `--metrics-json PATH`: PATH for a whole job, else PATH
+    with `.shard-I-of-N` before its suffix (metrics.json -> metrics.shard-3-of-8.json), so the
+    tasks of a Slurm array, given one PATH, do not overwrite each other's file."""
+    path = Path(path)
+    if num_shards == 1:
+        return path
+    return path.with_name(f"{path.stem}.shard-{shard_index}-of-{num_shards}{path.suffix}")
+
+
 def write_metrics_json(path: Path, metrics: JobMetrics | dict[str, Any]) -> None:
     path = Path(path)
     data = metrics.to_dict() if isinstance(metrics, JobMetrics) else metrics

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 _ERROR_KINDS = ("malformed JSON", "blank line", "undecodable bytes", "not an object",
                 "missing field", "is null", "not a string", "empty prompt", "prompt too long",
                 "repeated custom_id", "prompt template", "chat template", "custom_id", "url",
-                "method", "body", "n=")
+                "method", "body", "n=", "outside the vocabulary")
 
 
 class RecordMaker:

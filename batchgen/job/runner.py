@@ -20,12 +20,14 @@ from collections import deque
 from typing import Any, Callable
 
 from batchgen.job import checkpoint as ckpt
+from batchgen.job import overwrite
 from batchgen.job.config import JobConfig, JobConfigError
 from batchgen.job.engine_start import default_make_engine, start_engine
 from batchgen.job.exit_codes import EXIT_CONFIG, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK
 from batchgen.job.feeder import EndOfInput, Feeder, WorkItem, base_params, row_seed
 from batchgen.job.prepare import PreparedJob, is_openai_sample, prepare_job
-from batchgen.job.progress import JobMetrics, ProgressReporter, write_metrics_json
+from batchgen.job.progress import (JobMetrics, ProgressReporter, shard_metrics_path,
+                                   write_metrics_json)
 from batchgen.job.records import RecordMaker, error_kind
 from batchgen.job.signals import StopSignals
 from batchgen.job.tally import RunTally
@@ -71,15 +73,20 @@ def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default
             return JobMetrics(output_dir=str(out_dir), status="already running")
         try:
             # Only under our lock, and only with no other run's lock live in the folder. The
-            # old job is only set aside: finish_overwrite puts it back unless our engine starts.
+            # old job is only set aside: finish_overwrite puts it back unless our engine starts;
+            # what a killed --overwrite left is settled first (overwrite.py).
             if job.overwrite:
-                ckpt.clear_for_overwrite(out_dir, prepared.record, own_lock=lock.path)
+                overwrite.clear_for_overwrite(out_dir, prepared.record, own_lock=lock.path)
+            else:
+                note = overwrite.recover(out_dir, prepared.record, own_lock=lock.path)
+                if note is not None:
+                    reporter.log(note)
             existing = ckpt.existing_job(out_dir, prepared.record)
             return JobRun(prepared, existing, make_engine, reporter, lock, stop).run()
         finally:
             try:
                 if job.overwrite:
-                    ckpt.finish_overwrite(out_dir)
+                    overwrite.finish_overwrite(out_dir, own_lock=lock.path)
             finally:
                 lock.release()
 
@@ -148,6 +155,7 @@ class JobRun:
         setting found by the engine leaves no record that would refuse the corrected command."""
         if self.new_record is not None:
             ckpt.open_job(self.out_dir, self.new_record)  # another job won the race: refused
+            overwrite.discard(self.out_dir)  # the new job has begun: the old one is gone for good
             self.new_record = None
 
     # ---- the run --------------------------------------------------------------------
@@ -188,10 +196,12 @@ class JobRun:
         self.metrics.exit_code = code
         self.reporter.summary(self.metrics)
         if self.job.metrics_json is not None:
+            path = shard_metrics_path(self.job.metrics_json, self.job.shard_index,
+                                      self.job.num_shards)
             try:  # checked up front (JobConfig); a failure now must not turn 75 into 1
-                write_metrics_json(self.job.metrics_json, self.metrics)
+                write_metrics_json(path, self.metrics)
             except OSError as e:
-                print(f"batchgen: warning: cannot write --metrics-json {self.job.metrics_json}: "
+                print(f"batchgen: warning: cannot write --metrics-json {path}: "
                       f"{e.strerror or e}", file=sys.stderr)
         return self.metrics
 
@@ -261,7 +271,11 @@ class JobRun:
 
     def _admit(self, item: WorkItem) -> None:
         request_id = str(item.row)
-        self.engine.add_request(request_id, item.token_ids, item.params)
+        try:
+            self.engine.add_request(request_id, item.token_ids, item.params)
+        except ValueError as e:  # ids the model lacks (a --tokenizer larger than its vocabulary)
+            self._finish(item, None, "error", len(item.token_ids), 0, str(e))
+            return
         self.in_flight[request_id] = item
         part = item.row // self.rpp
         self.in_flight_per_part[part] = self.in_flight_per_part.get(part, 0) + 1
