@@ -72,9 +72,12 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template: str | None = None, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """As vLLM's LLM.chat: message content is a string or a list of OpenAI content parts
-        (text only); chat_template_kwargs go to the template (e.g. enable_thinking)."""
+        (text only); `tools` (OpenAI function schemas) and chat_template_kwargs (e.g.
+        enable_thinking) go to the template, which renders them as the model was trained to
+        see them; the answer is text (a tool call is in it as the model writes one)."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
         if continue_final_message and add_generation_prompt:
@@ -84,7 +87,7 @@ class LLM:
             conversations = [conversations]
         kwargs = {"add_generation_prompt": add_generation_prompt,
                   "continue_final_message": continue_final_message,
-                  "chat_template": chat_template, **(chat_template_kwargs or {})}
+                  "chat_template": chat_template, "tools": tools, **(chat_template_kwargs or {})}
         texts, token_ids = [], []
         for messages in conversations:
             text = self.tokenizer.apply_chat_template(

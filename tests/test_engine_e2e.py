@@ -307,4 +307,9 @@ def test_chat_content_parts_and_template_arguments(llm):
     out = llm.chat([{"role": "user", "content": "Hi"}], greedy, use_tqdm=False,
                    chat_template=template, chat_template_kwargs={"shout": True})[0]
     assert out.prompt == "Hi!"
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    listing = "{% for t in tools or [] %}[{{ t['function']['name'] }}]{% endfor %}" + template
+    out = llm.chat([{"role": "user", "content": "Hi"}], greedy, use_tqdm=False,
+                   chat_template=listing, tools=[tool])[0]
+    assert out.prompt == "[get_weather]Hi"
     assert not llm.engine.has_unfinished()
