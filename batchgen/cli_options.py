@@ -34,7 +34,9 @@ JOB_OPTIONS = [
     opt("input_format", Optional[str], ("--input-format",),
         "auto | jsonl | parquet | hf | openai (auto: from the path; OpenAI batch lines are "
         "recognised by custom_id + body)."),
-    opt("split", Optional[str], ("--split",), "Hugging Face dataset split (default: train)."),
+    opt("split", Optional[str], ("--split",),
+        "Split to read (default: train): of a Hugging Face dataset, or of a Parquet folder "
+        "whose files name several (data/train-00000-of-00002.parquet, test/*.parquet)."),
     opt("prompt_column", Optional[str], ("--prompt-column", "-p"),
         "Input column holding the prompt (default: prompt)."),
     opt("template", Optional[str], ("--template", "-t"),

@@ -199,3 +199,48 @@ def test_an_input_with_text_and_input_text_keeps_both_in_readable_parts(tmp_path
     assert metrics.exit_code == 0
     row = pq.read_table(tmp_path / "out").to_pylist()[0]
     assert (row["input_input_text"], row["input_text"]) == ("earlier", "first")
+
+
+def _strict_lines(path):
+    """Each line of `path` parsed as standard JSON: the bare NaN / Infinity / -Infinity tokens
+    Python's json reads (and by default writes) are refused, as jq and DuckDB refuse them."""
+    def refuse(token):
+        raise ValueError(f"{path.name}: {token} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_parts_write_nan_and_infinities_as_null(tmp_path):
+    import numpy as np
+    nan, inf = float("nan"), float("inf")
+    records = [{"row": 0, "x": nan, "y": inf, "z": -inf, "ok": 1.5},
+               {"row": 1, "x": [1.0, nan], "y": {"k": -inf}, "z": np.float32("nan"),
+                "ok": np.array([2.0, np.inf])}]
+    path = PartWriter(tmp_path, "jsonl", None).write(0, records)
+    assert _strict_lines(path) == [{"row": 0, "x": None, "y": None, "z": None, "ok": 1.5},
+                                   {"row": 1, "x": [1.0, None], "y": {"k": None}, "z": None,
+                                    "ok": [2.0, None]}]
+    for line in path.read_text().splitlines():  # what a strict writer accepts, unchanged
+        assert json.dumps(json.loads(line), ensure_ascii=False, allow_nan=False) == line
+    assert parse_json_columns('{"a": [NaN, Infinity]}', {"a": "json"}) == {"a": "[null, null]"}
+
+
+def test_nan_from_the_input_is_null_in_jsonl_parts_and_exports_and_nan_in_parquet(tmp_path):
+    cli = _cli()
+    src = tmp_path / "in.parquet"
+    nan, inf = float("nan"), float("inf")
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "score": [nan, inf, 0.5],
+                             "v": [[nan], [1.0], [-inf]]}), src)
+    _run_job(cli, src, tmp_path / "js", "jsonl")
+    parts = sorted((tmp_path / "js").glob("part-*.jsonl"))
+    rows = [r for p in parts for r in _strict_lines(p)]
+    assert [(r["score"], r["v"]) for r in rows] == [(None, [None]), (None, [1.0]), (0.5, [None])]
+    assert cli("export", tmp_path / "js", tmp_path / "all.jsonl").exit_code == 0
+    assert [r["score"] for r in _strict_lines(tmp_path / "all.jsonl")] == [None, None, 0.5]
+    # a part written before NaN became null is exported as standard JSON all the same
+    parts[0].write_text(parts[0].read_text().replace('"score": null', '"score": NaN', 1))
+    assert "NaN" in parts[0].read_text()
+    assert cli("export", tmp_path / "js", tmp_path / "again.jsonl").exit_code == 0
+    assert [r["score"] for r in _strict_lines(tmp_path / "again.jsonl")] == [None, None, 0.5]
+    _run_job(cli, src, tmp_path / "pq", "parquet")
+    score = pq.read_table(tmp_path / "pq").column("score").to_pylist()
+    assert score[0] != score[0] and score[1:] == [inf, 0.5]  # Parquet keeps NaN and inf

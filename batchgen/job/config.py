@@ -35,7 +35,7 @@ class JobConfig:
     output_dir: Path
     model: str | None = None  # None: the default small model (SmolLM2-135M-Instruct)
     input_format: str = "auto"
-    split: str = "train"  # Hugging Face dataset split
+    split: str = "train"  # of a Hugging Face dataset, or of a Parquet folder of several
     prompt_column: str | None = None  # None and no template: the column "prompt"
     template: str | None = None  # sandboxed Jinja over the row's fields
     system: str | None = None

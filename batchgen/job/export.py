@@ -2,7 +2,6 @@
 (written atomically); JSONL parts are converted for Parquet."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ import pyarrow.parquet as pq
 from batchgen.job.checkpoint import load_record
 from batchgen.job.config import JobConfigError
 from batchgen.job.verification import verify_job
-from batchgen.job.writer import OutputSchema, json_default, list_parts, read_part
+from batchgen.job.strict_json import json_text
+from batchgen.job.writer import OutputSchema, list_parts, read_part
 
 EXPORT_SUFFIXES = (".jsonl", ".parquet")
 
@@ -88,7 +88,7 @@ def _export_jsonl(parts: list[Path], tmp: Path) -> int:
     with open(tmp, "w", encoding="utf-8") as f:
         for path in parts:
             for record in read_part(path):
-                f.write(json.dumps(record, ensure_ascii=False, default=json_default))
+                f.write(json_text(record))  # parts written before NaN became null too
                 f.write("\n")
                 num_rows += 1
         f.flush()

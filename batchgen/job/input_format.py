@@ -18,7 +18,7 @@ def open_reader(job: JobConfig) -> Reader:
     if kind == "jsonl":
         return JsonlReader(path)
     if kind == "parquet":
-        return ParquetReader(path)
+        return ParquetReader(path, split=job.split)
     if kind == "hf":
         return HFDatasetReader(path, split=job.split)
     raise JobConfigError(f"cannot read input {path}")

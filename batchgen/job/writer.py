@@ -9,9 +9,6 @@ the folder as one table.
 """
 from __future__ import annotations
 
-import base64
-import datetime
-import decimal
 import json
 import os
 import re
@@ -22,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.job.config import OUTPUT_COLUMNS
+from batchgen.job.strict_json import json_default, json_text
 
 PART_PATTERN = re.compile(r"^part-(\d{5,})\.(parquet|jsonl)$")
 TMP_PREFIX = "_tmp-part-"
@@ -116,7 +114,7 @@ class PartWriter:
             else:
                 with open(tmp, "w", encoding="utf-8") as f:
                     for record in records:
-                        f.write(json.dumps(record, ensure_ascii=False, default=json_default))
+                        f.write(json_text(record))
                         f.write("\n")
                     f.flush()
                     os.fsync(f.fileno())
@@ -193,18 +191,6 @@ def write_json_atomic(path: Path, data: Any, *, exclusive: bool = False) -> bool
     return True
 
 
-def json_default(value: Any) -> Any:
-    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode("ascii")
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
 class PartCollector:
     """Holds finished rows until their part is whole, then commits it through `writer`.
     Rows of a part are `[part * rows_per_part, min((part + 1) * rows_per_part, stop))`;
@@ -279,9 +265,9 @@ def _coerce(value: Any, kind: str) -> Any:
     if value is None:
         return None
     if kind == "json":
-        return json.dumps(value, ensure_ascii=False)
+        return json_text(value)
     if kind == "string":
-        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return value if isinstance(value, str) else json_text(value)
     if kind == "boolean":
         return value if isinstance(value, bool) else None
     if isinstance(value, bool):
