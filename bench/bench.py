@@ -139,6 +139,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default="reviews,decode,prefill",
                    help=f"comma-separated, of {','.join(ALL_WORKLOADS)}")
     p.add_argument("--baseline", action="store_true", help="transformers generate_batch beside us")
+    p.add_argument("--baseline-requests", type=int, default=NUM_BASELINE_REQUESTS,
+                   help="the baseline set: the first N reviews requests (BENCHMARKS.md: 64)")
+    p.add_argument("--baseline-output-tokens", type=int, default=BASELINE_OUTPUT_TOKENS,
+                   help="every baseline request's output length (BENCHMARKS.md: 128)")
     p.add_argument("--skip-numerics", action="store_true")
     p.add_argument("--skip-ceilings", action="store_true", help="no floor either")
     p.add_argument("--limit", type=int, default=None, help="first N requests of each workload")
@@ -217,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             from baseline_hf import run_baseline
 
             # generate_batch takes one max_new_tokens: every request gets the same 128.
-            n = min(NUM_BASELINE_REQUESTS, args.limit or NUM_BASELINE_REQUESTS)
-            cap = min(BASELINE_OUTPUT_TOKENS, args.max_output_tokens or BASELINE_OUTPUT_TOKENS)
+            n = min(args.baseline_requests, args.limit or args.baseline_requests)
+            cap = min(args.baseline_output_tokens,
+                      args.max_output_tokens or args.baseline_output_tokens)
             base_requests = [(p, cap) for p, _ in
                              fit_to_vocab(draw_workload("reviews", limit=n).requests, shape.vocab_size)]
             hf = run_baseline(shape, base_requests, device, warmup=device.type == "cuda")
