@@ -73,6 +73,8 @@ def build_job(opts: dict[str, Any], *, need_output: bool = True):
         flags["keep_source"] = "--keep"
     _override(fields, flags)
     sampling = dict(fields.pop("sampling", None) or {})
+    if fields.get("input_format") == "openai":
+        _check_openai_batch_options(fields)
     if not opts.get("input"):
         raise ConfigError("--input is required")
     if need_output and not opts.get("output"):
@@ -83,6 +85,16 @@ def build_job(opts: dict[str, Any], *, need_output: bool = True):
 
 
 _PROMPT_SOURCES = ("prompt_column", "template")
+
+
+def _check_openai_batch_options(fields: dict[str, Any]) -> None:
+    """An OpenAI batch job writes OpenAI batch output lines (JSONL). Checked on the merged
+    options, not on JobConfig, whose `format` is parquet unless someone said otherwise: a
+    `--format parquet` someone gave is refused. (The prompt options it would ignore are
+    refused in prepare_job, which also sees an input found to be OpenAI batch lines.)"""
+    if fields.get("format") not in (None, "jsonl"):
+        raise ConfigError(f"an OpenAI batch input writes OpenAI batch output lines (JSONL), so "
+                          f"it would ignore format {fields['format']}: leave it out")
 
 
 def _override(fields: dict[str, Any], layer: dict[str, Any]) -> None:

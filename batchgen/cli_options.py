@@ -81,7 +81,7 @@ JOB_OPTIONS = [
         "Only 1 is supported (use --data-parallel or a Slurm array)."),
     opt("set_", Optional[list[str]], ("--set",),
         "Override a recipe key: --set sampling.top_k=20 --set output.rows_per_part=50 "
-        "(repeatable; the value is YAML)."),
+        "(repeatable; the value is YAML, but text keys take it as typed)."),
     opt("shard", Optional[str], ("--shard",),
         "Run shard I/N (0-based): parts p with p % N == I. Default: from "
         "SLURM_ARRAY_TASK_ID inside a Slurm array, else 0/1."),

@@ -13,6 +13,7 @@ dotted name. `--set key=value` uses the same dotted names (`--set sampling.top_k
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -130,7 +131,21 @@ def set_recipe_key(fields: dict[str, Any], key: str, value: Any, source: str = "
         fields.setdefault("sampling", {})[name] = value
         return
     known = sorted(RECIPE_KEYS) + ["sampling.<SamplingParams field>"]
-    raise RecipeError(f"{source}: unknown key {key!r} (known: {', '.join(known)})")
+    hint = _closest_key(key)
+    hint = f"did you mean {hint!r}? " if hint else ""
+    raise RecipeError(f"{source}: unknown key {key!r} ({hint}known: {', '.join(known)})")
+
+
+def _closest_key(key: str) -> str | None:
+    """The known key a mistyped or misplaced one most likely means: the same name in another
+    section (`template` -> `prompt.template`), else the nearest spelling."""
+    known = sorted(set(RECIPE_KEYS) | {f"sampling.{name}" for name in _SAMPLING_FIELDS})
+    name = key.rpartition(".")[2]
+    same_name = [k for k in known if k.rpartition(".")[2] == name]
+    if len(same_name) == 1:
+        return same_name[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def apply_overrides(fields: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -139,11 +154,26 @@ def apply_overrides(fields: dict[str, Any], overrides: Sequence[str]) -> None:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        set_recipe_key(fields, key.strip(), value, source="--set")
+        set_recipe_key(fields, key.strip(), _override_value(key.strip(), raw), source="--set")
+
+
+_NULLS = {"", "~", "null", "Null", "NULL"}
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """`raw` read as YAML, except where YAML would change what the user typed: text that YAML
+    reads as a comment (`sampling.stop=###`, a template starting with `#`) would be null, and
+    a text key (a template, system prompt, column name) would get a mapping, number or
+    boolean (`prompt.system=Answer: yes or no`, `input.prompt_column=2023`); those take the
+    text as typed. An explicit `null` (or nothing) is still null."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if value is None:
+        return None if raw.strip() in _NULLS else raw
+    is_text_key = key in RECIPE_KEYS and field_type_error(RECIPE_KEYS[key], "text") is None
+    return raw if is_text_key and not isinstance(value, str) else value
 
 
 # ---- prompts ------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def test_array_tasks_given_one_metrics_json_write_one_file_each(tmp_path, src, m
     (["--shard", "3/3"], "--shard must be I/N"),
     (["--template", "{{ broken"], "prompt template"),
     (["--dtype", "float8"], "dtype must be one of auto, float32"),
-    (["--set", "engine.dtype=16"], "engine.dtype must be a string, got int 16"),
+    (["--set", "engine.dtype=16"], "dtype must be one of auto, float32"),
+    (["--set", "engine.max_model_len=lots"], "engine.max_model_len must be an integer"),
+    (["--template", ""], "the template is empty"),
     (["--set", "prompt.chat='false'"], "prompt.chat must be true or false, got str 'false'"),
     (["--set", "output.keep=id"], "output.keep must be a list of column names"),
     (["--set", "sampling.n=2"], "sampling.n=2 is not supported"),
@@ -379,3 +381,46 @@ def test_keep_from_the_recipe_is_named_as_such(tmp_path, src):
     recipe.write_text("output: {keep: [id]}\n")
     one_line_error(invoke("run", "-i", src, "-o", tmp_path / "out", "-r", recipe, "-q"),
                    f"recipe {recipe}: output.keep: no input column(s) id")
+
+
+@pytest.mark.parametrize("args, ignored", [
+    (["--template", "Say {{ prompt }}"], "--template would be ignored"),
+    (["--prompt-column", "prompt", "--system", "Be brief"], "--prompt-column, --system would"),
+    (["--no-chat"], "--chat/--no-chat would"),
+    (["--keep", "custom_id"], "--keep would"),
+    (["--set", "output.parse_json={score: number}"], "parse_json would"),
+    (["--format", "parquet"], "so it would ignore format parquet"),
+])
+def test_options_an_openai_batch_job_would_ignore_are_refused(tmp_path, args, ignored):
+    src = tmp_path / "batch.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"messages": [{"role": "user", "content": "hi"}]}}) + "\n")
+    recipe = ROOT / "recipes" / "openai_batch.yaml"
+    # said (--input-format, the shipped recipe) or found from the lines (auto)
+    hows = [["--input-format", "openai"], ["-r", recipe]]
+    if "format parquet" not in ignored:  # auto: --format parquet is the default, not said
+        hows.append([])
+    for how in hows:
+        one_line_error(invoke("run", "-i", src, "-o", tmp_path / "out", "-q", *how, *args),
+                       ignored)
+    assert not (tmp_path / "out").exists()
+    result = invoke("run", "-i", src, "-o", tmp_path / "out", "-q", "-r", recipe, "--format", "jsonl")
+    assert result.exit_code == 0, result.output
+
+
+def test_status_verify_export_of_a_job_not_started_yet_say_so(tmp_path, src):
+    out = tmp_path / "out"
+    for command in (["status", out], ["verify", out], ["export", out, tmp_path / "all.jsonl"]):
+        one_line_error(invoke(*command), f"{out} does not exist")
+    # Slurm tasks not started yet: the script made _logs/, no engine has written _job.json
+    assert invoke("slurm", "-i", src, "-o", out, "--array", "2").exit_code == 0
+    for command in (["status", out, "--json"], ["verify", out], ["export", out, tmp_path / "a.jsonl"]):
+        one_line_error(invoke(*command), f"{out}: no job has started yet (_job.json is written")
+    # an --overwrite whose new job has not started its engine: the old job is only set aside
+    assert invoke("run", "-i", src, "-o", out, "-q").exit_code == 0
+    assert invoke("slurm", "-i", src, "-o", out, "--max-tokens", "3", "--overwrite").exit_code == 0
+    for command in (["status", out], ["verify", out], ["export", out, tmp_path / "a.jsonl"]):
+        one_line_error(invoke(*command), "set the previous job aside in _overwritten/")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    one_line_error(invoke("status", plain), f"{plain} is not a batchgen output folder")

@@ -126,3 +126,43 @@ def test_recipe_read_errors_are_one_line_with_the_cause(tmp_path, content, messa
     with pytest.raises(RecipeError, match=message) as info:
         load_recipe(path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("template", "prompt.template"),  # a key outside its section
+    ("prompt.temperature", "sampling.temperature"),  # in the wrong section
+    ("sampling.max_new_tokens", "sampling.max_tokens"),  # transformers' name
+    ("sampling.temprature", "sampling.temperature"),
+    ("output.rows_per_parts", "output.rows_per_part"),
+    ("input.keep", "output.keep"),
+])
+def test_an_unknown_key_names_the_key_it_most_resembles(key, meant):
+    section, _, name = key.rpartition(".")
+    data = {section: {name: 1}} if section else {name: 1}
+    with pytest.raises(RecipeError, match=f"unknown key '{key}' \\(did you mean '{meant}'\\?"):
+        flatten_recipe(data)
+
+
+@pytest.mark.parametrize("override, fields", [
+    ("sampling.stop=###", {"sampling": {"stop": "###"}}),  # YAML: a comment, so null
+    ("prompt.template=# {{ q }}", {"template": "# {{ q }}"}),
+    ("prompt.system=Answer: yes or no", {"system": "Answer: yes or no"}),  # YAML: a mapping
+    ("input.prompt_column=2023", {"prompt_column": "2023"}),  # YAML: an int
+    ("prompt.system=No", {"system": "No"}),  # YAML: a boolean
+    ("prompt.system=null", {"system": None}),
+    ("prompt.system=", {"system": None}),
+    ("sampling.stop=[a, b]", {"sampling": {"stop": ["a", "b"]}}),
+    ("prompt.chat=false", {"chat": False}),
+])
+def test_set_keeps_text_as_typed_where_yaml_would_change_it(override, fields):
+    got: dict = {}
+    apply_overrides(got, [override])
+    assert got == fields
+
+
+def test_the_readme_recipe_example_makes_a_valid_job(tmp_path):
+    import yaml
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme.split("## Recipes", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    fields = flatten_recipe(yaml.safe_load(example.replace("...{{ field }}...", "{{ review }}")))
+    JobConfig(input=str(ROOT / "samples" / "reviews.jsonl"), output_dir=tmp_path / "out", **fields)

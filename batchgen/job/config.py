@@ -154,6 +154,8 @@ class JobConfig:
         if self.prompt_column is not None and self.template is not None:
             raise JobConfigError("give either a prompt column or a template, not both")
         if self.template is not None:
+            if not self.template.strip():  # every row's prompt would be empty: all error rows
+                raise JobConfigError("the template is empty")
             from batchgen.recipe import PromptTemplateError, compile_template
             try:
                 compile_template(self.template)

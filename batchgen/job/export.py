@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchgen.job.checkpoint import load_record
 from batchgen.job.config import JobConfigError
+from batchgen.job.status import load_job_record
 from batchgen.job.verification import verify_job
 from batchgen.job.strict_json import json_text
 from batchgen.job.writer import OutputSchema, list_parts, read_part
@@ -24,7 +24,7 @@ def export_job(out_dir: Path, file: Path, *, allow_partial: bool = False) -> int
     the arguments raises JobConfigError."""
     out_dir, file = Path(out_dir), Path(file)
     _check_export_target(out_dir, file)
-    record = load_record(out_dir)
+    record = load_job_record(out_dir)
     if file.suffix.lower() == ".parquet" and record.is_openai_batch:
         raise JobConfigError(f"{out_dir} is an OpenAI batch job: its output is the OpenAI batch "
                              f"output file, so export it as .jsonl, not {file.name}")

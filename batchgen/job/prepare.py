@@ -25,6 +25,13 @@ class PreparedJob:
     record: ckpt.JobRecord
 
 
+# An OpenAI batch job's prompts are its request lines' messages or prompt, and its parts are
+# OpenAI batch output lines: these options would be silently ignored.
+_NOT_FOR_OPENAI_BATCH = {"prompt_column": "--prompt-column", "template": "--template",
+                         "system": "--system", "chat": "--chat/--no-chat", "keep": "--keep",
+                         "parse_json": "parse_json"}
+
+
 def is_openai_sample(records: list[dict[str, Any]]) -> bool:
     return bool(records) and all("custom_id" in r and "body" in r for r in records[:10])
 
@@ -37,6 +44,13 @@ def prepare_job(job: JobConfig) -> PreparedJob:
     if job.input_format == "auto" and isinstance(reader, JsonlReader) and is_openai_sample(sample):
         job = dataclasses.replace(job, input_format="openai")
     if job.is_openai_batch:
+        given = [flag for name, flag in _NOT_FOR_OPENAI_BATCH.items()
+                 if getattr(job, name) is not None]
+        if given:
+            raise JobConfigError(f"{job.input} holds OpenAI batch request lines, which carry "
+                                 f"their own prompts and give OpenAI batch output lines: "
+                                 f"{', '.join(given)} would be ignored; leave "
+                                 f"{'it' if len(given) == 1 else 'them'} out")
         if not any("custom_id" in r for r in sample):
             raise JobConfigError(f"{job.input}: no OpenAI batch request lines (custom_id, body) "
                                  "in its first records")

@@ -6,7 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchgen.job.checkpoint import known_num_input_rows, load_record, num_parts, read_json
+from batchgen.job.checkpoint import (JOB_FILE, JobRecord, known_num_input_rows, load_record,
+                                     num_parts, read_json)
+from batchgen.job.config import JobConfigError
+from batchgen.job.overwrite import OVERWRITTEN_DIR
+from batchgen.job.slurm import LOG_DIR_NAME
 from batchgen.job.writer import count_part_rows, list_parts
 
 
@@ -29,6 +33,25 @@ class JobStatus:
         return self.num_rows_total is not None and self.num_rows_done >= self.num_rows_total
 
 
+def load_job_record(out_dir: Path) -> JobRecord:
+    """`out_dir`'s _job.json, or a JobConfigError saying why there is none. A folder a job is
+    starting in (a run loading its model, Slurm tasks still queued, an --overwrite whose new
+    job has not started its engine) has no _job.json yet, but it is no stranger's folder."""
+    try:
+        return load_record(out_dir)
+    except JobConfigError:
+        if not out_dir.exists():
+            raise JobConfigError(f"{out_dir} does not exist") from None
+        if (out_dir / OVERWRITTEN_DIR / JOB_FILE).exists():
+            raise JobConfigError(
+                f"{out_dir}: no job has started yet: an --overwrite set the previous job aside in "
+                f"{OVERWRITTEN_DIR}/ until the new job's engine starts") from None
+        if any(out_dir.glob("_lock-*.json")) or (out_dir / LOG_DIR_NAME).is_dir():
+            raise JobConfigError(f"{out_dir}: no job has started yet ({JOB_FILE} is written "
+                                 "once the first run's engine has started)") from None
+        raise
+
+
 def part_num_errors(path: Path) -> int:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -40,7 +63,7 @@ def part_num_errors(path: Path) -> int:
 
 def job_status(out_dir: Path) -> JobStatus:
     out_dir = Path(out_dir)
-    record = load_record(out_dir)
+    record = load_job_record(out_dir)
     total = known_num_input_rows(out_dir, record)
     parts = list_parts(out_dir)
     num_rows = num_errors = 0

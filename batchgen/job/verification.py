@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgen.job.checkpoint import (JobRecord, expected_part_rows, known_num_input_rows,
-                                     load_record, num_parts)
+from batchgen.job.checkpoint import JobRecord, expected_part_rows, known_num_input_rows, num_parts
+from batchgen.job.status import load_job_record
 from batchgen.job.writer import list_parts
 
 
@@ -45,7 +45,7 @@ def _part_rows(path: Path, record: JobRecord) -> tuple[list[int], Any]:
 
 def verify_job(out_dir: Path) -> VerifyReport:
     out_dir = Path(out_dir)
-    record = load_record(out_dir)
+    record = load_job_record(out_dir)
     rpp = record.rows_per_part
     total = known_num_input_rows(out_dir, record)
     parts = list_parts(out_dir)
