@@ -101,6 +101,14 @@ def test_parse_json_columns_types_and_failures():
     assert parse_json_columns('{"sentiment": {"x": 1}}', columns)["sentiment"] == '{"x": 1}'
 
 
+def test_parse_json_skips_braces_that_start_no_object_with_the_columns():
+    columns = {"a": "integer"}
+    assert parse_json_columns('Set {x} first, then: {"a": 5}', columns) == {"a": 5}
+    assert parse_json_columns('```json\n{"a": 1}\n``` and {"a": 2}', columns) == {"a": 1}
+    assert parse_json_columns('{"meta": {"v": 1}} then {"a": 3}', columns) == {"a": 3}
+    assert parse_json_columns("{" * 1000, columns) == {"a": None}
+
+
 def test_export_writes_parts_in_order_and_refuses_an_incomplete_job(tmp_path):
     from batchgen.job.checkpoint import JOB_FILE
     out = tmp_path / "out"

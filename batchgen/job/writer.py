@@ -239,26 +239,34 @@ class PartCollector:
 
 
 def parse_json_columns(text: str | None, columns: dict[str, str]) -> dict[str, Any]:
-    """The first JSON object in generated `text` -> the typed `columns` (None when absent
-    or of the wrong type; the row's `text` keeps the raw output either way)."""
+    """The first JSON object in generated `text` that holds any of `columns` -> the typed
+    columns (None when absent or of the wrong type; the row's `text` keeps the raw output
+    either way). A `{` that starts no such object (prose, a half-written try) is skipped."""
     out: dict[str, Any] = dict.fromkeys(columns)
-    if not text:
-        return out
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end <= start:
-        return out
-    try:
-        obj = json.loads(text[start:end + 1])
-    except ValueError:
-        try:
-            obj, _ = json.JSONDecoder().raw_decode(text[start:])
-        except ValueError:
-            return out
-    if not isinstance(obj, dict):
-        return out
-    for name, kind in columns.items():
-        out[name] = _coerce(obj.get(name), kind)
+    obj = _first_json_object(text or "", columns)
+    if obj is not None:
+        for name, kind in columns.items():
+            out[name] = _coerce(obj.get(name), kind)
     return out
+
+
+_MAX_JSON_STARTS = 64  # `{`s tried: a long output full of braces stays cheap
+
+
+def _first_json_object(text: str, keys: dict[str, str]) -> dict[str, Any] | None:
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    for _ in range(_MAX_JSON_STARTS):
+        if start < 0:
+            return None
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and not obj.keys().isdisjoint(keys):
+            return obj
+        start = text.find("{", start + 1)
+    return None
 
 
 def _coerce(value: Any, kind: str) -> Any:
