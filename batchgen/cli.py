@@ -219,7 +219,7 @@ def _run_with(opts: dict[str, Any], make_engine: Optional[Callable], stop) -> in
         if workers is not None and workers > 1:
             if stop.reason is not None:
                 return EXIT_INTERRUPTED
-            return _run_data_parallel(opts, job, workers)
+            return _run_data_parallel(opts, job, workers, stop)
         reporter = ProgressReporter(enabled=not opts.get("quiet"))
         metrics = run_job(job, make_engine=make_engine or default_make_engine, reporter=reporter,
                           stop=stop)
@@ -233,7 +233,7 @@ def _run_with(opts: dict[str, Any], make_engine: Optional[Callable], stop) -> in
     return metrics.exit_code
 
 
-def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
+def _run_data_parallel(opts: dict[str, Any], job, workers: int, stop) -> int:
     from batchgen.job import checkpoint as ckpt
     from batchgen.job import overwrite
     from batchgen.job.parallel import run_data_parallel
@@ -254,6 +254,8 @@ def _run_data_parallel(opts: dict[str, Any], job, workers: int) -> int:
             typer.echo(note, err=True)
         ckpt.existing_job(job.output_dir, prepared.record)
     try:
+        if stop.reason is not None:  # came while the input was read (seconds, for a big one)
+            return EXIT_INTERRUPTED
         with ckpt.writing_to(job.output_dir):
             (job.output_dir / LOG_DIR_NAME).mkdir(parents=True, exist_ok=True)
         # The memory share goes to each worker as its own flag, split from the resolved value

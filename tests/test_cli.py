@@ -229,6 +229,28 @@ def test_overwrite_is_refused_while_another_run_holds_the_folder(tmp_path, src, 
     assert (out / "_job.json").read_text() == job_file and len(list_parts(out)) == 1
 
 
+def test_a_stop_while_a_data_parallel_launch_reads_its_input_starts_no_worker(
+        tmp_path, src, monkeypatch):
+    import os
+    import signal
+    from batchgen.job import parallel, runner
+    prepare, launched = runner.prepare_job, []
+
+    def prepare_then_stop(job):  # scancel while the launcher reads a big input
+        prepared = prepare(job)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return prepared
+
+    out = tmp_path / "out"
+    assert invoke("run", "-i", src, "-o", out, "-q").exit_code == 0
+    monkeypatch.setattr(runner, "prepare_job", prepare_then_stop)
+    monkeypatch.setattr(parallel, "run_data_parallel", lambda *a, **k: launched.append(a) or 0)
+    result = invoke("run", "-i", src, "-o", out, "-q", "--max-tokens", "3", "--overwrite",
+                    "--data-parallel", "2")
+    assert result.exit_code == 75, result.output
+    assert launched == [] and len(list_parts(out)) == 1  # the old job put back, whole
+
+
 # ---- regressions: every bad input is one line, exit 2, and loses nothing ---------------
 
 

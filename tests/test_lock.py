@@ -299,3 +299,28 @@ def test_slurm_is_asked_only_about_another_job_of_our_user_on_our_cluster(tmp_pa
     assert lock.acquire()
     lock.release()
     assert calls() == ["--noheader --jobs=901 --states=all --format=%T"]
+
+
+def test_the_heartbeat_outlives_a_failed_refresh(tmp_path):
+    """A refresh that fails once (quota, a shared filesystem's blip) must not end the
+    heartbeat: the lock would age into another run's hands while this one goes on."""
+    lock = ShardLock(tmp_path, 0, 1, heartbeat_every=0.05, stale_after=1.0)
+    assert lock.acquire()
+    blocker = lock._tmp_path()
+    blocker.mkdir()  # the next refresh cannot write its temp file
+    time.sleep(0.3)
+    blocker.rmdir()
+    time.sleep(0.5)
+    assert time.time() - json.loads(lock.path.read_text())["heartbeat"] < 0.5
+    assert lock.is_held
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_shards_overlap_when_some_part_is_in_both():
+    from batchgen.job.lock import shards_overlap
+    for n, m in [(1, 8), (2, 8), (4, 6), (3, 5)]:
+        for i in range(n):
+            for j in range(m):
+                expected = any(p % n == i and p % m == j for p in range(n * m))
+                assert shards_overlap(i, n, j, m) == expected, (i, n, j, m)

@@ -150,8 +150,26 @@ def test_nothing_is_put_back_under_another_live_run(jobs):
     job starting, so nothing moves and this run is refused."""
     out = jobs["old"].output_dir
     killed_after_set_aside(jobs["new"])
-    with ShardLock(out, 1, 2):
+    with ShardLock(out, 1, 2):  # (a run of shard 0/1 would give way to it: they share parts)
         with pytest.raises(JobConfigError, match="unfinished --overwrite .* re-run once"):
-            run(jobs["old"])
+            run(JobConfig(**{**jobs["old"].__dict__, "num_shards": 2}))
         assert not list_parts(out) and (out / ASIDE / "_job.json").exists()
     assert run(jobs["old"]).num_rows == 0  # that run ended: the old job is back, done
+
+
+def test_a_task_with_no_parts_leaves_the_set_aside_job_waiting(jobs):
+    """`batchgen slurm --overwrite --array 8` on a 4-part job: tasks 4..7 have no part. Such
+    a task must not record the new job (which discards the old one) when no engine has
+    started: if the tasks with parts then find settings the engine refuses, the old job
+    would be lost, where a refused command is to lose nothing."""
+    out = jobs["old"].output_dir
+    before = files(out)
+    killed_after_set_aside(jobs["new"])  # what `batchgen slurm --overwrite` leaves
+    task = lambda i: JobConfig(**{**jobs["new"].__dict__, "shard_index": i,  # noqa: E731
+                                  "num_shards": 8})
+    assert run(task(6)).status == "nothing to do"
+    with pytest.raises(JobConfigError, match="cannot start the engine"):
+        run(task(0), make_engine=refusing_engine)
+    assert (out / ASIDE / "_job.json").exists() and not (out / "_job.json").exists()
+    assert run(jobs["old"]).num_rows == 0  # put back whole: nothing to redo
+    assert files(out) == before

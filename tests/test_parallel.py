@@ -325,3 +325,26 @@ def test_metrics_json_is_the_whole_jobs_not_one_workers(tmp_path, fake_launcher)
     assert metrics["elapsed_s"] == 3.0 and metrics["errors_by_kind"] == {"blank": 3}
     assert metrics["status"] == "done" and metrics["shard"] == "0-2/3"
     assert [w["shard"] for w in metrics["workers"]] == ["0/3", "1/3", "2/3"]
+
+
+def test_a_stop_while_the_workers_start_reaches_them_all(tmp_path, fake_launcher, monkeypatch):
+    """SIGTERM (scancel) that comes while the launcher starts its workers: the workers
+    already started stop, the rest are not started (or hear it too), and the launch is
+    interrupted, not a worker running its whole shard and the launch ending 1 or 0."""
+    from batchgen.job import parallel
+    spawn = parallel._spawn
+
+    def spawn_then_signal(index, *args):
+        worker = spawn(index, *args)
+        if index == 0:  # the handler runs before this worker is listed as started
+            os.kill(os.getpid(), signal.SIGTERM)
+        return worker
+
+    monkeypatch.setattr(parallel, "_spawn", spawn_then_signal)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    code, text = _run(out, "wait", 3, fake_launcher)
+    assert code == 75, text
+    assert time.monotonic() - started < 30  # nobody waited out its 60 s
+    assert (out / "_logs" / "data-parallel-0-of-3.log").exists()  # stopped (maybe as it began)
+    assert not (out / "_logs" / "data-parallel-2-of-3.log").exists()

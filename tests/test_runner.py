@@ -479,3 +479,32 @@ def test_a_stop_whose_grace_finishes_the_job_exits_0(tmp_path):
     metrics = run_job(job, make_engine=make_engine, reporter=QUIET)
     assert (metrics.exit_code, metrics.status, metrics.num_parts_committed) == (0, "done", 4)
     assert [r["row"] for r in rows_of(tmp_path / "out")] == list(range(20))
+
+
+def test_a_run_of_another_split_gives_way_to_a_live_shard_sharing_its_parts(tmp_path):
+    """A cron run without --shard (0/1) while a Slurm task holds shard 3/8: it must neither
+    redo that task's parts beside it nor delete the temp part the task is writing (its
+    rename would fail: the task dies with exit 1). It exits 0 as a second run of a shard
+    does; a shard sharing no part with 3/8 (2/4) runs."""
+    import io
+    from batchgen.job.lock import ShardLock
+    src = write_jsonl(tmp_path / "in.jsonl", [f"p{i}" for i in range(40)])
+    out = tmp_path / "out"
+    job = lambda i, n: JobConfig(input=str(src), output_dir=out, rows_per_part=5,  # noqa: E731
+                                 format="jsonl", shard_index=i, num_shards=n)
+    assert run(job(0, 8)).exit_code == 0
+    with ShardLock(out, 3, 8):  # the Slurm task, writing part 3
+        writing = out / "_tmp-part-00003-4242.jsonl.tmp"
+        writing.write_text("half a part")
+        stream = io.StringIO()
+        for i, n in [(0, 1), (3, 4)]:
+            metrics = run_job(job(i, n), make_engine=fake_engine_factory(),
+                              reporter=ProgressReporter(stream, enabled=True))
+            assert (metrics.exit_code, metrics.status) == (0, "already running")
+        assert writing.exists() and sorted(list_parts(out)) == [0]
+        assert "shard 0/1 is already running: shard 3/8 held by host" in stream.getvalue()
+        assert run(job(2, 4)).exit_code == 0
+        assert sorted(list_parts(out)) == [0, 2, 6]
+        assert not (out / "_lock-0-of-1.json").exists()  # given way: no lock of its own left
+    assert run(job(0, 1)).num_rows == 25
+    assert [r["row"] for r in rows_of(out)] == list(range(40))

@@ -14,6 +14,12 @@ or when it was written by another job of our user on our cluster that Slurm says
 its node died need not wait for the heartbeat to age. When Slurm cannot be asked (no
 `squeue`, controller down, timeout) the heartbeat rule decides: a live job's lock is never
 taken on a guess.
+Shards of other splits of the folder (another shard count: a cron run without --shard while
+a Slurm array or a --data-parallel launch holds shards i/N) share parts with ours whenever
+their indexes agree modulo the gcd of the counts; a live lock on such a shard holds ours too,
+so `acquire` gives way to it (checked after our lock exists, so of two such runs starting at
+once at least one sees the other), instead of redoing that run's parts beside it and deleting
+the temp files it is writing.
 Taking a stale lock over is a compare-and-swap: the taker first creates, exclusively, a
 claim file named after the exact stale content it saw (holder token + heartbeat), checks
 that the lock still holds that content, and only then removes it and creates its own. Two
@@ -24,6 +30,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -97,8 +104,7 @@ class ShardLock:
         self._start_time = time.time()
         for _ in range(8):  # each turn either decides or saw the lock change under it
             if _create_exclusive(self.path, self._content(time.time()), self._tmp_path()):
-                self._start_heartbeat()
-                return True
+                return self._hold_unless_overlapped()
             seen = self._read()
             if seen is None:  # vanished between our create and our read: try again
                 continue
@@ -106,9 +112,19 @@ class ShardLock:
             if not self._is_stale(seen):
                 return False
             if self._take_over(seen):
-                self._start_heartbeat()
-                return True
+                return self._hold_unless_overlapped()
         return False
+
+    def _hold_unless_overlapped(self) -> bool:
+        """Our lock file exists: keep it (heartbeat) unless a live run of another split holds
+        a shard sharing parts with ours; then remove it again and name that run."""
+        rival = _overlapping_live_lock(self)
+        if rival is not None:
+            _unlink_quietly(self.path)
+            self._holder = rival
+            return False
+        self._start_heartbeat()
+        return True
 
     def release(self) -> None:
         self._stop.set()
@@ -125,8 +141,10 @@ class ShardLock:
         if info is None:
             return f"nobody holds {self.path.name}"
         if "unreadable" in info:
-            return f"{self.path.name} (unreadable, written {_age(info['heartbeat'])} ago)"
+            return f"{info['unreadable']} (unreadable, written {_age(info['heartbeat'])} ago)"
         parts = [f"host {info.get('host')} pid {info.get('pid')}"]
+        if info.get("shard") not in (None, f"{self.shard_index}/{self.num_shards}"):
+            parts[0] = f"shard {info['shard']} held by {parts[0]}"  # another split's
         job = info.get("slurm_array_job_id") or info.get("slurm_job_id")
         if job:
             task = info.get("slurm_array_task_id")
@@ -177,7 +195,7 @@ class ShardLock:
                 return info
         except ValueError:
             pass
-        return {"unreadable": True, "heartbeat": mtime,
+        return {"unreadable": self.path.name, "heartbeat": mtime,
                 "token": "raw-" + hashlib.sha256(data).hexdigest()[:16]}
 
     def _is_ours(self, info: dict[str, Any] | None) -> bool:
@@ -245,12 +263,18 @@ class ShardLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_every):
             with self._mutex:
-                if not self._is_ours(self._read()):
-                    self.is_lost = True
-                    return
-                tmp = self._tmp_path()
-                tmp.write_bytes(self._content(time.time()))
-                os.replace(tmp, self.path)
+                try:
+                    if not self._is_ours(self._read()):
+                        self.is_lost = True
+                        return
+                    tmp = self._tmp_path()
+                    tmp.write_bytes(self._content(time.time()))
+                    os.replace(tmp, self.path)
+                except OSError:
+                    # A full disk or quota, a shared filesystem's blip: beat again next time.
+                    # A thread ended here would let the lock age into a taker's hands while
+                    # this run goes on, never noticing it had lost the shard.
+                    continue
 
 
 def live_lock_holders(out_dir: Path, *, exclude: Path | None = None) -> list[str]:
@@ -272,6 +296,30 @@ def live_lock_holders(out_dir: Path, *, exclude: Path | None = None) -> list[str
         holders.append(f"shard {probe.shard_index}/{probe.num_shards} held by "
                        f"{probe.holder_description()}")
     return holders
+
+
+def shards_overlap(index: int, num: int, other_index: int, other_num: int) -> bool:
+    """Whether shard index/num and shard other_index/other_num share a part: some p with
+    p % num == index and p % other_num == other_index (Chinese remainder theorem)."""
+    return (index - other_index) % math.gcd(num, other_num) == 0
+
+
+def _overlapping_live_lock(lock: ShardLock) -> dict[str, Any] | None:
+    """The content of a live lock of another split of `lock`'s folder on a shard sharing
+    parts with `lock`'s, judged by `lock`'s staleness rules; None when there is none."""
+    for path in sorted(lock.out_dir.glob("_lock-*-of-*.json")):
+        match = _LOCK_NAME.match(path.name)
+        if match is None or int(match[2]) == lock.num_shards:
+            continue
+        index, num = int(match[1]), int(match[2])
+        if not (0 <= index < num and shards_overlap(lock.shard_index, lock.num_shards, index, num)):
+            continue
+        probe = ShardLock(lock.out_dir, index, num, stale_after=lock.stale_after,
+                          heartbeat_every=lock.heartbeat_every, env=lock._env)
+        info = probe._read()
+        if info is not None and not probe._is_stale(info):
+            return info
+    return None
 
 
 # ---- file and process helpers ----------------------------------------------------------

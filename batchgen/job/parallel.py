@@ -8,7 +8,8 @@ on its GPU. On CPU the cores are split between workers (OMP_NUM_THREADS) unless 
 No NCCL: shards share nothing but the output folder, where each writes its own parts.
 
 The launcher shows one progress display for the whole job, polled from the output folder,
-forwards SIGINT/SIGTERM/SIGUSR1 to every worker (each commits what it has and exits 75), and
+forwards SIGINT/SIGTERM/SIGUSR1 to every worker (each commits what it has and exits 75; one that
+comes while the workers start leaves the rest unstarted, their shards to a re-run), and
 returns 0 when every worker returned 0, 1 (or 2 for configuration errors) when one failed,
 naming it and its log, else 75 when one was interrupted. A worker that dies leaves its
 committed parts; re-running the same command resumes its shard where it stopped.
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Mapping, TextIO
 
@@ -39,6 +40,7 @@ class Worker:
     log_path: Path
     process: subprocess.Popen
     returncode: int | None = None
+    signalled: set[int] = field(default_factory=set)  # the stop signals passed on to it
 
     @property
     def is_running(self) -> bool:
@@ -135,9 +137,15 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
     previous = _forward_signals(workers, forwarded)
     try:
         for i, argv in enumerate(argvs):
+            if forwarded:  # a stop came while the workers started: the rest wait for a re-run
+                break
             log_path = log_dir / f"data-parallel-{i}-of-{num_workers}.log"
-            workers.append(_spawn(i, argv, worker_env(num_workers, assigned[i], env), log_path))
-        progress.start(num_workers, assigned)
+            worker = _spawn(i, argv, worker_env(num_workers, assigned[i], env), log_path)
+            workers.append(worker)
+            for signum in forwarded - worker.signalled:  # came before it was in `workers`
+                _send(worker, signum)
+        if workers:
+            progress.start(len(workers), assigned[:len(workers)])
         while any(w.is_running for w in workers):
             for worker in workers:
                 if worker.is_running and worker.process.poll() is not None:
@@ -157,7 +165,8 @@ def run_data_parallel(run_argv: list[str], num_workers: int, output_dir: Path, *
                 worker.process.terminate()
                 worker.process.wait()
         progress.stop()
-    code = combined_exit_code([w.returncode for w in workers])
+    not_started = [EXIT_INTERRUPTED] * (num_workers - len(workers))
+    code = combined_exit_code([w.returncode for w in workers] + not_started)
     progress.summary(code, [(w.index, w.returncode, w.log_path) for w in workers])
     if metrics_json is not None:
         merge_metrics_files(worker_metrics, metrics_json, output_dir=output_dir, exit_code=code)
@@ -206,11 +215,7 @@ def _forward_signals(workers: list[Worker], forwarded: set[int]) -> dict[int, ob
     def forward(signum: int, _frame: object) -> None:
         forwarded.add(signum)
         for worker in workers:
-            if worker.process.poll() is None:
-                try:
-                    os.kill(worker.process.pid, signum)
-                except ProcessLookupError:
-                    pass
+            _send(worker, signum)
 
     previous: dict[int, object] = {}
     for signum in _FORWARDED_SIGNALS:
@@ -219,6 +224,15 @@ def _forward_signals(workers: list[Worker], forwarded: set[int]) -> dict[int, ob
         except ValueError:  # not the main thread
             break
     return previous
+
+
+def _send(worker: Worker, signum: int) -> None:
+    worker.signalled.add(signum)
+    if worker.process.poll() is None:
+        try:
+            os.kill(worker.process.pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def _restore_signals(previous: dict[int, object]) -> None:

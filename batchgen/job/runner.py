@@ -164,8 +164,13 @@ class JobRun:
         m = self.metrics
         if self._is_nothing_to_do():
             m.status = "nothing to do"
-            self._record_job()
-            self.tally.save_state(is_finished=True)
+            # Only a job with no rows at all is recorded here. A shard without parts (an array
+            # larger than the job) leaves the record to the shards whose engines start: its
+            # record would discard an --overwrite's old job before any engine took the settings.
+            if self.selection.stop == 0:
+                self._record_job()
+            if self.new_record is None:
+                self.tally.save_state(is_finished=True)
             self.reporter.log(f"batchgen: {self.out_dir} shard {m.shard}: nothing left to do")
             return self._done(EXIT_OK)
         self.writer.remove_stale_tmp(self._todo_parts())
