@@ -182,7 +182,7 @@ def test_export_of_an_openai_batch_job_is_jsonl_only(tmp_path):
     src.write_text(json.dumps({"custom_id": "r1", "method": "POST", "url": "/v1/completions",
                                "body": {"model": "m", "prompt": "hi"}}) + "\n")
     out = tmp_path / "out"
-    _run_job(cli, src, out, "jsonl")
+    assert cli("run", "-i", src, "-o", out, "-q").exit_code == 0  # batch lines: no --chat flag
     result = cli("export", out, tmp_path / "all.parquet")
     assert result.exit_code == 2 and "export it as .jsonl" in result.output
     assert cli("export", out, tmp_path / "all.jsonl").exit_code == 0
