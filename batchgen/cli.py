@@ -246,13 +246,11 @@ def _run_data_parallel(opts: dict[str, Any], job, workers: int, stop) -> int:
     # run holds a lock in the folder) once here, before the workers start, whose locks would
     # stop it; the first worker whose engine starts writes _job.json.
     prepared = prepare_job(job)
-    if job.overwrite:  # the old job is set aside; put back below if no worker's engine starts
-        overwrite.clear_for_overwrite(job.output_dir, prepared.record)
-    else:
-        note = overwrite.recover(job.output_dir, prepared.record)
-        if note is not None:
-            typer.echo(note, err=True)
-        ckpt.existing_job(job.output_dir, prepared.record)
+    # With --overwrite the old job is set aside: put back below if no worker's engine starts.
+    note = overwrite.clear_or_recover(job.output_dir, prepared.record, is_overwrite=job.overwrite)
+    if note is not None:
+        typer.echo(note, err=True)
+    ckpt.existing_job(job.output_dir, prepared.record)
     try:
         if stop.reason is not None:  # came while the input was read (seconds, for a big one)
             return EXIT_INTERRUPTED

@@ -7,7 +7,6 @@ from typing import Any
 from batchgen.config import EngineConfig
 from batchgen.engine.admission import admission_order
 from batchgen.engine.engine import Engine
-from batchgen.engine.request import as_token_ids
 from batchgen.outputs import RequestOutput
 from batchgen.sampling_params import SamplingParams
 
@@ -120,14 +119,14 @@ class LLM:
                 to_encode.append(i)
             elif isinstance(p, dict) and "prompt_token_ids" in p:
                 texts.append(p.get("prompt"))
-                token_ids.append(self._check_ids(i, p["prompt_token_ids"]))
+                token_ids.append(_id_list(i, p["prompt_token_ids"]))
             elif isinstance(p, dict) and "prompt" in p:
                 texts.append(p["prompt"])
                 token_ids.append(None)
                 to_encode.append(i)
             elif isinstance(p, (list, tuple)):
                 texts.append(None)
-                token_ids.append(self._check_ids(i, p))
+                token_ids.append(list(p))
             else:
                 raise ValueError(f"prompt {i} must be a string, a list of token ids or a dict "
                                  f"with 'prompt' or 'prompt_token_ids', got {type(p).__name__}")
@@ -139,22 +138,18 @@ class LLM:
                 token_ids[i] = list(ids)
         return texts, token_ids
 
-    def _check_ids(self, index: int, ids) -> list[int]:
-        """A token-id prompt as ints in the vocabulary; checked before any request of the
-        call is added, so a bad prompt raises with nothing left in the engine."""
-        try:
-            return as_token_ids(ids, self.engine.model.vocab_size)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"prompt {index}: {e}") from None
-
     def _run(self, texts, token_ids, params, use_tqdm: bool) -> list[RequestOutput]:
         ids = [str(self._counter + i) for i in range(len(token_ids))]
         self._counter += len(ids)
         bar = _progress(len(ids)) if use_tqdm else None
         try:
             # All requests are known now: admit the longest outputs first (admission.py).
+            # A bad token id raises in add_request; the except below drops those added.
             for i in admission_order(token_ids, [p.max_tokens for p in params]):
-                self.engine.add_request(ids[i], token_ids[i], params[i], prompt=texts[i])
+                try:
+                    self.engine.add_request(ids[i], token_ids[i], params[i], prompt=texts[i])
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
             results: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():
                 for out in self.engine.step():
@@ -179,6 +174,14 @@ def _as_prompt_list(prompts) -> list[PromptType]:
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _id_list(index: int, ids) -> list:
+    try:
+        return list(ids)
+    except TypeError:
+        raise ValueError(f"prompt {index}: prompt_token_ids must be a list of token ids, got "
+                         f"{type(ids).__name__}") from None
 
 
 def _text_message(message: dict) -> dict:

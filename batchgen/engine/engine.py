@@ -115,8 +115,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         # Before anything is registered: a prompt that raises here leaves no trace.
         prompt_token_ids = as_token_ids(prompt_token_ids, self.model.vocab_size)
-        error = prompt_error(prompt_token_ids, params, self.model.vocab_size,
-                             self.max_model_len, has_tokenizer=self.tokenizer is not None)
+        error = prompt_error(prompt_token_ids, params, self.max_model_len,
+                             has_tokenizer=self.tokenizer is not None)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         if params.n == 1:
             self._add_one(request_id, prompt_token_ids, params, seed, prompt, error)

@@ -98,8 +98,8 @@ class Request:
         self.output_token_ids.append(token_id)
 
 
-def prompt_error(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
-                 *, has_tokenizer: bool) -> str | None:
+def prompt_error(ids: list[int], params: SamplingParams, max_model_len: int, *,
+                 has_tokenizer: bool) -> str | None:
     """Why this prompt cannot run (the request then finishes with this error), or None."""
     if not ids:
         return "empty prompt: nothing to generate from"

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 from batchgen.job.config import JobConfigError
 from batchgen.job.status import load_job_record
-from batchgen.job.verification import verify_job
 from batchgen.job.strict_json import json_text
+from batchgen.job.verification import verify_job
 from batchgen.job.writer import OutputSchema, list_parts, read_part
 
 EXPORT_SUFFIXES = (".jsonl", ".parquet")

@@ -56,6 +56,17 @@ def clear_for_overwrite(out_dir: Path, record: JobRecord, *, own_lock: Path | No
             os.replace(path, aside / path.name)
 
 
+def clear_or_recover(out_dir: Path, record: JobRecord, *, is_overwrite: bool,
+                     own_lock: Path | None = None) -> str | None:
+    """Before a run (or a launch) of `record`'s job reads the folder: --overwrite sets another
+    job aside; without it, what a killed --overwrite left is settled. Returns a line saying
+    what was put back, or None."""
+    if is_overwrite:
+        clear_for_overwrite(out_dir, record, own_lock=own_lock)
+        return None
+    return recover(out_dir, record, own_lock=own_lock)
+
+
 def recover(out_dir: Path, record: JobRecord, *, own_lock: Path | None = None) -> str | None:
     """Before a run of `record`'s job reads the folder (under its lock, `own_lock`): settle what
     an --overwrite killed midway left (see the module docstring). Returns a line saying what

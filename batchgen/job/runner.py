@@ -75,12 +75,10 @@ def run_job(job: JobConfig, *, make_engine: Callable[[JobConfig], Any] = default
             # Only under our lock, and only with no other run's lock live in the folder. The
             # old job is only set aside: finish_overwrite puts it back unless our engine starts;
             # what a killed --overwrite left is settled first (overwrite.py).
-            if job.overwrite:
-                overwrite.clear_for_overwrite(out_dir, prepared.record, own_lock=lock.path)
-            else:
-                note = overwrite.recover(out_dir, prepared.record, own_lock=lock.path)
-                if note is not None:
-                    reporter.log(note)
+            note = overwrite.clear_or_recover(out_dir, prepared.record,
+                                              is_overwrite=job.overwrite, own_lock=lock.path)
+            if note is not None:
+                reporter.log(note)
             existing = ckpt.existing_job(out_dir, prepared.record)
             return JobRun(prepared, existing, make_engine, reporter, lock, stop).run()
         finally:

@@ -23,7 +23,7 @@ from batchgen.job.strict_json import json_default, json_text
 
 PART_PATTERN = re.compile(r"^part-(\d{5,})\.(parquet|jsonl)$")
 TMP_PREFIX = "_tmp-part-"
-TMP_PATTERN = re.compile(r"^_tmp-part-(\d{5,})-")
+TMP_PATTERN = re.compile(rf"^{TMP_PREFIX}(\d{{5,}})-")
 _PARSED_TYPES = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
                  "boolean": pa.bool_(), "json": pa.string()}
 
